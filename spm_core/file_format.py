@@ -1,0 +1,223 @@
+"""The SPM file format: read the public SPM files and kohya/LECO-style LoRAs unchanged, write
+ours with the same tensor keys (so stock LoRA loaders still read them) plus richer metadata.
+
+Tensor keys: `lora_unet_<diffusers module path, . -> _>.{lora_down.weight, lora_up.weight, alpha}`.
+Public metadata: `prompts` (targets joined by ","), `rank`, `alpha`.
+Ours adds: `spm_format`, `concepts` (JSON list), `architecture`, `base_model`, `training`.
+Only `.safetensors` is read: pickled formats can run code when loaded and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .concepts import Concept, check_concept_count, concept_from_json, parse_concept_list
+from .errors import SPMError, SPMFileError
+from .membrane import LayerWeights, Membrane
+
+FORMAT_VERSION = "1"
+PREFIX = "lora_unet_"
+DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+PICKLED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+ARCHITECTURES = ("sd1", "sd2", "sdxl")
+CONTEXT_DIM_ARCHITECTURE = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+MAX_FILE_BYTES = 2 * 1024**3
+
+# The layers SPM adapts inside each transformer block (DESIGN.md §1), as file-name suffixes.
+MEMBRANE_LAYER = re.compile(
+    r"^lora_unet_(?:(?:down|up)_blocks_\d+_attentions_\d+|mid_block_attentions_0)_"
+    r"(?:proj_in|proj_out|transformer_blocks_\d+_(?:attn[12]_to_(?:q|k|v|out_0)|ff_net_0_proj|ff_net_2))$"
+)
+
+
+def load_membrane(path: str) -> Membrane:
+    """Read and validate a membrane file. Raises SPMFileError naming the file and the problem."""
+    path = os.fspath(path)
+    _check_path(path)
+    tensors, metadata = _read_safetensors(path)
+    layers = _layers_from_tensors(path, tensors)
+    concepts = _concepts_from_metadata(path, metadata)
+    _check_metadata_agrees(path, metadata, layers)
+    architecture = _architecture(path, metadata, layers)
+    extra = {"source": os.path.basename(path), "spm_format": metadata.get("spm_format")}
+    for key in ("base_model", "training"):
+        if key in metadata:
+            extra[key] = _json_field(path, metadata, key)
+    name = os.path.splitext(os.path.basename(path))[0]
+    return Membrane(name=name, concepts=concepts, layers=layers, architecture=architecture, metadata=extra)
+
+
+def save_membrane(path: str, membrane: Membrane, *, base_model: Mapping | None = None,
+                  training: Mapping | None = None) -> None:
+    """Write `membrane` in our format (public key scheme + our metadata)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in membrane.layers.items():
+        down, up = layer.down.detach().float(), layer.up.detach().float()
+        if layer.conv:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        tensors[name + DOWN] = down.contiguous()
+        tensors[name + UP] = up.contiguous()
+        tensors[name + ALPHA] = torch.tensor(float(layer.alpha))
+    alphas = {layer.alpha for layer in membrane.layers.values()}
+    metadata = {
+        "spm_format": FORMAT_VERSION,
+        "concepts": json.dumps([c.to_json() for c in membrane.concepts], ensure_ascii=False),
+        "prompts": ",".join(c.target for c in membrane.concepts),
+        "rank": str(membrane.rank),
+        "alpha": str(alphas.pop()) if len(alphas) == 1 else "per-layer",
+        "architecture": membrane.architecture,
+    }
+    for key, value in (("base_model", base_model or membrane.metadata.get("base_model")),
+                       ("training", training or membrane.metadata.get("training"))):
+        if value:
+            metadata[key] = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def _check_path(path: str) -> None:
+    lower = path.lower()
+    if lower.endswith(PICKLED_SUFFIXES):
+        raise SPMFileError(
+            path, "pickled checkpoints are not loaded because unpickling can run arbitrary code. Convert it once, "
+            "in a Python you trust, with: `from safetensors.torch import save_file; import torch; "
+            "save_file(torch.load(SRC, weights_only=True), DST + '.safetensors')`")
+    if not lower.endswith(".safetensors"):
+        raise SPMFileError(path, "not a .safetensors file; SPM membranes are read from .safetensors only")
+    if not os.path.isfile(path):
+        raise SPMFileError(path, "file not found")
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise SPMFileError(path, f"file is {size / 2**30:.1f} GiB; a membrane is a few MB. Is this a full model checkpoint?")
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types, and OSError on short files
+        raise SPMFileError(path, f"not a readable safetensors file (truncated or corrupt?): {error}") from None
+    if not tensors:
+        raise SPMFileError(path, "the file holds no tensors")
+    return tensors, metadata
+
+
+def _layers_from_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, LayerWeights]:
+    names: set[str] = set()
+    foreign: list[str] = []
+    for key in tensors:
+        for suffix in (DOWN, UP, ALPHA):
+            if key.endswith(suffix) and MEMBRANE_LAYER.match(key[: -len(suffix)]):
+                names.add(key[: -len(suffix)])
+                break
+        else:
+            foreign.append(key)
+    if foreign:
+        hint = ("it also adapts the text encoder" if any(k.startswith("lora_te") for k in foreign)
+                else "it adapts layers outside the transformer blocks or uses another adapter type")
+        if not names:
+            raise SPMFileError(path, f"not an SPM membrane or LoRA in the SPM key scheme (e.g. key {foreign[0]!r}); "
+                                     "expected lora_unet_<transformer layer>.lora_down.weight / .lora_up.weight / .alpha")
+        raise SPMFileError(path, f"not an SPM membrane: {hint} ({len(foreign)} keys such as {foreign[0]!r}). "
+                                 "Load it with ComfyUI's LoraLoader instead.")
+    if not names:
+        raise SPMFileError(path, "no membrane layers found")
+    return {name: _layer(path, name, tensors) for name in sorted(names)}
+
+
+def _layer(path: str, name: str, tensors: dict[str, torch.Tensor]) -> LayerWeights:
+    down, up = tensors.get(name + DOWN), tensors.get(name + UP)
+    if down is None or up is None:
+        missing = DOWN if down is None else UP
+        raise SPMFileError(path, f"layer {name} has no {missing.lstrip('.')} tensor")
+    conv = down.ndim == 4
+    if conv != (up.ndim == 4) or down.ndim not in (2, 4):
+        raise SPMFileError(path, f"layer {name}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a matching pair of matrices or 1x1 kernels")
+    if conv and (tuple(down.shape[2:]) != (1, 1) or tuple(up.shape[2:]) != (1, 1)):
+        raise SPMFileError(path, f"layer {name}: only 1x1 convolution kernels are supported, got {tuple(down.shape)}")
+    down, up = down.reshape(down.shape[0], down.shape[1]).float(), up.reshape(up.shape[0], up.shape[1]).float()
+    if up.shape[1] != down.shape[0]:
+        raise SPMFileError(path, f"layer {name}: rank mismatch, down has {down.shape[0]} rows but up has {up.shape[1]} columns")
+    if down.shape[0] == 0:
+        raise SPMFileError(path, f"layer {name} has rank 0")
+    for what, tensor in (("down", down), ("up", up)):
+        if not torch.isfinite(tensor).all():
+            raise SPMFileError(path, f"layer {name}: {what} weights contain NaN or inf; the file is damaged")
+    alpha_tensor = tensors.get(name + ALPHA)
+    if alpha_tensor is None:
+        alpha = float(down.shape[0])  # kohya convention: no alpha means alpha = rank (scale 1)
+    else:
+        if alpha_tensor.numel() != 1:
+            raise SPMFileError(path, f"layer {name}: alpha must be a single number, got shape {tuple(alpha_tensor.shape)}")
+        alpha = float(alpha_tensor.float().item())
+        if not math.isfinite(alpha):
+            raise SPMFileError(path, f"layer {name}: alpha is {alpha}")
+    return LayerWeights(down=down, up=up, alpha=alpha, conv=conv)
+
+
+def _json_field(path: str, metadata: dict[str, str], key: str):
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as error:
+        raise SPMFileError(path, f"metadata '{key}' is not valid JSON: {error}") from None
+
+
+def _concepts_from_metadata(path: str, metadata: dict[str, str]) -> tuple[Concept, ...]:
+    try:
+        if "concepts" in metadata:
+            entries = _json_field(path, metadata, "concepts")
+            if not isinstance(entries, list):
+                raise SPMError("metadata 'concepts' must be a JSON list")
+            concepts = check_concept_count(tuple(concept_from_json(e) for e in entries))
+            if "prompts" in metadata:
+                listed = [p.strip() for p in metadata["prompts"].split(",") if p.strip()]
+                if any(c.target not in listed for c in concepts if "," not in c.target):
+                    raise SPMError(f"metadata 'prompts' ({metadata['prompts']!r}) contradicts 'concepts'")
+            return concepts
+        return parse_concept_list(metadata.get("prompts", ""))
+    except SPMError as error:
+        raise SPMFileError(path, str(error)) from None
+
+
+def _check_metadata_agrees(path: str, metadata: dict[str, str], layers: dict[str, LayerWeights]) -> None:
+    ranks = {layer.rank for layer in layers.values()}
+    if "rank" in metadata:
+        try:
+            rank = int(metadata["rank"])
+        except ValueError:
+            raise SPMFileError(path, f"metadata 'rank' is {metadata['rank']!r}, not a whole number") from None
+        if ranks != {rank}:
+            raise SPMFileError(path, f"metadata says rank {rank} but the tensors have rank {sorted(ranks)}")
+    if metadata.get("alpha", "per-layer") != "per-layer":
+        try:
+            alpha = float(metadata["alpha"])
+        except ValueError:
+            raise SPMFileError(path, f"metadata 'alpha' is {metadata['alpha']!r}, not a number") from None
+        if any(not math.isclose(layer.alpha, alpha, rel_tol=1e-6) for layer in layers.values()):
+            raise SPMFileError(path, f"metadata says alpha {alpha} but the layers' alpha tensors differ from it")
+
+
+def infer_architecture(layers: Mapping[str, LayerWeights]) -> str | None:
+    """sd1 / sd2 / sdxl from the cross-attention context width, or None if no layer tells."""
+    for name, layer in layers.items():
+        if name.endswith(("attn2_to_k", "attn2_to_v")):
+            return CONTEXT_DIM_ARCHITECTURE.get(layer.down.shape[1])
+    return None
+
+
+def _architecture(path: str, metadata: dict[str, str], layers: dict[str, LayerWeights]) -> str:
+    inferred = infer_architecture(layers)
+    declared = metadata.get("architecture")
+    if declared is not None and declared not in ARCHITECTURES:
+        raise SPMFileError(path, f"metadata 'architecture' is {declared!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if declared and inferred and declared != inferred:
+        raise SPMFileError(path, f"metadata says architecture {declared} but the layer shapes are those of {inferred}")
+    return declared or inferred or "unknown"

@@ -1,0 +1,145 @@
+"""The membrane math: one membrane's per-layer weights, and the fused stack that applies any
+number of membranes to one layer in a single pass.
+
+A membrane adds `s · up(down(x))` to a layer's output, `s = alpha / rank`. Several membranes on
+one layer are stacked: D (R x in) holds every membrane's down rows, U (out x R) every up column,
+and a per-row gate matrix G (rows x R) scales each membrane's columns, so
+
+    y = W x + ((x Dᵀ) ⊙ G) Uᵀ
+
+which is exactly the sum of the membranes' own branches: no cross-terms, strength linear in the
+gate. The official code instead scales both up and down by the gate (effect ∝ gate²); that is
+available as `GateLaw.PAPER_SQUARED`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from .concepts import Concept
+
+
+class GateLaw(enum.Enum):
+    """How a gate turns into branch strength."""
+
+    LINEAR = "linear"
+    """strength ∝ gate: what the formula in the paper describes."""
+    PAPER_SQUARED = "paper_squared"
+    """strength ∝ gate²: what the official code does (it scales both lora_up and lora_down)."""
+
+    def apply(self, gates: torch.Tensor) -> torch.Tensor:
+        return gates * gates if self is GateLaw.PAPER_SQUARED else gates
+
+
+@dataclass
+class LayerWeights:
+    """One adapted layer of one membrane. `down` is (rank, in), `up` is (out, rank), both fp32
+    matrices; `conv` records that the layer is a 1x1 convolution (SD1.x proj_in/proj_out)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+    conv: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta_weight(self) -> torch.Tensor:
+        """The membrane's weight change at gate 1, as an (out, in) matrix."""
+        return self.scale * (self.up @ self.down)
+
+
+@dataclass
+class Membrane:
+    """A concept membrane: what it erases and its weights per layer, keyed by the layer's
+    file name (`lora_unet_<diffusers path with _>`)."""
+
+    name: str
+    concepts: tuple[Concept, ...]
+    layers: dict[str, LayerWeights]
+    architecture: str
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return max(layer.rank for layer in self.layers.values())
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(layer.down.numel() + layer.up.numel() for layer in self.layers.values())
+
+    @property
+    def concept_labels(self) -> list[str]:
+        return [c.target if c.surrogate is None else f"{c.target} → {c.surrogate}" for c in self.concepts]
+
+
+class FusedLayer:
+    """All membranes bound to one model layer, stacked into D (R x in) and U (out x R).
+
+    `column_owner[r]` is the index (in the stack's membrane list) of the membrane that owns
+    column r; `alpha / rank` is folded into U once here so that the per-call work is only the
+    gate. Device/dtype copies are cached so a hot loop never converts weights twice.
+    """
+
+    def __init__(self, parts: list[tuple[int, LayerWeights]]) -> None:
+        self.conv = parts[0][1].conv
+        self.down = torch.cat([w.down for _, w in parts], dim=0).contiguous()
+        self.up = torch.cat([w.up * w.scale for _, w in parts], dim=1).contiguous()
+        self.column_owner = torch.cat(
+            [torch.full((w.rank,), index, dtype=torch.long) for index, w in parts]
+        )
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.down.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
+    def weights_on(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = (
+                self.down.to(device=device, dtype=dtype),
+                self.up.to(device=device, dtype=dtype),
+                self.column_owner.to(device=device),
+            )
+        return self._cache[key]
+
+    def forget_device_copies(self) -> None:
+        self._cache.clear()
+
+    def delta(self, x: torch.Tensor, row_gates: torch.Tensor) -> torch.Tensor:
+        """The fused branch output for input `x`, whose first dim is the batch row.
+
+        `row_gates` is (rows, membranes_in_stack): the effective gate of each membrane for each
+        row (already including strength and the gate law). Linear inputs are (rows, ..., in);
+        1x1-conv inputs (rows, in, H, W) are used as channel matrices without permuting.
+        """
+        down, up, owner = self.weights_on(x.device, x.dtype)
+        column_gates = row_gates.to(device=x.device, dtype=x.dtype).index_select(1, owner)  # rows x R
+        gated_down = column_gates.unsqueeze(-1) * down  # rows x R x in: gate folded into D once
+        rows = x.shape[0]
+        if self.conv:
+            h = torch.bmm(gated_down, x.reshape(rows, self.in_features, -1))  # rows x R x HW
+            out = torch.matmul(up, h)  # rows x out x HW
+            return out.reshape(rows, self.out_features, *x.shape[2:])
+        h = torch.bmm(x.reshape(rows, -1, self.in_features), gated_down.transpose(1, 2))  # rows x N x R
+        return torch.matmul(h, up.t()).reshape(*x.shape[:-1], self.out_features)
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, row_gates: torch.Tensor) -> torch.Tensor:
+        """`output + delta`, in place when autograd does not need the original output."""
+        delta = self.delta(x, row_gates)
+        if output.requires_grad or torch.is_grad_enabled() and x.requires_grad:
+            return output + delta
+        return output.add_(delta)

@@ -1,0 +1,164 @@
+"""A stack of membranes bound to one model, and the forward hooks that apply it.
+
+Binding matches every membrane layer to a model module (through a key map the host provides)
+and checks shapes. The hooks read the gates of the current model call from a thread-local gate
+context: a hook with no active context for its stack does nothing, so model branches that share
+the same torch modules but not the membranes are never affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SPMModelMismatch
+from .membrane import FusedLayer, GateLaw, LayerWeights, Membrane
+
+
+@dataclass(frozen=True)
+class MembraneUse:
+    """A membrane as a graph uses it: its weights plus how strongly and how it is gated."""
+
+    membrane: Membrane
+    strength: float = 1.0
+
+
+def module_shape(module: torch.nn.Module) -> tuple[int, int, bool]:
+    """(out, in, is_1x1_conv) of a Linear or 1x1 Conv2d, read from its weight."""
+    weight = module.weight
+    if weight.ndim == 4:
+        if tuple(weight.shape[2:]) != (1, 1):
+            raise SPMModelMismatch(f"{type(module).__name__} has a {tuple(weight.shape[2:])} kernel; membranes fit 1x1 convolutions only")
+        return weight.shape[0], weight.shape[1], True
+    if weight.ndim != 2:
+        raise SPMModelMismatch(f"{type(module).__name__} with a {weight.ndim}-D weight cannot carry a membrane")
+    return weight.shape[0], weight.shape[1], False
+
+
+class MembraneStack:
+    """Every membrane of a MODEL, fused per layer. Built once per distinct chain of Load SPM
+    nodes; the gate matrix for a call is (rows x membranes) in `uses` order."""
+
+    def __init__(self, uses: Sequence[MembraneUse], key_map: Mapping[str, str],
+                 module_shapes: Mapping[str, tuple[int, int, bool]], gate_law: GateLaw = GateLaw.LINEAR) -> None:
+        self.uses = tuple(uses)
+        self.gate_law = gate_law
+        parts: dict[str, list[tuple[int, LayerWeights]]] = {}
+        for index, use in enumerate(self.uses):
+            for module_key, layer in bind_membrane(use.membrane, key_map, module_shapes).items():
+                parts.setdefault(module_key, []).append((index, layer))
+        self.layers = {key: FusedLayer(layer_parts) for key, layer_parts in parts.items()}
+        self.strengths = torch.tensor([use.strength for use in self.uses], dtype=torch.float32)
+
+    @property
+    def membrane_count(self) -> int:
+        return len(self.uses)
+
+    def row_gates(self, gates: torch.Tensor) -> torch.Tensor:
+        """Effective per-row gates: the gate law applied, times each membrane's strength."""
+        return self.gate_law.apply(gates.to(torch.float32)) * self.strengths
+
+
+def bind_membrane(membrane: Membrane, key_map: Mapping[str, str],
+                  module_shapes: Mapping[str, tuple[int, int, bool]]) -> dict[str, LayerWeights]:
+    """Map each layer of `membrane` to a model module key, checking that it exists and fits."""
+    source = membrane.metadata.get("source", membrane.name)
+    bound: dict[str, LayerWeights] = {}
+    unmapped = [name for name in membrane.layers if name not in key_map]
+    if unmapped:
+        raise SPMModelMismatch(
+            f"{source}: {len(unmapped)} of {len(membrane.layers)} membrane layers have no matching layer in "
+            f"this model (e.g. {unmapped[0]}). The membrane is for {membrane.architecture}; "
+            "is the model of the same family (SD1.x / SD2.x / SDXL)?")
+    for name, layer in membrane.layers.items():
+        module_key = key_map[name]
+        if module_key not in module_shapes:
+            raise SPMModelMismatch(f"{source}: layer {name} maps to {module_key}, which is not a Linear or 1x1 convolution in this model")
+        out_features, in_features, _ = module_shapes[module_key]
+        if layer.down.shape[1] != in_features or layer.up.shape[0] != out_features:
+            raise SPMModelMismatch(
+                f"{source}: layer {name} is {layer.up.shape[0]}x{layer.down.shape[1]} but the model's layer is "
+                f"{out_features}x{in_features}. The membrane is for {membrane.architecture}; it does not fit this model.")
+        bound[module_key] = layer
+    return bound
+
+
+class _GateContext(threading.local):
+    def __init__(self) -> None:
+        self.active: dict[int, torch.Tensor] = {}
+
+
+_context = _GateContext()
+
+
+@contextlib.contextmanager
+def gates_active(stack: MembraneStack, gates: torch.Tensor) -> Iterator[None]:
+    """Within this block, hooks of `stack` apply `gates` (rows x membranes, before strength)."""
+    if gates.ndim != 2 or gates.shape[1] != stack.membrane_count:
+        raise ValueError(f"gates must be (rows, {stack.membrane_count}), got {tuple(gates.shape)}")
+    key = id(stack)
+    previous = _context.active.get(key)
+    row_gates = stack.row_gates(gates)
+    if bool(row_gates.any()):
+        _context.active[key] = row_gates
+    else:
+        _context.active.pop(key, None)  # all gates closed: hooks exit at once
+    try:
+        yield
+    finally:
+        if previous is None:
+            _context.active.pop(key, None)
+        else:
+            _context.active[key] = previous
+
+
+def _expand_rows(row_gates: torch.Tensor, rows: int) -> torch.Tensor:
+    if row_gates.shape[0] == rows:
+        return row_gates
+    if rows % row_gates.shape[0]:
+        raise RuntimeError(f"membrane gates cover {row_gates.shape[0]} rows but the layer sees {rows}")
+    return row_gates.repeat_interleave(rows // row_gates.shape[0], dim=0)
+
+
+class InstalledHooks:
+    """Forward hooks of one stack on one set of modules. `install` and `remove` are idempotent."""
+
+    def __init__(self, stack: MembraneStack) -> None:
+        self.stack = stack
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def install(self, modules: Mapping[str, torch.nn.Module]) -> None:
+        if self._handles:
+            return
+        missing = [key for key in self.stack.layers if key not in modules]
+        if missing:
+            raise SPMModelMismatch(f"model has no module {missing[0]} for the membrane stack")
+        for key, layer in self.stack.layers.items():
+            self._handles.append(modules[key].register_forward_hook(self._hook_for(layer)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for layer in self.stack.layers.values():
+            layer.forget_device_copies()
+
+    def _hook_for(self, layer: FusedLayer):
+        stack_key = id(self.stack)
+
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            row_gates = _context.active.get(stack_key)
+            if row_gates is None:
+                return None
+            x = inputs[0]
+            return layer.add_to(output, x, _expand_rows(row_gates, x.shape[0]))
+
+        return hook

@@ -1,0 +1,131 @@
+"""Facilitated Transport: how far each membrane opens for a given prompt.
+
+Paper formula, for prompt p and a membrane's concepts c_i:
+
+    gamma = max_i max( cos(flat(E_p), flat(E_ci)),  |tok(p) ∩ tok(ci)| / |tok(ci)| )
+
+E is the text encoder's (77 x D) output, flattened; tok() are token ids without special tokens.
+Modes, selectable by name:
+  paper       the formula above; cosine alone where the prompt's token ids are unknown
+  cosine      the flattened cosine only
+  calibrated  cosine after subtracting the empty prompt's embedding (which removes what all
+              prompts share: BOS and padding positions), mapped linearly from `threshold` (gate 0)
+              to `saturation` (gate 1), then max with token overlap; unrelated prompts get exactly 0
+  always_open gate 1 for every row (what a plain LoRA loader does)
+Prompts longer than one 77-token chunk are compared chunk by chunk; the best chunk counts.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SPMError
+
+
+class TransportMode(enum.Enum):
+    PAPER = "paper"
+    COSINE = "cosine"
+    CALIBRATED = "calibrated"
+    ALWAYS_OPEN = "always_open"
+
+    @classmethod
+    def named(cls, name: str) -> TransportMode:
+        try:
+            return cls(name)
+        except ValueError:
+            raise SPMError(f"unknown transport mode {name!r}; choose one of {', '.join(m.value for m in cls)}") from None
+
+
+@dataclass(frozen=True)
+class ConceptEmbedding:
+    """A concept prompt as the text encoder sees it: (L, D) output and its content token ids."""
+
+    embedding: torch.Tensor
+    token_ids: frozenset[int] | None = None
+
+
+def content_tokens(token_ids: Iterable[int], special_ids: Iterable[int]) -> frozenset[int]:
+    """Token ids with BOS/EOS/padding removed."""
+    special = set(special_ids)
+    return frozenset(int(t) for t in token_ids if int(t) not in special)
+
+
+def token_overlap(prompt_tokens: frozenset[int], concept_tokens: frozenset[int]) -> float:
+    """|tok(p) ∩ tok(c)| / |tok(c)|; 0 for a concept with no content tokens."""
+    if not concept_tokens:
+        return 0.0
+    return len(prompt_tokens & concept_tokens) / len(concept_tokens)
+
+
+def chunked_flat_cosine(rows: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """Cosine of flattened embeddings: rows (B, N, D) against concepts (C, L, D) -> (B, C).
+    N is cut into L-token chunks (the last one zero-padded) and the best chunk counts."""
+    batch, tokens, width = rows.shape
+    length = concepts.shape[1]
+    if concepts.shape[2] != width:
+        raise SPMError(f"prompt embeddings are {width} wide but the concept embeddings {concepts.shape[2]}: "
+                       "they were encoded with a different text encoder")
+    chunks = -(-tokens // length)
+    padded = F.pad(rows.float(), (0, 0, 0, chunks * length - tokens))
+    flat_rows = F.normalize(padded.reshape(batch, chunks, length * width), dim=-1)
+    flat_concepts = F.normalize(concepts.float().reshape(concepts.shape[0], -1), dim=-1)
+    return (flat_rows @ flat_concepts.t()).amax(dim=1)
+
+
+class Transport:
+    """Computes the (rows x membranes) gate matrix from the rows' conditioning.
+
+    `membranes` lists, per membrane, the embeddings of its concept prompts (all encoded with the
+    text encoder that will encode the prompts). `empty` is the empty prompt's embedding, needed by
+    the calibrated mode.
+    """
+
+    def __init__(self, membranes: Sequence[Sequence[ConceptEmbedding]], mode: TransportMode,
+                 empty: torch.Tensor | None = None, threshold: float = 0.3, saturation: float = 0.7) -> None:
+        self.mode = mode
+        self.membrane_count = len(membranes)
+        if mode is TransportMode.ALWAYS_OPEN:
+            return
+        if any(len(concepts) == 0 for concepts in membranes):
+            raise SPMError("a membrane has no concepts, so its gate cannot be computed; use transport mode "
+                           "'always_open' or give it concepts")
+        if mode is TransportMode.CALIBRATED:
+            if empty is None:
+                raise SPMError("calibrated transport needs the empty prompt's embedding")
+            if not 0.0 <= threshold < saturation <= 1.0:
+                raise SPMError(f"calibrated transport needs 0 <= threshold < saturation <= 1, got {threshold}, {saturation}")
+        self.threshold, self.saturation = threshold, saturation
+        flat = [c for concepts in membranes for c in concepts]
+        self.concept_owner = torch.tensor([m for m, concepts in enumerate(membranes) for _ in concepts])
+        embeddings = torch.stack([c.embedding.float() for c in flat])
+        self.empty = None if empty is None else empty.float()
+        self.concepts = embeddings - self.empty if mode is TransportMode.CALIBRATED else embeddings
+        self.concept_tokens = [c.token_ids for c in flat]
+
+    def gates(self, rows: torch.Tensor, row_tokens: Sequence[frozenset[int] | None] | None = None) -> torch.Tensor:
+        """rows: (B, N, D) conditioning; row_tokens: content token ids per row, None where unknown."""
+        batch = rows.shape[0]
+        if self.mode is TransportMode.ALWAYS_OPEN:
+            return torch.ones(batch, self.membrane_count)
+        if self.mode is TransportMode.CALIBRATED:
+            rows = rows.float() - self.empty.to(rows.device).repeat(rows.shape[1] // self.empty.shape[0] or 1, 1)[: rows.shape[1]]
+            similarity = chunked_flat_cosine(rows, self.concepts.to(rows.device)).cpu()
+            similarity = ((similarity - self.threshold) / (self.saturation - self.threshold)).clamp(0.0, 1.0)
+        else:
+            similarity = chunked_flat_cosine(rows, self.concepts.to(rows.device)).cpu()
+        if self.mode is not TransportMode.COSINE and row_tokens is not None:
+            similarity = torch.maximum(similarity, self._overlaps(row_tokens, batch))
+        gates = torch.zeros(batch, self.membrane_count)
+        owner = self.concept_owner.expand(batch, -1)
+        return gates.scatter_reduce(1, owner, similarity.clamp(0.0, 1.0), reduce="amax", include_self=True)
+
+    def _overlaps(self, row_tokens: Sequence[frozenset[int] | None], batch: int) -> torch.Tensor:
+        if len(row_tokens) != batch:
+            raise SPMError(f"token ids given for {len(row_tokens)} rows, embeddings for {batch}")
+        return torch.tensor([[0.0 if tokens is None or concept is None else token_overlap(tokens, concept)
+                              for concept in self.concept_tokens] for tokens in row_tokens])

@@ -1,0 +1,30 @@
+"""Puts a real ComfyUI host (installed by scripts/install_host.sh) on the import path.
+
+COMFYUI_ROOT selects the host tree; default ~/.cache/spm-comfy-host/ComfyUI.
+"""
+
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFYUI_ROOT = os.path.abspath(os.environ.get(
+    "COMFYUI_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")))
+if not os.path.isfile(os.path.join(COMFYUI_ROOT, "comfy", "model_patcher.py")):
+    raise RuntimeError(f"no ComfyUI host at {COMFYUI_ROOT}: run scripts/install_host.sh (or set COMFYUI_ROOT)")
+for path in (COMFYUI_ROOT, REPO, os.path.dirname(os.path.abspath(__file__))):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True  # before comfy.model_management is imported: this torch has no CUDA
+
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():  # as ComfyUI's executor runs nodes
+        yield

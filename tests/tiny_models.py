@@ -1,0 +1,91 @@
+"""Tiny SD1.5-, SD2- and SDXL-architecture models built from ComfyUI's own classes.
+
+ComfyUI builds layers with `disable_weight_init` ops, so weights start as torch.empty()
+garbage; `randomize_` gives every parameter a deterministic value from a seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ARCH_CLASSES = {"sd1": "SD15", "sd2": "SD20", "sdxl": "SDXL"}
+
+
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Norms get weight 1 / bias 0, biases small noise, other weights N(0, std), all from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for sub in module.modules():
+            is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+            for name, param in sub.named_parameters(recurse=False):
+                if is_norm:
+                    param.fill_(1.0 if name == "weight" else 0.0)
+                else:
+                    scale = std * 0.1 if name == "bias" else std
+                    param.copy_((torch.randn(param.shape, generator=generator) * scale).to(param.dtype))
+    return module
+
+
+def unet_config(arch: str, width: int = 32, context: int = 32) -> dict:
+    """A two-level UNet with one depth-1 transformer per attention stage. SD2 and SDXL fix 64
+    channels per attention head, so their width should be a multiple of 64."""
+    config = {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "in_channels": 4, "out_channels": 4, "model_channels": width,
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+        "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+        "context_dim": context, "use_temporal_resblock": False, "use_temporal_attention": False,
+        "use_linear_in_transformer": arch != "sd1", "adm_in_channels": None,
+    }
+    if arch == "sdxl":
+        # SDXL conditions on the pooled clip_g output (context // 2 wide here) + 6 size embeddings
+        config.update(adm_in_channels=context // 2 + 6 * 256, num_classes="sequential")
+    return config
+
+
+def model_config_for(arch: str, width: int = 32, context: int = 32):
+    import comfy.supported_models
+
+    return getattr(comfy.supported_models, ARCH_CLASSES[arch])(unet_config(arch, width, context))
+
+
+def build_patcher(arch: str = "sd1", seed: int = 0, width: int | None = None, context: int = 32,
+                  v_prediction: bool = False):
+    """A ModelPatcher around a tiny random UNet of the given architecture."""
+    width = width or (32 if arch == "sd1" else 64)
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = model_config_for(arch, width, context)
+    if arch == "sdxl":
+        model = comfy.model_base.SDXL(config, model_type=comfy.model_base.ModelType.EPS)
+    else:
+        model_type = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+        model = comfy.model_base.BaseModel(config, model_type=model_type)
+    randomize_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def tiny_text_config(width: int) -> dict:
+    return {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2,
+            "num_hidden_layers": 3, "projection_dim": width}
+
+
+def build_clip(arch: str = "sd1", seed: int = 1, width: int = 32):
+    """A comfy.sd.CLIP with the real tokenizer and a tiny random text encoder.
+    SDXL's two encoders are each `width // 2` wide so that the joint context is `width`."""
+    import comfy.sd
+
+    config = model_config_for(arch, context=width)
+    options: dict = {"dtype": torch.float32}
+    if arch == "sd1":
+        options["clip_l_model_config"] = tiny_text_config(width)
+    elif arch == "sd2":
+        options["clip_h_model_config"] = tiny_text_config(width)
+    else:
+        options["clip_l_model_config"] = tiny_text_config(width // 2)
+        options["clip_g_model_config"] = tiny_text_config(width // 2)
+    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None, model_options=options)
+    randomize_(clip.cond_stage_model, seed, std=0.2)
+    return clip
