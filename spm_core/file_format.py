@@ -140,7 +140,8 @@ def _layer(path: str, name: str, tensors: dict[str, torch.Tensor]) -> LayerWeigh
         raise SPMFileError(path, f"layer {name} has no {missing.lstrip('.')} tensor")
     conv = down.ndim == 4
     if conv != (up.ndim == 4) or down.ndim not in (2, 4):
-        raise SPMFileError(path, f"layer {name}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a matching pair of matrices or 1x1 kernels")
+        raise SPMFileError(path, f"layer {name}: down {tuple(down.shape)} and up {tuple(up.shape)} "
+                                 "are not a matching pair of matrices or 1x1 kernels")
     if conv and (tuple(down.shape[2:]) != (1, 1) or tuple(up.shape[2:]) != (1, 1)):
         raise SPMFileError(path, f"layer {name}: only 1x1 convolution kernels are supported, got {tuple(down.shape)}")
     down, up = down.reshape(down.shape[0], down.shape[1]).float(), up.reshape(up.shape[0], up.shape[1]).float()

@@ -113,11 +113,11 @@ class Transport:
         if self.mode is TransportMode.ALWAYS_OPEN:
             return torch.ones(batch, self.membrane_count)
         if self.mode is TransportMode.CALIBRATED:
-            rows = rows.float() - self.empty.to(rows.device).repeat(rows.shape[1] // self.empty.shape[0] or 1, 1)[: rows.shape[1]]
-            similarity = chunked_flat_cosine(rows, self.concepts.to(rows.device)).cpu()
+            chunks = -(-rows.shape[1] // self.empty.shape[0])
+            rows = rows.float() - self.empty.to(rows.device).repeat(chunks, 1)[: rows.shape[1]]
+        similarity = chunked_flat_cosine(rows, self.concepts.to(rows.device)).cpu()
+        if self.mode is TransportMode.CALIBRATED:
             similarity = ((similarity - self.threshold) / (self.saturation - self.threshold)).clamp(0.0, 1.0)
-        else:
-            similarity = chunked_flat_cosine(rows, self.concepts.to(rows.device)).cpu()
         if self.mode is not TransportMode.COSINE and row_tokens is not None:
             similarity = torch.maximum(similarity, self._overlaps(row_tokens, batch))
         gates = torch.zeros(batch, self.membrane_count)

@@ -74,7 +74,7 @@ def setup():
     patcher = build_patcher("sd1", seed=3)
     key_map = key_map_of(patcher)
     modules = modules_of(patcher, key_map)
-    membranes = [random_membrane(key_map, modules, seed=s, target=f"concept{s}") for s in (10, 11, 12)]
+    membranes = [random_membrane(key_map, modules, seed=s, target=f"concept{s}", std=0.2) for s in (10, 11, 12)]
     generator = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([400.0, 400.0]),
               torch.randn(2, 77, 32, generator=generator))

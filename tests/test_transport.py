@@ -1,0 +1,108 @@
+"""Facilitated Transport gates against hand-computed values, with the real CLIP tokenizer."""
+
+import math
+
+import pytest
+import torch
+
+from spm_core.errors import SPMError
+from spm_core.transport import ConceptEmbedding, Transport, TransportMode, chunked_flat_cosine, content_tokens, token_overlap
+
+BOS, EOS = 49406, 49407
+
+
+def embedding(*rows):
+    """A (len(rows), 2) embedding from literal rows."""
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+# Concept (2 tokens x 2 dims) flattened = [1, 0, 0, 1]; prompt A flattened = [1, 0, 1, 0]:
+# cos = 1 / (sqrt 2 · sqrt 2) = 0.5. Prompt B = [0, 1, 0, 0]: cos = 0. Prompt C = concept x 3: cos = 1.
+CONCEPT = embedding([1, 0], [0, 1])
+PROMPT_A = embedding([1, 0], [1, 0])
+PROMPT_B = embedding([0, 1], [0, 0])
+PROMPT_C = embedding([3, 0], [0, 3])
+
+
+def test_flat_cosine_hand_values():
+    rows = torch.stack([PROMPT_A, PROMPT_B, PROMPT_C])
+    got = chunked_flat_cosine(rows, CONCEPT[None])
+    assert torch.allclose(got[:, 0], torch.tensor([0.5, 0.0, 1.0]), atol=1e-6)
+
+
+def test_long_prompts_use_their_best_chunk():
+    long_prompt = torch.cat([PROMPT_B, PROMPT_A])[None]  # two 2-token chunks: cos 0 and 0.5
+    assert chunked_flat_cosine(long_prompt, CONCEPT[None]).item() == pytest.approx(0.5)
+
+
+def test_paper_gate_is_max_of_cosine_and_overlap_per_membrane():
+    # membrane 0 has two concepts (the max counts), membrane 1 one
+    other = embedding([0, 1], [1, 0])  # flat [0, 1, 1, 0]: cos with A = 1/2, with B = 1/sqrt2
+    transport = Transport(
+        [[ConceptEmbedding(CONCEPT, frozenset({10, 11})), ConceptEmbedding(other, frozenset({12}))],
+         [ConceptEmbedding(CONCEPT, frozenset({20}))]],
+        TransportMode.PAPER)
+    rows = torch.stack([PROMPT_A, PROMPT_B])
+    tokens = [frozenset({10, 99}), frozenset({20})]
+    gates = transport.gates(rows, tokens)
+    # row A: membrane 0 = max(cos .5, overlap 1/2, cos .5, overlap 0) = .5; membrane 1 = max(.5, 0) = .5
+    # row B: membrane 0 = max(0, 0, 1/sqrt2, 0) = .7071; membrane 1 = max(0, overlap 1) = 1
+    expected = torch.tensor([[0.5, 0.5], [1 / math.sqrt(2), 1.0]])
+    assert torch.allclose(gates, expected, atol=1e-6)
+
+
+def test_cosine_mode_ignores_tokens_and_paper_mode_without_tokens_is_cosine():
+    concepts = [[ConceptEmbedding(CONCEPT, frozenset({20}))]]
+    rows = PROMPT_B[None]
+    assert Transport(concepts, TransportMode.COSINE).gates(rows, [frozenset({20})]).item() == 0.0
+    assert Transport(concepts, TransportMode.PAPER).gates(rows, None).item() == 0.0
+    assert Transport(concepts, TransportMode.PAPER).gates(rows, [frozenset({20})]).item() == 1.0
+
+
+def test_calibrated_mode_removes_the_shared_part_and_closes_unrelated_prompts():
+    empty = embedding([5, 5], [5, 5])  # a large shared component, as BOS/padding give in CLIP
+    concept = empty + CONCEPT
+    related, unrelated = empty + PROMPT_C, empty + PROMPT_B
+    transport = Transport([[ConceptEmbedding(concept)]], TransportMode.CALIBRATED, empty=empty, threshold=0.3, saturation=0.7)
+    paper = Transport([[ConceptEmbedding(concept)]], TransportMode.PAPER)
+    rows = torch.stack([related, unrelated])
+    assert paper.gates(rows)[1].item() > 0.9, "uncentred cosine barely tells them apart"
+    gates = transport.gates(rows)
+    assert gates[0].item() == 1.0 and gates[1].item() == 0.0
+    # cos 0.5 after centring lies halfway between threshold .3 and saturation .7 -> 0.5
+    assert transport.gates((empty + PROMPT_A)[None]).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_always_open_and_bad_configurations():
+    assert torch.equal(Transport([[], []], TransportMode.ALWAYS_OPEN).gates(torch.zeros(3, 2, 2)), torch.ones(3, 2))
+    with pytest.raises(SPMError, match="has no concepts"):
+        Transport([[]], TransportMode.PAPER)
+    with pytest.raises(SPMError, match="empty prompt's embedding"):
+        Transport([[ConceptEmbedding(CONCEPT)]], TransportMode.CALIBRATED)
+    with pytest.raises(SPMError, match="unknown transport mode 'fuzzy'"):
+        TransportMode.named("fuzzy")
+    with pytest.raises(SPMError, match="different text encoder"):
+        Transport([[ConceptEmbedding(CONCEPT)]], TransportMode.COSINE).gates(torch.zeros(1, 2, 3))
+
+
+def clip_token_ids(text):
+    """Token ids from ComfyUI's bundled SD1 CLIP tokenizer (the real BPE vocabulary)."""
+    from comfy.sd1_clip import SDTokenizer
+
+    return [token for chunk in SDTokenizer().tokenize_with_weights(text) for token, _weight in chunk]
+
+
+def test_token_overlap_with_the_real_clip_tokenizer_ignores_special_tokens():
+    concept = content_tokens(clip_token_ids("snoopy"), {BOS, EOS})
+    prompt = content_tokens(clip_token_ids("a photo of snoopy on a skateboard"), {BOS, EOS})
+    unrelated = content_tokens(clip_token_ids("a bowl of fruit"), {BOS, EOS})
+    raw_unrelated = frozenset(clip_token_ids("a bowl of fruit"))
+    raw_concept = frozenset(clip_token_ids("snoopy"))
+    assert BOS in raw_concept and EOS in raw_concept, "the tokenizer pads with BOS/EOS"
+    assert concept and BOS not in concept and EOS not in concept
+    assert token_overlap(prompt, concept) == 1.0
+    assert token_overlap(unrelated, concept) == 0.0
+    assert token_overlap(raw_unrelated, raw_concept) > 0.0, "with special tokens kept, unrelated prompts would overlap"
+    two_words = content_tokens(clip_token_ids("van gogh"), {BOS, EOS})
+    half = content_tokens(clip_token_ids("a painting by vincent van dyck"), {BOS, EOS})
+    assert 0.0 < token_overlap(half, two_words) < 1.0
