@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 
 import torch
@@ -31,11 +32,15 @@ ARCHITECTURES = ("sd1", "sd2", "sdxl")
 CONTEXT_DIM_ARCHITECTURE = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 MAX_FILE_BYTES = 2 * 1024**3
 
-# The layers SPM adapts inside each transformer block (DESIGN.md §1), as file-name suffixes.
-MEMBRANE_LAYER = re.compile(
-    r"^lora_unet_(?:(?:down|up)_blocks_\d+_attentions_\d+|mid_block_attentions_0)_"
-    r"(?:proj_in|proj_out|transformer_blocks_\d+_(?:attn[12]_to_(?:q|k|v|out_0)|ff_net_0_proj|ff_net_2))$"
-)
+# The layers SPM adapts inside each transformer block (DESIGN.md §1). Files name them after the
+# diffusers UNet (the official trainer) or after the original UNet (kohya's SDXL LoRAs).
+_LAYER_IN_BLOCK = r"_(?:proj_in|proj_out|transformer_blocks_\d+_(?:attn[12]_to_(?:q|k|v|out_0)|ff_net_0_proj|ff_net_2))$"
+DIFFUSERS_LAYER = re.compile(r"^lora_unet_(?:(?:down|up)_blocks_\d+_attentions_\d+|mid_block_attentions_0)" + _LAYER_IN_BLOCK)
+ORIGINAL_UNET_LAYER = re.compile(r"^lora_unet_(?:input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)" + _LAYER_IN_BLOCK)
+
+
+def is_membrane_layer(name: str) -> bool:
+    return bool(DIFFUSERS_LAYER.match(name) or ORIGINAL_UNET_LAYER.match(name))
 
 
 def load_membrane(path: str) -> Membrane:
@@ -67,11 +72,12 @@ def save_membrane(path: str, membrane: Membrane, *, base_model: Mapping | None =
         tensors[name + UP] = up.contiguous()
         tensors[name + ALPHA] = torch.tensor(float(layer.alpha))
     alphas = {layer.alpha for layer in membrane.layers.values()}
+    ranks = {layer.rank for layer in membrane.layers.values()}
     metadata = {
         "spm_format": FORMAT_VERSION,
         "concepts": json.dumps([c.to_json() for c in membrane.concepts], ensure_ascii=False),
         "prompts": ",".join(c.target for c in membrane.concepts),
-        "rank": str(membrane.rank),
+        "rank": str(ranks.pop()) if len(ranks) == 1 else "per-layer",
         "alpha": str(alphas.pop()) if len(alphas) == 1 else "per-layer",
         "architecture": membrane.architecture,
     }
@@ -115,7 +121,7 @@ def _layers_from_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict[st
     foreign: list[str] = []
     for key in tensors:
         for suffix in (DOWN, UP, ALPHA):
-            if key.endswith(suffix) and MEMBRANE_LAYER.match(key[: -len(suffix)]):
+            if key.endswith(suffix) and is_membrane_layer(key[: -len(suffix)]):
                 names.add(key[: -len(suffix)])
                 break
         else:
@@ -179,7 +185,7 @@ def _concepts_from_metadata(path: str, metadata: dict[str, str]) -> tuple[Concep
                 raise SPMError("metadata 'concepts' must be a JSON list")
             concepts = check_concept_count(tuple(concept_from_json(e) for e in entries))
             if "prompts" in metadata:
-                listed = [p.strip() for p in metadata["prompts"].split(",") if p.strip()]
+                listed = [unicodedata.normalize("NFC", p).strip() for p in metadata["prompts"].split(",") if p.strip()]
                 if any(c.target not in listed for c in concepts if "," not in c.target):
                     raise SPMError(f"metadata 'prompts' ({metadata['prompts']!r}) contradicts 'concepts'")
             return concepts
@@ -190,9 +196,9 @@ def _concepts_from_metadata(path: str, metadata: dict[str, str]) -> tuple[Concep
 
 def _check_metadata_agrees(path: str, metadata: dict[str, str], layers: dict[str, LayerWeights]) -> None:
     ranks = {layer.rank for layer in layers.values()}
-    if "rank" in metadata:
+    if metadata.get("rank", "per-layer") != "per-layer":
         try:
-            rank = int(metadata["rank"])
+            rank = int(float(metadata["rank"]))  # the official reader accepts "1.0" too
         except ValueError:
             raise SPMFileError(path, f"metadata 'rank' is {metadata['rank']!r}, not a whole number") from None
         if ranks != {rank}:
@@ -202,7 +208,8 @@ def _check_metadata_agrees(path: str, metadata: dict[str, str], layers: dict[str
             alpha = float(metadata["alpha"])
         except ValueError:
             raise SPMFileError(path, f"metadata 'alpha' is {metadata['alpha']!r}, not a number") from None
-        if any(not math.isclose(layer.alpha, alpha, rel_tol=1e-6) for layer in layers.values()):
+        # the official trainer stores alpha tensors in the save precision (bf16 rounds by up to 0.4%)
+        if any(not math.isclose(layer.alpha, alpha, rel_tol=1e-2) for layer in layers.values()):
             raise SPMFileError(path, f"metadata says alpha {alpha} but the layers' alpha tensors differ from it")
 
 

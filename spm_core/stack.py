@@ -9,6 +9,7 @@ the same torch modules but not the membranes are never affected.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -78,12 +79,15 @@ def bind_membrane(membrane: Membrane, key_map: Mapping[str, str],
         module_key = key_map[name]
         if module_key not in module_shapes:
             raise SPMModelMismatch(f"{source}: layer {name} maps to {module_key}, which is not a Linear or 1x1 convolution in this model")
-        out_features, in_features, _ = module_shapes[module_key]
+        out_features, in_features, conv = module_shapes[module_key]
         if layer.down.shape[1] != in_features or layer.up.shape[0] != out_features:
             raise SPMModelMismatch(
                 f"{source}: layer {name} is {layer.up.shape[0]}x{layer.down.shape[1]} but the model's layer is "
                 f"{out_features}x{in_features}. The membrane is for {membrane.architecture}; it does not fit this model.")
-        bound[module_key] = layer
+        if module_key in bound:
+            raise SPMModelMismatch(f"{source}: two layers of the file adapt the same model layer {module_key}")
+        # a 1x1 conv stored as a matrix (allowed by stock loaders) acts as the model's layer does
+        bound[module_key] = layer if layer.conv == conv else dataclasses.replace(layer, conv=conv)
     return bound
 
 

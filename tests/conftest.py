@@ -13,7 +13,8 @@ COMFYUI_ROOT = os.path.abspath(os.environ.get(
     "COMFYUI_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")))
 if not os.path.isfile(os.path.join(COMFYUI_ROOT, "comfy", "model_patcher.py")):
     raise RuntimeError(f"no ComfyUI host at {COMFYUI_ROOT}: run scripts/install_host.sh (or set COMFYUI_ROOT)")
-for path in (COMFYUI_ROOT, REPO, os.path.dirname(os.path.abspath(__file__))):
+# ComfyUI's root goes first: its top-level `nodes` module must win over this pack's `nodes/`.
+for path in (os.path.dirname(os.path.abspath(__file__)), REPO, COMFYUI_ROOT):
     if path not in sys.path:
         sys.path.insert(0, path)
 

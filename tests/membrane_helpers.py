@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from spm_core.concepts import Concept
-from spm_core.file_format import MEMBRANE_LAYER
+from spm_core.file_format import DIFFUSERS_LAYER
 from spm_core.membrane import LayerWeights, Membrane
 from spm_core.stack import module_shape
 
@@ -15,7 +15,7 @@ def key_map_of(patcher) -> dict[str, str]:
     import comfy.lora
 
     mapped = comfy.lora.model_lora_keys_unet(patcher.model, {})
-    return {name: key[: -len(".weight")] for name, key in mapped.items() if MEMBRANE_LAYER.match(name)}
+    return {name: key[: -len(".weight")] for name, key in mapped.items() if DIFFUSERS_LAYER.match(name)}
 
 
 def modules_of(patcher, key_map: dict[str, str]) -> dict[str, torch.nn.Module]:

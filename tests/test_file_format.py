@@ -21,7 +21,7 @@ from tiny_models import build_patcher
 from spm_core import file_format
 from spm_core.concepts import MAX_CONCEPTS, Concept
 from spm_core.errors import SPMError, SPMFileError, SPMModelMismatch
-from spm_core.file_format import MEMBRANE_LAYER, infer_architecture, load_membrane, save_membrane
+from spm_core.file_format import DIFFUSERS_LAYER, infer_architecture, load_membrane, save_membrane
 from spm_core.membrane import LayerWeights, Membrane
 from spm_core.stack import bind_membrane, module_shape
 
@@ -40,7 +40,7 @@ class TinyModel:
         self.arch = arch
         self.patcher = build_patcher(arch, context=context)
         self.key_map = comfy.lora.model_lora_keys_unet(self.patcher.model, {})
-        self.layer_names = sorted(name for name in self.key_map if MEMBRANE_LAYER.match(name))
+        self.layer_names = sorted(name for name in self.key_map if DIFFUSERS_LAYER.match(name))
         self.state_dict = self.patcher.model.state_dict()
         # file layer name -> weight shape in the model (4-D for 1x1 convs)
         self.weight_shapes = {name: tuple(self.state_dict[self.key_map[name]].shape) for name in self.layer_names}
@@ -671,7 +671,7 @@ def test_cross_attention_width_mismatch_alone(tmp_path, sd1):
 def test_layer_name_not_in_model(tmp_path, sd1):
     # a real SDXL layer name; the tiny SD1 UNet has no down_blocks_2 transformers
     name = "lora_unet_down_blocks_2_attentions_1_transformer_blocks_9_attn2_to_k"
-    assert MEMBRANE_LAYER.match(name) and name not in sd1.key_map
+    assert DIFFUSERS_LAYER.match(name) and name not in sd1.key_map
     tensors = {**lora_tensors(sd1.weight_shapes), **lora_pair(name, 1280, 2048)}
     membrane = load_membrane(write(tmp_path / "real_sdxl_names.safetensors", tensors, dict(PUBLIC_METADATA)))
     with pytest.raises(SPMModelMismatch) as caught:
@@ -691,12 +691,10 @@ def test_layer_maps_to_module_without_shape(tmp_path, sd1):
 
 
 # --------------------------------------------------------------------------------------------
-# known bugs in spm_core, pinned as strict xfails: each flips to a failure once fixed, so the
-# marker is removed together with the fix
+# files that once tripped the reader: mixed ranks, NFD Unicode, half-precision alpha,
+# kohya's original-UNet layer names, 1x1 convs stored as matrices
 
 
-@pytest.mark.xfail(strict=True, raises=SPMFileError,
-                   reason="save_membrane writes rank=max(rank) for a mixed-rank membrane; load_membrane refuses it")
 def test_round_trip_mixed_rank(tmp_path, sd1):
     original = random_membrane(sd1, rank=1)
     name = some_layer(sd1, "attn2_to_k")
@@ -707,8 +705,6 @@ def test_round_trip_mixed_rank(tmp_path, sd1):
     assert_same_layers(load_membrane(path), original)
 
 
-@pytest.mark.xfail(strict=True, raises=SPMFileError,
-                   reason="'prompts' is compared to NFC-normalised concept targets without normalising it")
 def test_decomposed_unicode_concept_names(tmp_path, sd1):
     import unicodedata
 
@@ -719,8 +715,6 @@ def test_decomposed_unicode_concept_names(tmp_path, sd1):
     assert [c.target for c in membrane.concepts] == ["Pokémon"]
 
 
-@pytest.mark.xfail(strict=True, raises=SPMFileError,
-                   reason="metadata alpha is compared at rel_tol 1e-6 to alpha tensors saved in half precision")
 def test_half_precision_alpha_matches_metadata(tmp_path, sd1):
     metadata = {"prompts": "snoopy", "rank": "1", "alpha": "0.3"}
     path = write_public(tmp_path / "bf16.safetensors", sd1, metadata, alpha=0.3, dtype=torch.bfloat16)
@@ -728,9 +722,6 @@ def test_half_precision_alpha_matches_metadata(tmp_path, sd1):
     assert all(layer.alpha == pytest.approx(0.3, rel=1e-2) for layer in membrane.layers.values())
 
 
-@pytest.mark.xfail(strict=True, raises=SPMFileError,
-                   reason="MEMBRANE_LAYER accepts only diffusers names; kohya SDXL LoRAs use "
-                          "lora_unet_input_blocks_* names")
 def test_kohya_ldm_layer_names(tmp_path, sd1):
     """kohya's SDXL LoRAs name layers after the original UNet (input_blocks_4_1_...); ComfyUI's key
     map has those names too. An attention-only LoRA in that naming should read as a membrane."""
@@ -744,9 +735,6 @@ def test_kohya_ldm_layer_names(tmp_path, sd1):
     assert set(bind_membrane(membrane, sd1.key_map, sd1.module_shapes)) == set(sd1.module_shapes)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bind_membrane keeps the file's conv flag instead of the model module's: a 1x1-conv "
-                          "layer stored as a 2-D matrix binds as Linear and its hook crashes on (B, C, H, W) input")
 def test_matrix_stored_conv_layer_applies_as_conv(tmp_path, sd1):
     """ComfyUI's own loader accepts proj_in/proj_out stored as 2-D matrices (it reshapes the delta to
     the weight); the membrane must then act as the 1x1 convolution it patches, or be refused."""

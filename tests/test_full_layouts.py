@@ -6,7 +6,7 @@ import torch
 from membrane_helpers import shapes_of
 from safetensors.torch import save_file
 
-from spm_core.file_format import MEMBRANE_LAYER, load_membrane
+from spm_core.file_format import DIFFUSERS_LAYER, load_membrane
 from spm_core.stack import bind_membrane
 
 BASE = {"use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
@@ -77,7 +77,7 @@ def test_full_layout_maps_completely(arch, tmp_path):
     public_spm_file(path, layout)
     membrane = load_membrane(str(path))
     assert len(membrane.layers) == layout["modules"]
-    assert all(MEMBRANE_LAYER.match(name) for name in membrane.layers)
+    assert all(DIFFUSERS_LAYER.match(name) for name in membrane.layers)
     assert membrane.architecture == arch
     if layout["parameters"]:
         assert membrane.parameter_count == layout["parameters"]
