@@ -63,14 +63,7 @@ def load_membrane(path: str) -> Membrane:
 def save_membrane(path: str, membrane: Membrane, *, base_model: Mapping | None = None,
                   training: Mapping | None = None) -> None:
     """Write `membrane` in our format (public key scheme + our metadata)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in membrane.layers.items():
-        down, up = layer.down.detach().float(), layer.up.detach().float()
-        if layer.conv:
-            down, up = down[:, :, None, None], up[:, :, None, None]
-        tensors[name + DOWN] = down.contiguous()
-        tensors[name + UP] = up.contiguous()
-        tensors[name + ALPHA] = torch.tensor(float(layer.alpha))
+    tensors = lora_tensors(membrane)
     alphas = {layer.alpha for layer in membrane.layers.values()}
     ranks = {layer.rank for layer in membrane.layers.values()}
     metadata = {
@@ -86,6 +79,19 @@ def save_membrane(path: str, membrane: Membrane, *, base_model: Mapping | None =
         if value:
             metadata[key] = json.dumps(value, ensure_ascii=False, sort_keys=True)
     save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def lora_tensors(membrane: Membrane) -> dict[str, torch.Tensor]:
+    """The membrane as kohya-style LoRA tensors; 1x1-conv layers as 4-D kernels, as stock loaders expect."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in membrane.layers.items():
+        down, up = layer.down.detach().float(), layer.up.detach().float()
+        if layer.conv:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        tensors[name + DOWN] = down.contiguous()
+        tensors[name + UP] = up.contiguous()
+        tensors[name + ALPHA] = torch.tensor(float(layer.alpha))
+    return tensors
 
 
 def _check_path(path: str) -> None:

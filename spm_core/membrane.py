@@ -81,6 +81,25 @@ class Membrane:
         return [c.target if c.surrogate is None else f"{c.target} → {c.surrogate}" for c in self.concepts]
 
 
+def bake(membranes: list[tuple[Membrane, float]], name: str) -> Membrane:
+    """One static membrane equal to the sum of the given membranes at fixed strengths: their ranks
+    are concatenated (no cross-terms) and each one's strength · alpha/rank is folded into its ups,
+    so the result has alpha = rank (scale 1) and reads as a plain LoRA."""
+    parts: dict[str, list[tuple[LayerWeights, float]]] = {}
+    for membrane, strength in membranes:
+        for layer_name, layer in membrane.layers.items():
+            parts.setdefault(layer_name, []).append((layer, strength))
+    layers = {}
+    for layer_name, weighted in parts.items():
+        down = torch.cat([layer.down for layer, _ in weighted])
+        up = torch.cat([layer.up * (strength * layer.scale) for layer, strength in weighted], dim=1)
+        layers[layer_name] = LayerWeights(down=down, up=up, alpha=float(down.shape[0]), conv=weighted[0][0].conv)
+    concepts = tuple(c for membrane, _ in membranes for c in membrane.concepts)
+    architectures = {membrane.architecture for membrane, _ in membranes}
+    return Membrane(name=name, concepts=concepts, layers=layers,
+                    architecture=architectures.pop() if len(architectures) == 1 else "unknown")
+
+
 class FusedLayer:
     """All membranes bound to one model layer, stacked into D (R x in) and U (out x R).
 

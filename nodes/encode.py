@@ -1,0 +1,39 @@
+"""Text through the user's CLIP: concept embeddings for transport, and token ids on conditioning
+(ComfyUI's CONDITIONING keeps neither the text nor its tokens)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..spm_core.transport import ConceptEmbedding, content_tokens
+
+TOKENS_KEY = "spm_token_ids"
+CLIP_BOS, CLIP_EOS = 49406, 49407
+
+
+def token_ids(clip, tokens: dict) -> frozenset[int]:
+    """Content token ids of a tokenized prompt: the first encoder's ids without BOS/EOS/padding.
+    SD1/SD2/SDXL encoders all use the CLIP BPE vocabulary, so any one of them tells the words."""
+    key = "l" if "l" in tokens else next(iter(tokens))
+    tokenizer = getattr(clip.tokenizer, f"clip_{key}", None)
+    special = {getattr(tokenizer, name, None) for name in ("start_token", "end_token", "pad_token")} - {None}
+    ids = [token[0] for chunk in tokens[key] for token in chunk if isinstance(token[0], int)]
+    return content_tokens(ids, special or {CLIP_BOS, CLIP_EOS})
+
+
+def encode_concept(clip, text: str) -> ConceptEmbedding:
+    tokens = clip.tokenize(text)
+    embedding = clip.encode_from_tokens(tokens)
+    return ConceptEmbedding(embedding=embedding[0].float().cpu(), token_ids=token_ids(clip, tokens))
+
+
+def encode_empty(clip) -> torch.Tensor:
+    return clip.encode_from_tokens(clip.tokenize(""))[0].float().cpu()
+
+
+def encode_with_tokens(clip, text: str) -> list:
+    """What CLIPTextEncode returns, plus the prompt's content token ids on every entry."""
+    tokens = clip.tokenize(text)
+    ids = token_ids(clip, tokens)
+    conditioning = clip.encode_from_tokens_scheduled(tokens)
+    return [[embedding, {**options, TOKENS_KEY: ids}] for embedding, options in conditioning]

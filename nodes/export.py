@@ -1,0 +1,74 @@
+"""Save SPM as LoRA and Merge membranes into model: the membranes at a fixed strength, no gating."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import comfy.lora
+import folder_paths
+from comfy_api.latest import io
+
+from ..spm_core.file_format import lora_tensors, save_membrane
+from ..spm_core.membrane import bake
+from .runtime import membrane_layers_of, state_of, without_membranes
+
+
+def baked(model, name: str):
+    state = state_of(model)
+    return bake([(entry.membrane, entry.strength) for entry in state.entries], name)
+
+
+class SaveSPMAsLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SPMSaveAsLoRA",
+            display_name="Save SPM as LoRA",
+            category="loaders/spm",
+            description="Writes the model's membranes, at their strengths, as one plain LoRA file for A1111/Forge and "
+                        "stock loaders (no Facilitated Transport: always open).",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="A model with membranes (from Load SPM)."),
+                io.String.Input("filename", default="spm_baked",
+                                tooltip="File name under models/loras (letters, digits, - and _; .safetensors is added)."),
+            ],
+            outputs=[io.String.Output(display_name="path", tooltip="Where the LoRA was written.")],
+        )
+
+    @classmethod
+    def execute(cls, model, filename) -> io.NodeOutput:
+        stem = filename.strip().removesuffix(".safetensors")
+        if not re.fullmatch(r"[\w\-. ]{1,120}", stem) or stem.startswith("."):
+            raise ValueError(f"file name {filename!r} is not allowed; use letters, digits, '-', '_' and '.'")
+        membrane = baked(model, stem)
+        folder = folder_paths.get_folder_paths("loras")[0]
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, stem + ".safetensors")
+        save_membrane(path, membrane)
+        return io.NodeOutput(path, ui={"text": [f"saved {path}"]})
+
+
+class MergeSPMIntoModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SPMMergeIntoModel",
+            display_name="Merge membranes into model",
+            category="loaders/spm",
+            description="Patches the membranes into the weights at their strengths (always open, no per-prompt gate). "
+                        "Useful before saving a checkpoint.",
+            inputs=[io.Model.Input("model", tooltip="A model with membranes (from Load SPM).")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the membranes merged into its weights.")],
+        )
+
+    @classmethod
+    def execute(cls, model) -> io.NodeOutput:
+        membrane = baked(model, "merged")
+        membrane_layers_of(model)  # refuses models without transformer blocks with a clear message
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        patches = comfy.lora.load_lora(lora_tensors(membrane), key_map)
+        merged = without_membranes(model)
+        merged.add_patches(patches, 1.0)
+        return io.NodeOutput(merged)

@@ -1,0 +1,88 @@
+"""Load SPM and SPM Text Encode."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..spm_core.file_format import load_membrane
+from ..spm_core.transport import Transport, TransportMode
+from . import paths
+from .encode import encode_concept, encode_empty, encode_with_tokens
+from .runtime import POSITIVE_AND_NEGATIVE, POSITIVE_ONLY, MembraneEntry, with_membrane
+
+TRANSPORT_MODES = [mode.value for mode in TransportMode]
+
+
+class LoadSPM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SPMLoader",
+            display_name="Load SPM",
+            category="loaders/spm",
+            description="Adds a concept membrane to the model. Chain several to erase several concepts; "
+                        "each opens only for prompts near its concept (Facilitated Transport).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to add the membrane to. It is not changed; "
+                                                "a copy with the membrane comes out."),
+                io.Clip.Input("clip", tooltip="The text encoder your prompts use (with the same CLIP skip). "
+                                              "It encodes the membrane's concepts for the gate."),
+                io.Combo.Input("membrane", options=paths.membrane_choices(),
+                               tooltip="Membrane file from models/spm (or an SPM file in models/loras)."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="How strongly the membrane acts when fully open. 1 = as trained, 0 = off."),
+                io.Combo.Input("transport", options=TRANSPORT_MODES, default=TransportMode.PAPER.value,
+                               tooltip="How the gate is computed per prompt. paper: the paper's formula (cosine + token "
+                                       "overlap when prompts come from SPM Text Encode); cosine: embedding cosine only; "
+                                       "calibrated: cosine relative to the empty prompt, unrelated prompts get exactly 0; "
+                                       "always_open: gate 1 everywhere, like a plain LoRA."),
+                io.Combo.Input("rows", options=[POSITIVE_ONLY, POSITIVE_AND_NEGATIVE], default=POSITIVE_ONLY,
+                               tooltip="Which CFG rows the membrane acts on. 'positive and negative' gates the negative "
+                                       "prompt by its own similarity too."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of sampling after which the membrane starts acting."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of sampling after which the membrane stops acting."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the membrane added.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, membrane, strength, transport, rows, start_percent, end_percent) -> io.NodeOutput:
+        loaded = load_membrane(paths.membrane_path(membrane))
+        mode = TransportMode.named(transport)
+        concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, p) for c in loaded.concepts for p in c.prompts]
+        empty = encode_empty(clip) if mode is TransportMode.CALIBRATED else None
+        entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=Transport([concepts], mode, empty=empty),
+                              rows=rows, start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id)
+        patched = with_membrane(model, entry)
+        return io.NodeOutput(patched, ui={"spm_membrane": [{
+            "name": loaded.name, "concepts": loaded.concept_labels, "architecture": loaded.architecture,
+            "rank": loaded.rank, "layers": len(loaded.layers), "transport": mode.value,
+            "note": "" if mode is not TransportMode.PAPER else
+            "token overlap is used for prompts from SPM Text Encode; other prompts are gated by cosine only"}]})
+
+
+class SPMTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SPMTextEncode",
+            display_name="SPM Text Encode",
+            category="conditioning/spm",
+            description="CLIP Text Encode that also records the prompt's token ids, so membranes can use the paper's "
+                        "token-overlap gate (plain CONDITIONING keeps no text).",
+            inputs=[
+                io.Clip.Input("clip", tooltip="The text encoder."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The prompt."),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="Conditioning with the prompt's token ids attached.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, text) -> io.NodeOutput:
+        if clip is None:
+            raise RuntimeError("ERROR: clip input is invalid: None. If the clip is from a checkpoint loader node "
+                               "your checkpoint does not contain a valid clip or text encoder model.")
+        return io.NodeOutput(encode_with_tokens(clip, text))

@@ -1,0 +1,55 @@
+"""Where membrane files live: `models/spm` (registered as a model folder, so extra_model_paths.yaml
+can add more under the name `spm`) and SPM files that people keep in `models/loras`."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import folder_paths
+
+FOLDER = "spm"
+LORA_PREFIX = "loras/"
+SPM_METADATA_KEYS = ("spm_format", "prompts", "concepts")
+
+
+def register_folder() -> None:
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(FOLDER, default, is_default=True)
+    else:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
+
+
+def _header_metadata(path: str) -> dict:
+    """The safetensors header's metadata, read without loading tensors (cheap for big LoRA folders)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100 * 2**20:
+                return {}
+            return json.loads(handle.read(length)).get("__metadata__", {}) or {}
+    except (OSError, struct.error, ValueError):
+        return {}
+
+
+def membrane_choices() -> list[str]:
+    """Files of `models/spm`, then `models/loras` files whose metadata marks them as SPM membranes."""
+    choices = [name for name in folder_paths.get_filename_list(FOLDER) if name.lower().endswith(".safetensors")]
+    for name in folder_paths.get_filename_list("loras"):
+        path = folder_paths.get_full_path("loras", name)
+        if name.lower().endswith(".safetensors") and path and any(k in _header_metadata(path) for k in SPM_METADATA_KEYS):
+            choices.append(LORA_PREFIX + name)
+    return choices
+
+
+def membrane_path(choice: str) -> str:
+    """Full path of a choice from `membrane_choices`; a clear error if it is not there any more."""
+    if choice.startswith(LORA_PREFIX):
+        path = folder_paths.get_full_path("loras", choice[len(LORA_PREFIX):])
+    else:
+        path = folder_paths.get_full_path(FOLDER, choice)
+    if path is None:
+        raise FileNotFoundError(f"membrane file {choice!r} not found in models/{FOLDER} or models/loras; refresh the node list")
+    return path

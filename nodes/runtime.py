@@ -1,0 +1,228 @@
+"""How membranes ride on a ComfyUI MODEL: the one place that touches ModelPatcher.
+
+A Load SPM node returns a clone that carries a `MembraneState` attachment (every membrane of the
+chain, fused into one stack), an injection that installs the stack's forward hooks when ComfyUI
+loads the model (and removes them when it unloads), and two keyed wrappers:
+  CALC_COND_BATCH  computes each conditioning's gates once (by its uuid) from its embedding and,
+                   when an SPM Text Encode made it, its token ids;
+  APPLY_MODEL      assembles the per-row gate matrix for the batched call (chunk order from
+                   transformer_options["uuids"], cond/uncond from ["cond_or_uncond"]) and runs the
+                   model inside the stack's gate context.
+OUTER_SAMPLE sends the gates that were used to the frontend when sampling ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import comfy.lora
+import torch
+from comfy.patcher_extension import PatcherInjection, WrappersMP
+
+from ..spm_core.errors import SPMError, SPMModelMismatch
+from ..spm_core.file_format import is_membrane_layer
+from ..spm_core.membrane import GateLaw, Membrane
+from ..spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active, module_shape
+from ..spm_core.transport import Transport
+from .encode import TOKENS_KEY
+
+KEY = "spm_membranes"
+POSITIVE_ONLY, POSITIVE_AND_NEGATIVE = "positive only", "positive and negative"
+GATE_CACHE_SIZE = 512
+UNCOND = 1  # ComfyUI's cond_or_uncond value for negative/unconditional chunks
+
+
+@dataclass(frozen=True)
+class MembraneEntry:
+    """One Load SPM node's contribution: a membrane and how it is gated."""
+
+    membrane: Membrane
+    strength: float
+    transport: Transport
+    rows: str = POSITIVE_ONLY
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    node_id: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.membrane.name} ({', '.join(self.membrane.concept_labels) or 'no concepts'})"
+
+
+def membrane_layers_of(model) -> tuple[dict[str, str], dict[str, tuple[int, int, bool]]]:
+    """ComfyUI's own LoRA key map restricted to SPM layers, and those layers' shapes."""
+    key_map = {name: key[: -len(".weight")] for name, key in comfy.lora.model_lora_keys_unet(model.model, {}).items()
+               if is_membrane_layer(name)}
+    if not key_map:
+        raise SPMModelMismatch(f"{type(model.model).__name__} has no UNet transformer blocks; SPM membranes apply to "
+                               "Stable Diffusion 1.x / 2.x / XL UNets")
+    shapes = {key: module_shape(model.model.get_submodule(key)) for key in set(key_map.values())}
+    return key_map, shapes
+
+
+class MembraneState:
+    """Everything one MODEL clone needs to apply its membranes. Immutable once built: chaining
+    another membrane builds a new state for a new clone."""
+
+    def __init__(self, entries: tuple[MembraneEntry, ...], model, gate_law: GateLaw = GateLaw.LINEAR) -> None:
+        self.entries = entries
+        key_map, shapes = membrane_layers_of(model)
+        self.stack = MembraneStack([MembraneUse(e.membrane, e.strength) for e in entries], key_map, shapes, gate_law)
+        self.hooks = InstalledHooks(self.stack)
+        self._gates: OrderedDict[object, torch.Tensor] = OrderedDict()
+        self.last_gates: dict[str, list[float]] = {}
+
+    def on_model_patcher_clone(self) -> MembraneState:
+        return self  # clones of this MODEL (made by samplers or other packs) share its membranes
+
+    # --- injection: forward hooks live exactly while ComfyUI has the model loaded
+    def inject(self, patcher) -> None:
+        self.hooks.install(self._modules(patcher.model))
+
+    def eject(self, patcher) -> None:
+        self.hooks.remove()
+
+    def _modules(self, base_model) -> dict[str, torch.nn.Module]:
+        return {key: base_model.get_submodule(key) for key in self.stack.layers}
+
+    # --- gates
+    def gates_for(self, embedding: torch.Tensor, token_ids: frozenset[int] | None) -> torch.Tensor:
+        """(membranes,) gates for one conditioning: embedding (1, N, D)."""
+        tokens = None if token_ids is None else [token_ids]
+        return torch.cat([entry.transport.gates(embedding, tokens)[0] for entry in self.entries])
+
+    def remember_cond(self, cond: dict) -> None:
+        uuid = cond.get("uuid")
+        if uuid is None or uuid in self._gates:
+            return
+        crossattn = cond.get("model_conds", {}).get("c_crossattn")
+        embedding = getattr(crossattn, "cond", None)
+        if embedding is None:
+            return
+        self._gates[uuid] = self.gates_for(embedding[:1], cond.get(TOKENS_KEY))
+        while len(self._gates) > GATE_CACHE_SIZE:
+            self._gates.popitem(last=False)
+
+    def row_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
+        """(rows, membranes) gates for one batched model call."""
+        rows = context.shape[0]
+        uuids = transformer_options.get("uuids") or [None]
+        kinds = transformer_options.get("cond_or_uncond") or [0] * len(uuids)
+        per_chunk = rows // len(uuids)
+        in_range = self._in_sampling_range(sigma, model_sampling)
+        gates = []
+        for chunk, (uuid, kind) in enumerate(zip(uuids, kinds)):
+            gate = self._gates.get(uuid)
+            if gate is None:  # a path that skipped calc_cond_batch: gate from the embedding alone
+                gate = self.gates_for(context[chunk * per_chunk: chunk * per_chunk + 1], None)
+            gate = gate * in_range
+            if kind == UNCOND:
+                gate = gate * torch.tensor([e.rows == POSITIVE_AND_NEGATIVE for e in self.entries], dtype=gate.dtype)
+            self.last_gates["negative" if kind == UNCOND else "positive"] = gate.tolist()
+            gates.append(gate.expand(per_chunk, -1))
+        return torch.cat(gates)
+
+    def _in_sampling_range(self, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
+        current = float(sigma.reshape(-1)[0])
+        mask = []
+        for entry in self.entries:
+            high = model_sampling.percent_to_sigma(entry.start_percent)
+            low = model_sampling.percent_to_sigma(entry.end_percent)
+            mask.append(low <= current <= high)
+        return torch.tensor(mask, dtype=torch.float32)
+
+
+def _calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
+    state = _state_of(model)
+    if state is not None:
+        for cond_list in conds:
+            for cond in cond_list or []:
+                state.remember_cond(cond)
+    return executor(model, conds, x_in, timestep, model_options)
+
+
+def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+    base_model = executor.class_obj
+    state = _state_of(base_model)
+    if state is None or c_crossattn is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if not state.hooks.installed:  # the clone inherited an "already injected" flag: install now
+        state.hooks.install(state._modules(base_model))
+    gates = state.row_gates(c_crossattn, transformer_options or {}, t, base_model.model_sampling)
+    with gates_active(state.stack, gates):
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def _outer_sample_wrapper(executor, *args, **kwargs):
+    result = executor(*args, **kwargs)
+    guider = executor.class_obj
+    state = guider.model_patcher.get_attachment(KEY) if hasattr(guider, "model_patcher") else None
+    if state is not None:
+        _send_gates_to_frontend(state)
+    return result
+
+
+def _state_of(base_model) -> MembraneState | None:
+    patcher = getattr(base_model, "current_patcher", None)
+    return patcher.get_attachment(KEY) if patcher is not None else None
+
+
+def gate_report(state: MembraneState) -> list[dict]:
+    """What the frontend shows: each membrane's gates in the last sampled step."""
+    report = []
+    for index, entry in enumerate(state.entries):
+        row = {"membrane": entry.membrane.name, "concepts": entry.membrane.concept_labels, "node": entry.node_id}
+        for kind, gates in state.last_gates.items():
+            row[kind] = round(gates[index], 4)
+        report.append(row)
+    return report
+
+
+def _send_gates_to_frontend(state: MembraneState) -> None:
+    try:
+        from server import PromptServer
+    except ImportError:  # running without the server (scripts, in-process tests)
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_sync("spm.gates", {"membranes": gate_report(state)}, server.client_id)
+
+
+def with_membrane(model, entry: MembraneEntry):
+    """A clone of `model` with `entry` added to its membranes. `model` itself is never changed;
+    everything that can fail is checked before the clone is made."""
+    if not math.isfinite(entry.strength):
+        raise SPMError(f"strength is {entry.strength}; give a finite number (1.0 = as trained, 0 = off)")
+    if not 0.0 <= entry.start_percent <= entry.end_percent <= 1.0:
+        raise SPMError(f"sampling range {entry.start_percent}..{entry.end_percent} is invalid; need 0 <= start <= end <= 1")
+    previous = model.get_attachment(KEY)
+    state = MembraneState((previous.entries if previous else ()) + (entry,), model)
+    patched = model.clone()
+    patched.set_attachments(KEY, state)
+    patched.set_injections(KEY, [PatcherInjection(inject=state.inject, eject=state.eject)])
+    for wrapper_type, wrapper in ((WrappersMP.CALC_COND_BATCH, _calc_cond_batch_wrapper),
+                                  (WrappersMP.APPLY_MODEL, _apply_model_wrapper),
+                                  (WrappersMP.OUTER_SAMPLE, _outer_sample_wrapper)):
+        patched.remove_wrappers_with_key(wrapper_type, KEY)
+        patched.add_wrapper_with_key(wrapper_type, KEY, wrapper)
+    return patched
+
+
+def without_membranes(model):
+    """A clone with no membrane machinery (for static merges)."""
+    patched = model.clone()
+    patched.remove_attachments(KEY)
+    patched.remove_injections(KEY)
+    for wrapper_type in (WrappersMP.CALC_COND_BATCH, WrappersMP.APPLY_MODEL, WrappersMP.OUTER_SAMPLE):
+        patched.remove_wrappers_with_key(wrapper_type, KEY)
+    return patched
+
+
+def state_of(model) -> MembraneState:
+    state = model.get_attachment(KEY)
+    if state is None:
+        raise SPMError("this MODEL carries no membranes: connect it through a Load SPM node first")
+    return state
+

@@ -1,0 +1,262 @@
+"""The nodes in-process on real ComfyUI sampling: per-row gates in a CFG batch, isolation of
+branches without membranes, chaining, inspector and export, and hundreds of runs without leaks."""
+
+import gc
+import os
+import resource
+
+import pytest
+import torch
+from membrane_helpers import key_map_of, modules_of, random_membrane
+from pack import load_pack, pack_module
+from tiny_models import build_clip, build_patcher
+
+from spm_core.concepts import Concept
+from spm_core.file_format import save_membrane
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import folder_paths
+
+    load_pack()
+    folder = tmp_path_factory.mktemp("spm_models")
+    folder_paths.add_model_folder_path("spm", str(folder), is_default=True)
+    patcher, clip = build_patcher("sd1", seed=7), build_clip("sd1", seed=8)
+    key_map = key_map_of(patcher)
+    modules = modules_of(patcher, key_map)
+    for seed, target in ((1, "snoopy"), (2, "mickey mouse"), (3, "van gogh")):
+        membrane = random_membrane(key_map, modules, seed=seed, target=target, std=0.15)
+        membrane.concepts = (Concept(target),)
+        save_membrane(str(folder / f"{target.replace(' ', '_')}.safetensors"), membrane)
+    return patcher, clip, folder
+
+
+def node(name, unique_id="1"):
+    from comfy_api.latest import io
+
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS[name].PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
+
+
+def load_spm(model, clip, membrane, transport="calibrated", rows="positive only", strength=1.0, start=0.0, end=1.0, uid="1"):
+    return node("SPMLoader", uid).execute(model, clip, membrane, strength, transport, rows, start, end).result[0]
+
+
+def encode(clip, text):
+    return node("SPMTextEncode").execute(clip, text).result[0]
+
+
+def sample(model, positive, negative, seed=3, steps=3, batch=1):
+    import nodes
+
+    (latent,) = nodes.EmptyLatentImage().generate(64, 64, batch)
+    (out,) = nodes.KSampler().sample(model, seed, steps, 6.0, "euler", "normal", positive, negative, latent)
+    return out["samples"]
+
+
+class CallSpy:
+    """A DIFFUSION_MODEL wrapper (under its own key) that records, per model call, the gate matrix the
+    membrane stack sees, the chunk kinds, the output, and the same call's output with gates closed."""
+
+    def __init__(self, stack):
+        self.stack, self.calls = stack, []
+
+    def __call__(self, executor, *args, **kwargs):
+        from spm_core_probe import active_gates
+
+        gates = active_gates(self.stack)
+        out = executor(*args, **kwargs)
+        with self.closed():
+            bare = executor(*args, **kwargs)
+        options = kwargs.get("transformer_options") or args[5]
+        self.calls.append({"gates": None if gates is None else gates.clone(), "kinds": list(options["cond_or_uncond"]),
+                           "out": out.clone(), "bare": bare.clone()})
+        return out
+
+    def closed(self):
+        stack_module = pack_module("spm_core.stack")
+        return stack_module.gates_active(self.stack, torch.zeros(1, self.stack.membrane_count))
+
+
+@pytest.fixture(scope="module")
+def probe_module(tmp_path_factory):
+    """`active_gates(stack)` reading the pack's own gate context (the pack's spm_core is a separate
+    module object from the top-level one the core tests import)."""
+    import sys
+    import types
+
+    stack_module = pack_module("spm_core.stack")
+    probe = types.ModuleType("spm_core_probe")
+    probe.active_gates = lambda stack: stack_module._context.active.get(id(stack))
+    sys.modules["spm_core_probe"] = probe
+    return probe
+
+
+def test_cfg_batch_rows_are_gated_by_their_own_prompt(world, probe_module):
+    from comfy.patcher_extension import WrappersMP
+
+    import nodes
+
+    patcher, clip, _ = world
+    model = load_spm(patcher, clip, "snoopy.safetensors", transport="calibrated")
+    state = model.get_attachment(pack_module("nodes.runtime").KEY)
+    spy = CallSpy(state.stack)
+    model = model.clone()
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "test_spy", spy)
+    related, unrelated = encode(clip, "snoopy"), encode(clip, "a bowl of fruit on a table")
+    (positive,) = nodes.ConditioningCombine().combine(related, unrelated)
+    negative = encode(clip, "")
+    sample(model, positive, negative, batch=1)
+
+    assert spy.calls, "the sampler never called the model"
+    for call in spy.calls:
+        gates, kinds = call["gates"], call["kinds"]
+        assert sorted(kinds) == [0, 0, 1], "2 prompts x cond + 1 uncond chunk in one batch"
+        per_chunk = gates.shape[0] // len(kinds)
+        chunk_gates = [gates[i * per_chunk, 0].item() for i in range(len(kinds))]
+        # the related prompt is token-identical to the concept -> 1; the unrelated one -> 0;
+        # the negative rows are closed ("positive only")
+        assert sorted(chunk_gates) == [0.0, 0.0, 1.0]
+        for chunk, gate in enumerate(chunk_gates):
+            rows = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
+            if gate == 0.0:
+                assert torch.equal(call["out"][rows], call["bare"][rows]), "a closed row must equal the bare model exactly"
+            else:
+                assert not torch.equal(call["out"][rows], call["bare"][rows])
+
+
+def test_branch_without_membranes_is_bit_identical_to_pack_absent(world):
+    patcher, clip, _ = world
+    positive, negative = encode(clip, "snoopy"), encode(clip, "")
+    reference = sample(patcher, positive, negative)  # the pack loaded, no membrane anywhere yet
+    with_membrane = load_spm(patcher, clip, "snoopy.safetensors", transport="always_open")
+    erased = sample(with_membrane, positive, negative)
+    after = sample(patcher, positive, negative)
+    erased_again = sample(with_membrane, positive, negative)
+    assert not torch.equal(erased, reference)
+    assert torch.equal(after, reference)
+    assert torch.equal(erased_again, erased)
+
+
+def test_upstream_model_is_never_changed_and_chains_fuse(world):
+    patcher, clip, _ = world
+    runtime = pack_module("nodes.runtime")
+    before = (dict(patcher.attachments), {k: dict(v) for k, v in patcher.wrappers.items()}, dict(patcher.injections))
+    one = load_spm(patcher, clip, "snoopy.safetensors")
+    two = load_spm(one, clip, "mickey_mouse.safetensors")
+    three = load_spm(two, clip, "van_gogh.safetensors")
+    assert (dict(patcher.attachments), {k: dict(v) for k, v in patcher.wrappers.items()}, dict(patcher.injections)) == before
+    assert len(one.get_attachment(runtime.KEY).entries) == 1
+    state = three.get_attachment(runtime.KEY)
+    assert [e.membrane.name for e in state.entries] == ["snoopy", "mickey_mouse", "van_gogh"]
+    assert all(layer.down.shape[0] == 3 for layer in state.stack.layers.values()), "one fused stack of rank 3 per layer"
+    assert len(three.wrappers["apply_model"][runtime.KEY]) == 1, "chaining must not stack wrappers"
+
+
+def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(world):
+    patcher, clip, folder = world
+    errors = pack_module("spm_core.errors")
+    good = (folder / "snoopy.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    (folder / "nudity.pt").write_bytes(b"not even a pickle")
+    wide = build_patcher("sd2", seed=1, context=48)  # another architecture: 48-wide cross-attention
+    wide_map = key_map_of(wide)
+    save_membrane(str(folder / "other_arch.safetensors"), random_membrane(wide_map, modules_of(wide, wide_map), seed=4))
+    before = (dict(patcher.attachments), {k: dict(v) for k, v in patcher.wrappers.items()}, dict(patcher.injections))
+    cases = [
+        (dict(membrane="truncated.safetensors"), errors.SPMFileError, "truncated"),
+        (dict(membrane="nudity.pt"), errors.SPMFileError, "pickled"),
+        (dict(membrane="other_arch.safetensors"), errors.SPMModelMismatch, "does not fit"),
+        (dict(membrane="snoopy.safetensors", strength=float("nan")), errors.SPMError, "strength is nan"),
+        (dict(membrane="snoopy.safetensors", start=0.8, end=0.2), errors.SPMError, "sampling range"),
+        (dict(membrane="snoopy.safetensors", transport="fuzzy"), errors.SPMError, "unknown transport mode"),
+    ]
+    for kwargs, error_type, phrase in cases:
+        with pytest.raises(error_type) as caught:
+            load_spm(patcher, clip, **kwargs)
+        assert phrase in str(caught.value), str(caught.value)
+        if "safetensors" in kwargs["membrane"] and error_type is not errors.SPMError:
+            assert kwargs["membrane"] in str(caught.value)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_spm(patcher, clip, "missing.safetensors")
+    assert (dict(patcher.attachments), {k: dict(v) for k, v in patcher.wrappers.items()}, dict(patcher.injections)) == before
+
+
+def test_inspector_reports_gates_per_membrane_and_prompt(world):
+    patcher, clip, _ = world
+    model = load_spm(load_spm(patcher, clip, "snoopy.safetensors"), clip, "van_gogh.safetensors", transport="always_open")
+    result = node("SPMTransportInspector").execute(model, encode(clip, "snoopy"), encode(clip, "a bowl of fruit on a table"))
+    text, image = result.result
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["membrane", "transport"]
+    snoopy_row = next(line for line in lines if line.startswith("snoopy"))
+    van_gogh_row = next(line for line in lines if line.startswith("van_gogh"))
+    assert snoopy_row.split()[-2:] == ["1.000", "0.000"]
+    assert van_gogh_row.split()[-2:] == ["1.000", "1.000"]
+    assert image.ndim == 4 and image.shape[-1] == 3 and image.min() < 0.5 < image.max()
+
+
+def test_merge_into_model_equals_always_open_membranes(world):
+    patcher, clip, _ = world
+    positive, negative = encode(clip, "a bowl of fruit on a table"), encode(clip, "")
+    gated = load_spm(load_spm(patcher, clip, "snoopy.safetensors", transport="always_open", strength=0.8),
+                     clip, "mickey_mouse.safetensors", transport="always_open", rows="positive and negative")
+    open_rows = sample(gated, positive, negative)
+    positive_only = load_spm(patcher, clip, "snoopy.safetensors", transport="always_open", strength=0.8)
+    merged = node("SPMMergeIntoModel").execute(gated).result[0]
+    assert merged.get_attachment(pack_module("nodes.runtime").KEY) is None
+    static = sample(merged, positive, negative)
+    assert not torch.equal(static, sample(patcher, positive, negative))
+    assert not torch.equal(sample(positive_only, positive, negative), static)
+    # snoopy is positive-only in the gated model but merged everywhere: compare a model that
+    # opens both membranes on all rows
+    everywhere = load_spm(load_spm(patcher, clip, "snoopy.safetensors", transport="always_open", strength=0.8,
+                                   rows="positive and negative"),
+                          clip, "mickey_mouse.safetensors", transport="always_open", rows="positive and negative")
+    assert (sample(everywhere, positive, negative) - static).abs().max() <= 1e-3
+    assert not torch.equal(open_rows, static)
+
+
+def test_save_as_lora_is_read_by_the_stock_loader(world, caplog):
+    import comfy.lora
+    import comfy.utils
+    import folder_paths
+
+    patcher, clip, folder = world
+    folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
+    model = load_spm(load_spm(patcher, clip, "snoopy.safetensors"), clip, "van_gogh.safetensors", strength=0.5)
+    path = node("SPMSaveAsLoRA").execute(model, "baked_pair").result[0]
+    assert os.path.dirname(path) == str(folder)
+    lora = comfy.utils.load_torch_file(path, safe_load=True)
+    with caplog.at_level("WARNING"):
+        patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(patcher.model, {}))
+    assert "not loaded" not in caplog.text
+    assert len(patches) == len(model.get_attachment(pack_module("nodes.runtime").KEY).stack.layers)
+
+
+def test_two_hundred_runs_leave_no_hooks_and_no_memory_growth(world):
+    import comfy.model_management as mm
+
+    patcher, clip, _ = world
+    model = load_spm(load_spm(patcher, clip, "snoopy.safetensors"), clip, "mickey_mouse.safetensors")
+    positive, negative = encode(clip, "snoopy"), encode(clip, "")
+    modules = list(patcher.model.diffusion_model.modules())
+
+    def hook_count():
+        return sum(len(m._forward_hooks) for m in modules)
+
+    for run in range(200):
+        if run == 20:
+            gc.collect()
+            rss_after_warmup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            hooks_after_warmup = hook_count()
+        sample(model, positive, negative, seed=run, steps=1)
+    gc.collect()
+    rss_growth_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_after_warmup
+    print(f"200 runs: hooks {hooks_after_warmup} -> {hook_count()}, peak RSS growth after warm-up {rss_growth_kib} KiB")
+    assert hook_count() == hooks_after_warmup <= len(model.get_attachment(pack_module("nodes.runtime").KEY).stack.layers)
+    assert rss_growth_kib < 50 * 1024
+    mm.unload_all_models()
+    assert hook_count() == 0, "unloading the model must remove every membrane hook"
