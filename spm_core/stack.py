@@ -63,6 +63,16 @@ class MembraneStack:
         """Effective per-row gates: the gate law applied, times each membrane's strength."""
         return self.gate_law.apply(gates.to(torch.float32)) * self.strengths
 
+    def folded_weights(self, weights: Mapping[str, torch.Tensor], gates: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The static-gate fast path: for gates (membranes,) that hold for every row and every
+        step, each adapted layer's weight with the membranes folded in, `W + U diag(g) D`, keyed
+        like `layers`, so the model can run without hooks. The base `weights` are not modified;
+        the price is one new copy of every adapted weight (SD1.5: ~267M values, ~1 GB fp32)."""
+        if gates.shape != (self.membrane_count,):
+            raise ValueError(f"gates must be ({self.membrane_count},), got {tuple(gates.shape)}")
+        effective = self.row_gates(gates.unsqueeze(0))[0]
+        return {key: layer.folded_weight(weights[key], effective) for key, layer in self.layers.items()}
+
 
 def bind_membrane(membrane: Membrane, key_map: Mapping[str, str],
                   module_shapes: Mapping[str, tuple[int, int, bool]]) -> dict[str, LayerWeights]:
@@ -91,9 +101,30 @@ def bind_membrane(membrane: Membrane, key_map: Mapping[str, str],
     return bound
 
 
+class _CallGates:
+    """The effective gates of one model call. Hooks see the same row count, device and dtype
+    over and over, so the row expansion, the device copy and the search for open rows happen
+    once per call instead of once per layer."""
+
+    def __init__(self, row_gates: torch.Tensor) -> None:
+        self.row_gates = row_gates
+        self._prepared: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, slice]] = {}
+
+    def prepared(self, rows: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, slice]:
+        """(rows x membranes gates on `device` in `dtype`, the smallest row range outside of which
+        every gate is zero)."""
+        key = (rows, device, dtype)
+        if key not in self._prepared:
+            gates = _expand_rows(self.row_gates, rows)
+            open_rows = gates.any(dim=1).nonzero().flatten().tolist()
+            # a closed CFG chunk (e.g. uncond rows at gate 0) is skipped when it lies at either end
+            self._prepared[key] = (gates.to(device=device, dtype=dtype), slice(open_rows[0], open_rows[-1] + 1))
+        return self._prepared[key]
+
+
 class _GateContext(threading.local):
     def __init__(self) -> None:
-        self.active: dict[int, torch.Tensor] = {}
+        self.active: dict[int, _CallGates] = {}
 
 
 _context = _GateContext()
@@ -108,7 +139,7 @@ def gates_active(stack: MembraneStack, gates: torch.Tensor) -> Iterator[None]:
     previous = _context.active.get(key)
     row_gates = stack.row_gates(gates)
     if bool(row_gates.any()):
-        _context.active[key] = row_gates
+        _context.active[key] = _CallGates(row_gates)
     else:
         _context.active.pop(key, None)  # all gates closed: hooks exit at once
     try:
@@ -159,10 +190,11 @@ class InstalledHooks:
         stack_key = id(self.stack)
 
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            row_gates = _context.active.get(stack_key)
-            if row_gates is None:
+            call = _context.active.get(stack_key)
+            if call is None:
                 return None
             x = inputs[0]
-            return layer.add_to(output, x, _expand_rows(row_gates, x.shape[0]))
+            gates, open_rows = call.prepared(x.shape[0], x.device, x.dtype)
+            return layer.add_to(output, x, gates, open_rows)
 
         return hook

@@ -1,0 +1,323 @@
+"""Membrane cost on a full-size SD1.5 UNet built from ComfyUI's classes (DESIGN.md §6).
+
+Prints one table: the fused stack at 1/5/20/50 membranes, one branch per membrane (the naive
+baseline), an all-zero gate batch, the static-gate fold, and the Facilitated Transport gate
+computation, each beside its DESIGN.md §6 target.
+
+Two measures per case:
+  hook ratio  1 + (time inside the membrane hooks during a forward) / (bare forward). The hook
+              bodies are timed with perf_counter; robust to machine load, which scales both.
+  wall A/B    forwards of the bare model and of every case interleaved round by round (the case
+              order rotates each round); the ratio of each run to the same round's bare run,
+              median over rounds. Noisy on a shared machine.
+
+    python scripts/benchmark.py            # 64x64 latent, 5 rounds: ~8 min on 2 idle cores
+    python scripts/benchmark.py --quick    # 32x32 latent, 3 rounds: ~1.5 min
+
+COMFYUI_ROOT selects the host tree (default ~/.cache/spm-comfy-host/ComfyUI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFYUI_ROOT = os.path.abspath(os.environ.get(
+    "COMFYUI_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")))
+for path in (COMFYUI_ROOT, REPO, os.path.join(REPO, "tests")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True  # before comfy.model_management is imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from membrane_helpers import key_map_of, modules_of, random_membrane, shapes_of  # noqa: E402
+
+from spm_core.membrane import FusedLayer, Membrane  # noqa: E402
+from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active  # noqa: E402
+from spm_core.transport import ConceptEmbedding, Transport, TransportMode  # noqa: E402
+
+# The real SD1.5 UNet (ComfyUI builds output blocks from the end of transformer_depth_output).
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "context_dim": 768, "use_linear_in_transformer": False, "adm_in_channels": None, "use_spatial_transformer": True,
+    "legacy": False, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+COUNTS = (1, 5, 20, 50)
+FUSED_TARGET = {1: "<= 1.01x", 5: "<= 1.015x", 20: "<= 1.025x (wall <= 1.05x)", 50: "<= 1.045x"}
+NAIVE_REFERENCE = {20: "probe: 1.5-1.7x", 50: "probe: 2.3-3.1x"}
+FOLD_COUNT = 20
+
+
+@dataclass
+class Case:
+    """One way to run the model; `arm` is a context manager that applies it around a forward."""
+
+    label: str
+    short: str
+    target: str
+    arm: Callable[[], contextlib.AbstractContextManager]
+    rounds: int
+    hook_seconds: list[float] = field(default_factory=list)
+    walls: dict[int, float] = field(default_factory=dict)
+    output: torch.Tensor | None = None
+
+
+class HookClock:
+    """Accumulates the time spent inside membrane hook bodies."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, hook: Callable) -> Callable:
+        def wrapper(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            start = time.perf_counter()
+            try:
+                return hook(module, inputs, output)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return wrapper
+
+
+class TimedHooks(InstalledHooks):
+    """The library's hooks with each body timed (the timing stays out of the library)."""
+
+    def __init__(self, stack: MembraneStack, clock: HookClock) -> None:
+        super().__init__(stack)
+        self.clock = clock
+
+    def _hook_for(self, layer: FusedLayer) -> Callable:
+        return self.clock.timed(super()._hook_for(layer))
+
+
+def build_unet(seed: int) -> torch.nn.Module:
+    """A ComfyUI SD1.5 BaseModel with N(0, 1/fan_in) weights, so activations stay O(1) through
+    the whole depth (garbage or exploding values could change the kernels' speed)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model = comfy.supported_models.SD15(dict(SD15_UNET)).get_model({})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.diffusion_model.modules():
+            is_norm = isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+            for name, param in module.named_parameters(recurse=False):
+                if is_norm:
+                    param.fill_(1.0 if name == "weight" else 0.0)
+                elif name == "bias":
+                    param.normal_(0.0, 0.01, generator=generator)
+                else:
+                    param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def naive_hooks(membranes: list[Membrane], key_map: dict[str, str], modules: dict[str, torch.nn.Module],
+                gates: torch.Tensor, clock: HookClock) -> list:
+    """The baseline the fused stack replaces: one hook per membrane per layer, each adding
+    `g · s · up(down(x))` out of place, as a LoRA module per membrane does."""
+    handles = []
+    for index, membrane in enumerate(membranes):
+        for name, layer in membrane.layers.items():
+            gate = gates[:, index] * layer.scale
+
+            def hook(module, inputs, output, layer=layer, gate=gate):
+                x = inputs[0]
+                if layer.conv:
+                    branch = F.conv2d(F.conv2d(x, layer.down[:, :, None, None]), layer.up[:, :, None, None])
+                    return output + gate.view(-1, 1, 1, 1) * branch
+                return output + gate.view(-1, *([1] * (x.ndim - 1))) * F.linear(F.linear(x, layer.down), layer.up)
+
+            handles.append(modules[key_map[name]].register_forward_hook(clock.timed(hook)))
+    return handles
+
+
+@contextlib.contextmanager
+def fused(stack: MembraneStack, modules: dict[str, torch.nn.Module], gates: torch.Tensor, clock: HookClock) -> Iterator[None]:
+    hooks = TimedHooks(stack, clock)
+    hooks.install(modules)
+    try:
+        with gates_active(stack, gates):
+            yield
+    finally:
+        hooks.remove()
+
+
+@contextlib.contextmanager
+def naive(membranes: list[Membrane], key_map: dict[str, str], modules: dict[str, torch.nn.Module],
+          gates: torch.Tensor, clock: HookClock) -> Iterator[None]:
+    handles = naive_hooks(membranes, key_map, modules, gates, clock)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def folded(modules: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Swap the folded weights in (no hooks), and the untouched originals back afterwards."""
+    originals = {key: modules[key].weight for key in weights}
+    for key, weight in weights.items():
+        modules[key].weight = torch.nn.Parameter(weight, requires_grad=False)
+    try:
+        yield
+    finally:
+        for key, weight in originals.items():
+            modules[key].weight = weight
+
+
+def time_transport(membranes: int, seed: int) -> tuple[float, float]:
+    """Microseconds per Transport.gates call in paper mode: median of 7 batches of 50 calls,
+    on 2 rows of (77, 768) conditioning with token ids, against `membranes` x 1 concept."""
+    generator = torch.Generator().manual_seed(seed)
+    concepts = [[ConceptEmbedding(torch.randn(77, 768, generator=generator), frozenset({1000 + m, 2000 + m}))]
+                for m in range(membranes)]
+    transport = Transport(concepts, TransportMode.PAPER)
+    rows = torch.randn(2, 77, 768, generator=generator)
+    row_tokens = [frozenset({1000, 5, 6, 7}), frozenset()]
+    transport.gates(rows, row_tokens)
+    batches = []
+    for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(50):
+            transport.gates(rows, row_tokens)
+        batches.append((time.perf_counter() - start) / 50 * 1e6)
+    return statistics.median(batches), min(batches)
+
+
+def run_rounds(cases: list[Case], bare: Case, forward: Callable[[], torch.Tensor], clocks: dict[str, HookClock],
+               rounds: int) -> None:
+    for round_index in range(rounds):
+        due = [case for case in [bare, *cases] if round_index < case.rounds]
+        shift = round_index % len(due)
+        for case in due[shift:] + due[:shift]:  # rotate so no case always runs first or last
+            clock = clocks.get(case.label)
+            before = clock.seconds if clock else 0.0
+            with case.arm():
+                start = time.perf_counter()
+                out = forward()
+                case.walls[round_index] = time.perf_counter() - start
+            if clock:
+                case.hook_seconds.append(clock.seconds - before)
+            if case.output is None:
+                case.output = out
+        bare_wall = bare.walls[round_index]
+        print(f"  round {round_index + 1}/{rounds}: bare {bare_wall:.2f} s; wall ratios "
+              + " ".join(f"{c.short} {c.walls[round_index] / bare_wall:.3f}" for c in cases if round_index in c.walls),
+              flush=True)
+
+
+def wall_ratio(case: Case, bare: Case) -> float:
+    return statistics.median(case.walls[r] / bare.walls[r] for r in case.walls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="32x32 latent and 3 rounds (about 1.5 min)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds for bare and fused (default 5, quick 3)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    options = parser.parse_args()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    rounds = options.rounds or (3 if options.quick else 5)
+    side = 32 if options.quick else 64
+    torch.set_grad_enabled(False)  # as ComfyUI samples
+
+    started = time.perf_counter()
+    patcher = build_unet(seed=0)
+    key_map = key_map_of(patcher)
+    modules = modules_of(patcher, key_map)
+    shapes = shapes_of(modules)
+    membranes = [random_membrane(key_map, modules, seed=100 + i, target=f"concept{i}", std=0.05) for i in range(max(COUNTS))]
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, side, side, generator=generator)
+    timestep = torch.full((2,), 500.0)
+    context = torch.randn(2, 77, 768, generator=generator)
+    # per-row gates that differ between the two rows (a CFG pair), all open
+    gates = torch.rand(2, max(COUNTS), generator=generator) * 0.7 + 0.3
+    unet = patcher.model.diffusion_model
+
+    def forward() -> torch.Tensor:
+        return unet(x, timestep, context=context)
+
+    print(f"SPM membrane benchmark: full-size SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M "
+          f"parameters, ComfyUI classes), fp32 CPU, {torch.get_num_threads()} threads, latent {side}x{side}, batch 2, "
+          f"context (2, 77, 768), {len(key_map)} membrane layers, rank 1; set-up {time.perf_counter() - started:.0f} s",
+          flush=True)
+
+    clocks: dict[str, HookClock] = {}
+    stacks = {n: MembraneStack([MembraneUse(m) for m in membranes[:n]], key_map, shapes) for n in COUNTS}
+
+    def hooked_case(label: str, short: str, target: str, rounds_for: int,
+                    make: Callable[[HookClock], contextlib.AbstractContextManager]) -> Case:
+        clock = clocks.setdefault(label, HookClock())
+        return Case(label, short, target, lambda: make(clock), rounds_for)
+
+    cases = [hooked_case(f"fused, {n} membranes", f"fused{n}", FUSED_TARGET[n], rounds,
+                         lambda clock, n=n: fused(stacks[n], modules, gates[:, :n], clock)) for n in COUNTS]
+    cases.append(hooked_case(f"all-zero gates, {max(COUNTS)} membranes", "zero", "~1.00x (early exit)", max(1, rounds // 2),
+                             lambda clock: fused(stacks[max(COUNTS)], modules, torch.zeros(2, max(COUNTS)), clock)))
+
+    static_gates = gates[0, :FOLD_COUNT]
+    base_weights = {key: modules[key].weight for key in stacks[FOLD_COUNT].layers}
+    base_sums = {key: weight.double().sum() for key, weight in base_weights.items()}
+    fold_seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        folded_weights = stacks[FOLD_COUNT].folded_weights(base_weights, static_gates)
+        fold_seconds.append(time.perf_counter() - start)
+    fold_bytes = sum(w.numel() * w.element_size() for w in folded_weights.values())
+    cases.append(Case(f"static fold, {FOLD_COUNT} membranes", "fold", "~1.00x", lambda: folded(modules, folded_weights),
+                      max(1, rounds // 2)))
+    cases += [hooked_case(f"naive, {n} membranes", f"naive{n}", NAIVE_REFERENCE[n], 1,
+                          lambda clock, n=n: naive(membranes[:n], key_map, modules, gates[:, :n], clock)) for n in (20, 50)]
+    bare = Case("bare", "bare", "", contextlib.nullcontext, rounds)
+
+    forward()  # warm-up: first-touch allocations, kernel selection
+    run_rounds(cases, bare, forward, clocks, rounds)
+
+    bare_median = statistics.median(bare.walls.values())
+    print()
+    print(f"bare forward: median {bare_median:.2f} s over {len(bare.walls)} runs "
+          f"(min {min(bare.walls.values()):.2f}, max {max(bare.walls.values()):.2f})")
+    header = f"{'case':32s} {'hook ratio':>11s} {'hook ms/fwd':>12s} {'wall A/B':>9s} {'runs':>5s}   DESIGN §6 target"
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        if case.hook_seconds:
+            hook = statistics.median(case.hook_seconds)
+            hook_cells = f"{1 + hook / bare_median:10.4f}x {hook * 1e3:12.1f}"
+        else:
+            hook_cells = f"{'no hooks':>11s} {'-':>12s}"
+        print(f"{case.label:32s} {hook_cells} {wall_ratio(case, bare):8.3f}x {len(case.walls):5d}   {case.target}")
+    print(f"{'static fold time, 20 membranes':32s} {min(fold_seconds):9.3f} s (min of 3; copies {fold_bytes / 2**30:.2f} GiB "
+          f"of weights)   <= 0.5 s")
+    median_us, best_us = time_transport(50, seed=2)
+    print(f"{'gates: paper transport, 50 x 1':32s} {median_us:9.0f} µs per call (best {best_us:.0f}; 2 rows with token ids)"
+          f"   <= 1000 µs per model call")
+
+    by_label = {case.label: case for case in cases}
+    zero = by_label[f"all-zero gates, {max(COUNTS)} membranes"]
+    opened = by_label[f"fused, {max(COUNTS)} membranes"]
+    print(f"checks: all-zero gates bit-identical to bare: {torch.equal(zero.output, bare.output)}; "
+          f"open membranes change the output: {not torch.equal(opened.output, bare.output)}; "
+          f"base weights untouched by the fold: {all(torch.equal(w.double().sum(), base_sums[k]) for k, w in base_weights.items())}")
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Writes the UI-format workflows in workflows/ (what a user drags into ComfyUI).
+
+The JSON files are the product; this script only keeps their layout consistent. Run it after
+changing a node's inputs: python scripts/build_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(os.path.dirname(HERE), "workflows")
+
+# type -> (linked inputs [(name, type)], outputs [(name, type)])
+SOCKETS = {
+    "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "SPMLoader": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL")]),
+    "SPMTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
+    "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE")], []),
+    "PreviewImage": ([("images", "IMAGE")], []),
+    "SPMTransportInspector": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+                              [("table", "STRING"), ("image", "IMAGE")]),
+    "Note": ([], []),
+}
+
+
+class Workflow:
+    def __init__(self) -> None:
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def add(self, node_type: str, pos: tuple[int, int], widgets: list, title: str | None = None, **inputs) -> int:
+        node_id = len(self.nodes) + 1
+        sockets, outputs = SOCKETS[node_type]
+        node = {
+            "id": node_id, "type": node_type, "pos": list(pos), "size": [320, 130], "flags": {}, "order": node_id - 1,
+            "mode": 0, "inputs": [], "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                                                for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": node_type}, "widgets_values": widgets,
+        }
+        if title:
+            node["title"] = title
+        for name, socket_type in sockets:
+            source = inputs.get(name)
+            link_id = None
+            if source is not None:
+                source_id, slot = source
+                link_id = len(self.links) + 1
+                self.links.append([link_id, source_id, slot, node_id, len(node["inputs"]), socket_type])
+                self.nodes[source_id - 1]["outputs"][slot]["links"].append(link_id)
+            node["inputs"].append({"name": name, "type": socket_type, "link": link_id})
+        self.nodes.append(node)
+        return node_id
+
+    def save(self, name: str) -> None:
+        document = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                    "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+                    "version": 0.4}
+        with open(os.path.join(OUT, name), "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=1, ensure_ascii=False)
+            handle.write("\n")
+
+
+CHECKPOINT = "tiny-sd15.safetensors"
+SAMPLER = ["euler", "normal", 1.0]
+NOTE = ("Set up for the pack's tiny test checkpoint (random weights; bash scripts/demo.sh makes it). "
+        "With a real SD1.5 checkpoint use 512x512 and 20-30 steps, and pick your own membranes in Load SPM. "
+        "SPM Text Encode records token ids so the paper's token-overlap gate works; "
+        "plain CLIP Text Encode also works (cosine gate only).")
+
+
+def spm(flow, pos, model, checkpoint, membrane, transport="paper", strength=1.0):
+    """A Load SPM fed by `model` (a Load SPM or the checkpoint: MODEL is output 0 of both)."""
+    return flow.add("SPMLoader", pos, [membrane, strength, transport, "positive only", 0.0, 1.0],
+                    model=(model, 0), clip=(checkpoint, 1))
+
+
+def sampler(flow, pos, model, positive, negative, latent, seed=42, title=None):
+    return flow.add("KSampler", pos, [seed, "fixed", 6, 6.0, *SAMPLER], title=title, model=(model, 0),
+                    positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
+
+
+def base(flow, prompt):
+    checkpoint = flow.add("CheckpointLoaderSimple", (0, 0), [CHECKPOINT])
+    positive = flow.add("SPMTextEncode", (400, 300), [prompt], title="Positive (SPM Text Encode)", clip=(checkpoint, 1))
+    negative = flow.add("SPMTextEncode", (400, 500), ["blurry, low quality"], title="Negative", clip=(checkpoint, 1))
+    latent = flow.add("EmptyLatentImage", (400, 700), [256, 256, 1])
+    flow.add("Note", (0, 300), [NOTE], title="About this workflow")
+    return checkpoint, positive, negative, latent
+
+
+def erase_one_concept() -> None:
+    flow = Workflow()
+    checkpoint, positive, negative, latent = base(flow, "snoopy sitting on a red doghouse")
+    model = spm(flow, (400, 0), checkpoint, checkpoint, "snoopy.safetensors")
+    samples = sampler(flow, (800, 0), model, positive, negative, latent)
+    image = flow.add("VAEDecode", (1200, 0), [], samples=(samples, 0), vae=(checkpoint, 2))
+    flow.add("SaveImage", (1500, 0), ["spm_erase_one"], images=(image, 0))
+    flow.save("erase_one_concept.json")
+
+
+def chain_three_membranes() -> None:
+    flow = Workflow()
+    checkpoint, positive, negative, latent = base(flow, "mickey mouse and snoopy in a van gogh painting")
+    model = checkpoint
+    for index, membrane in enumerate(("snoopy.safetensors", "mickey_mouse.safetensors", "van_gogh.safetensors")):
+        model = spm(flow, (400 + 360 * index, -200), model, checkpoint, membrane)
+    samples = sampler(flow, (1500, 0), model, positive, negative, latent)
+    image = flow.add("VAEDecode", (1900, 0), [], samples=(samples, 0), vae=(checkpoint, 2))
+    flow.add("SaveImage", (2200, 0), ["spm_chain_three"], images=(image, 0))
+    flow.save("chain_three_membranes.json")
+
+
+def before_after() -> None:
+    flow = Workflow()
+    checkpoint, positive, negative, latent = base(flow, "snoopy sitting on a red doghouse")
+    model = spm(flow, (400, -200), checkpoint, checkpoint, "snoopy.safetensors")
+    before = sampler(flow, (800, 200), checkpoint, positive, negative, latent, title="Before (no membrane)")
+    after = sampler(flow, (800, -200), model, positive, negative, latent, title="After (same seed, membrane)")
+    before_image = flow.add("VAEDecode", (1200, 200), [], samples=(before, 0), vae=(checkpoint, 2))
+    after_image = flow.add("VAEDecode", (1200, -200), [], samples=(after, 0), vae=(checkpoint, 2))
+    pair = flow.add("ImageBatch", (1500, 0), [], image1=(before_image, 0), image2=(after_image, 0))
+    flow.add("SaveImage", (1800, 0), ["spm_before_after"], images=(pair, 0))
+    flow.save("before_after.json")
+
+
+def inspector() -> None:
+    flow = Workflow()
+    checkpoint, positive, negative, _ = base(flow, "snoopy sitting on a red doghouse")
+    model = spm(flow, (400, -200), checkpoint, checkpoint, "snoopy.safetensors")
+    model = spm(flow, (760, -200), model, checkpoint, "van_gogh.safetensors", transport="calibrated")
+    table = flow.add("SPMTransportInspector", (1150, 0), [], model=(model, 0), positive=(positive, 0),
+                     negative=(negative, 0))
+    flow.add("PreviewImage", (1500, 0), [], images=(table, 1))
+    flow.save("inspector.json")
+
+
+if __name__ == "__main__":
+    os.makedirs(OUT, exist_ok=True)
+    for build in (erase_one_concept, chain_three_membranes, before_after, inspector):
+        build()
+    print("workflows written to", OUT)

@@ -1,0 +1,162 @@
+"""Run a real ComfyUI server for the demo and the end-to-end tests, and drive it over HTTP:
+UI-format workflows are converted to API format with the server's own /object_info.
+
+The server gets its own base directory (models, custom_nodes, input, output, user), so the
+shared host tree is never written to; this pack is linked into its custom_nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+PACK_NAME = "comfyui_spm"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SKIPPED_NODE_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComfyServer:
+    """`with ComfyServer(comfy_root, base_dir) as server:` starts main.py --cpu and waits for it."""
+
+    def __init__(self, comfy_root: str, base_dir: str, python: str = sys.executable, startup_timeout: float = 240) -> None:
+        self.comfy_root, self.base_dir, self.python = comfy_root, os.path.abspath(base_dir), python
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.startup_timeout = startup_timeout
+        self.log_path = os.path.join(self.base_dir, "server.log")
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ComfyServer:
+        custom_nodes = os.path.join(self.base_dir, "custom_nodes")
+        os.makedirs(custom_nodes, exist_ok=True)
+        link = os.path.join(custom_nodes, PACK_NAME)
+        if not os.path.exists(link):
+            os.symlink(REPO, link)
+        self._log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", self.base_dir, "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
+            cwd=self.comfy_root, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                self.get("/object_info/KSampler", timeout=5)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.5)
+        self.__exit__()
+        raise TimeoutError(f"ComfyUI did not answer within {self.startup_timeout}s:\n{self.log_tail()}")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()
+
+    def log_tail(self, chars: int = 6000) -> str:
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()[-chars:]
+
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            body = response.read()
+            return json.loads(body) if response.headers.get_content_type() == "application/json" else body
+
+    def post(self, path: str, payload: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def object_info(self) -> dict:
+        return self.get("/object_info")
+
+    def queue(self, api_prompt: dict, client_id: str | None = None) -> tuple[int, dict]:
+        return self.post("/prompt", {"prompt": api_prompt, "client_id": client_id or str(uuid.uuid4())})
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        """The prompt's history entry once it has finished (successfully or not)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            entry = history.get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
+
+    def run(self, api_prompt: dict, timeout: float = 300) -> dict:
+        code, response = self.queue(api_prompt)
+        if code != 200:
+            raise RuntimeError(f"/prompt refused the workflow ({code}): {json.dumps(response)[:3000]}")
+        return self.wait(response["prompt_id"], timeout)
+
+
+def workflow_to_api(workflow: dict, object_info: dict) -> dict:
+    """A UI-format workflow (what the frontend saves) as the API prompt /prompt takes.
+
+    Widget values are matched to input names in the node's declared input order, skipping
+    linked inputs; an input with control_after_generate stores one extra value in the UI file.
+    """
+    links = {link[0]: link for link in workflow.get("links", [])}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in SKIPPED_NODE_TYPES or node.get("mode", 0) in (2, 4):  # muted or bypassed
+            continue
+        info = object_info.get(node["type"])
+        if info is None:
+            raise KeyError(f"node type {node['type']!r} is not known to this server (is its pack installed?)")
+        linked = {slot["name"]: links[slot["link"]] for slot in node.get("inputs", []) if slot.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        for section in ("required", "optional"):
+            for name in info.get("input_order", {}).get(section, []):
+                spec = info["input"][section][name]
+                kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+                if name in linked:
+                    link = linked[name]
+                    inputs[name] = [str(link[1]), link[2]]
+                    if _is_widget(kind) and values and section == "required" and _widget_converted(node, name):
+                        values.pop(0)
+                elif _is_widget(kind) and values:
+                    inputs[name] = values.pop(0)
+                    if options.get("control_after_generate") and values:
+                        values.pop(0)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def _is_widget(kind) -> bool:
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def _widget_converted(node: dict, name: str) -> bool:
+    """A widget turned into an input socket keeps its slot in widgets_values."""
+    return any(slot["name"] == name and "widget" in slot for slot in node.get("inputs", []))
+
+
+def load_workflow(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)

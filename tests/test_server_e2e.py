@@ -1,0 +1,122 @@
+"""End to end through a real ComfyUI server: the pack loads, every shipped workflow runs from its
+UI-format JSON, bad inputs come back as errors naming the problem, and the server keeps serving."""
+
+import asyncio
+import glob
+import json
+import math
+import os
+import uuid
+
+import pytest
+
+from scripts.comfy_server import load_workflow, workflow_to_api
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")))
+OUR_NODES = ["SPMLoader", "SPMTextEncode", "SPMTransportInspector", "SPMSaveAsLoRA", "SPMMergeIntoModel"]
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.object_info()
+
+
+def test_pack_nodes_are_served_with_tooltips(object_info):
+    for name in OUR_NODES:
+        assert name in object_info, f"{name} missing from /object_info: the pack did not load"
+        info = object_info[name]
+        for section in ("required", "optional"):
+            for input_name, spec in info["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+    membranes = object_info["SPMLoader"]["input"]["required"]["membrane"]
+    choices = membranes[1]["options"] if isinstance(membranes[0], str) else membranes[0]
+    assert {"snoopy.safetensors", "mickey_mouse.safetensors", "van_gogh.safetensors"} <= set(choices)
+    assert "nudity.pt" not in choices, "pickled files are never offered"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[os.path.basename(p) for p in WORKFLOWS])
+def test_shipped_workflow_runs(comfy_server, object_info, path):
+    prompt = workflow_to_api(load_workflow(path), object_info)
+    assert any(node["class_type"] == "SPMLoader" for node in prompt.values())
+    entry = comfy_server.run(prompt)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
+    assert images, "the workflow produced no image"
+    for image in images:
+        if image["type"] == "output":
+            assert os.path.getsize(os.path.join(comfy_server.base_dir, "output", image["subfolder"], image["filename"])) > 0
+    if os.path.basename(path) == "inspector.json":
+        table = next(output["text"][0] for output in entry["outputs"].values() if "text" in output)
+        assert "snoopy" in table and "van_gogh" in table
+
+
+def erase_prompt(object_info, **loader_inputs):
+    prompt = workflow_to_api(load_workflow(os.path.join(REPO, "workflows", "erase_one_concept.json")), object_info)
+    loader = next(node for node in prompt.values() if node["class_type"] == "SPMLoader")
+    loader["inputs"].update(loader_inputs)
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            # a fresh seed: ComfyUI would otherwise answer a repeated prompt from its cache
+            node["inputs"].update(steps=2, seed=uuid.uuid4().int % 2**32)
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=128, height=128)
+    return prompt
+
+
+@pytest.mark.parametrize("inputs, phrase", [
+    ({"membrane": "truncated.safetensors"}, "truncated.safetensors: not a readable safetensors file"),
+    ({"strength": math.nan}, "strength is nan"),
+    ({"start_percent": 0.9, "end_percent": 0.1}, "sampling range 0.9..0.1 is invalid"),
+])
+def test_bad_input_fails_in_the_node_and_the_server_keeps_serving(comfy_server, object_info, inputs, phrase):
+    entry = comfy_server.run(erase_prompt(object_info, **inputs))
+    assert entry["status"]["status_str"] == "error"
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and errors[0]["node_type"] == "SPMLoader"
+    assert phrase in errors[0]["exception_message"], errors[0]["exception_message"]
+    assert comfy_server.run(erase_prompt(object_info))["status"]["status_str"] == "success"
+
+
+@pytest.mark.parametrize("name, phrase", [
+    ("nudity.pt", "nudity.pt: pickled checkpoints are not loaded"),
+    ("does_not_exist.safetensors", "'does_not_exist.safetensors' not found in models/spm"),
+])
+def test_files_not_offered_are_refused_without_reading_them(comfy_server, object_info, name, phrase):
+    """ComfyUI 0.3.75 does not check V3 combo values against their options, so the node does."""
+    entry = comfy_server.run(erase_prompt(object_info, membrane=name))
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and phrase in errors[0]["exception_message"], errors
+    assert comfy_server.run(erase_prompt(object_info))["status"]["status_str"] == "success"
+
+
+def test_gates_are_sent_to_the_frontend(comfy_server, object_info):
+    import aiohttp
+
+    client_id = str(uuid.uuid4())
+
+    async def run():
+        messages = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{comfy_server.url}/ws?clientId={client_id}") as socket:
+                async with session.post(f"{comfy_server.url}/prompt",
+                                        json={"prompt": erase_prompt(object_info), "client_id": client_id}) as response:
+                    prompt_id = (await response.json())["prompt_id"]
+                async for message in socket:
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    data = json.loads(message.data)
+                    messages.append(data)
+                    if data["type"] == "executing" and data["data"].get("node") is None \
+                            and data["data"].get("prompt_id") == prompt_id:
+                        return messages
+        return messages
+
+    messages = asyncio.run(asyncio.wait_for(run(), 300))
+    gates = [m["data"] for m in messages if m["type"] == "spm.gates"]
+    assert gates, f"no spm.gates message among {sorted({m['type'] for m in messages})}"
+    (membrane,) = gates[-1]["membranes"]
+    assert membrane["membrane"] == "snoopy" and membrane["concepts"] == ["snoopy"]
+    assert membrane["positive"] == 1.0, "'snoopy sitting on a red doghouse' names the concept: token overlap 1"
+    assert membrane["negative"] == 0.0, "negative rows are closed (positive only)"
+    assert membrane["node"] is not None
