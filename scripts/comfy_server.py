@@ -107,6 +107,36 @@ class ComfyServer:
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
 
+    def run_with_events(self, api_prompt: dict, timeout: float = 300) -> tuple[dict, list[dict]]:
+        """Run a prompt while listening on the websocket: its history entry and every JSON event
+        the server sent this client (progress, executed, and custom ones such as spm.gates)."""
+        import asyncio
+
+        import aiohttp
+
+        client_id = str(uuid.uuid4())
+
+        async def listen() -> tuple[str, list[dict]]:
+            events: list[dict] = []
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(f"{self.url}/ws?clientId={client_id}") as socket:
+                    code, response = self.queue(api_prompt, client_id)
+                    if code != 200:
+                        raise RuntimeError(f"/prompt refused the workflow ({code}): {json.dumps(response)[:3000]}")
+                    async for message in socket:
+                        if message.type != aiohttp.WSMsgType.TEXT:
+                            continue  # binary frames are previews
+                        event = json.loads(message.data)
+                        events.append(event)
+                        data = event.get("data") or {}
+                        if data.get("prompt_id") == response["prompt_id"] and (
+                                event["type"] in ("execution_success", "execution_error", "execution_interrupted")):
+                            return response["prompt_id"], events
+            raise ConnectionError("the websocket closed before the prompt finished")
+
+        prompt_id, events = asyncio.run(asyncio.wait_for(listen(), timeout))
+        return self.wait(prompt_id, timeout), events
+
     def run(self, api_prompt: dict, timeout: float = 300) -> dict:
         code, response = self.queue(api_prompt)
         if code != 200:

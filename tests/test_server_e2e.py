@@ -1,7 +1,6 @@
 """End to end through a real ComfyUI server: the pack loads, every shipped workflow runs from its
 UI-format JSON, bad inputs come back as errors naming the problem, and the server keeps serving."""
 
-import asyncio
 import glob
 import json
 import math
@@ -91,30 +90,10 @@ def test_files_not_offered_are_refused_without_reading_them(comfy_server, object
 
 
 def test_gates_are_sent_to_the_frontend(comfy_server, object_info):
-    import aiohttp
-
-    client_id = str(uuid.uuid4())
-
-    async def run():
-        messages = []
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{comfy_server.url}/ws?clientId={client_id}") as socket:
-                async with session.post(f"{comfy_server.url}/prompt",
-                                        json={"prompt": erase_prompt(object_info), "client_id": client_id}) as response:
-                    prompt_id = (await response.json())["prompt_id"]
-                async for message in socket:
-                    if message.type != aiohttp.WSMsgType.TEXT:
-                        continue
-                    data = json.loads(message.data)
-                    messages.append(data)
-                    if data["type"] == "executing" and data["data"].get("node") is None \
-                            and data["data"].get("prompt_id") == prompt_id:
-                        return messages
-        return messages
-
-    messages = asyncio.run(asyncio.wait_for(run(), 300))
-    gates = [m["data"] for m in messages if m["type"] == "spm.gates"]
-    assert gates, f"no spm.gates message among {sorted({m['type'] for m in messages})}"
+    entry, events = comfy_server.run_with_events(erase_prompt(object_info))
+    assert entry["status"]["status_str"] == "success"
+    gates = [event["data"] for event in events if event["type"] == "spm.gates"]
+    assert gates, f"no spm.gates event among {sorted({event['type'] for event in events})}"
     (membrane,) = gates[-1]["membranes"]
     assert membrane["membrane"] == "snoopy" and membrane["concepts"] == ["snoopy"]
     assert membrane["positive"] == 1.0, "'snoopy sitting on a red doghouse' names the concept: token overlap 1"
