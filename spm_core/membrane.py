@@ -165,13 +165,16 @@ class FusedLayer:
         return torch.matmul(h, up.t()).reshape(*x.shape[:-1], self.out_features)
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor, row_gates: torch.Tensor,
-               open_rows: slice = slice(None)) -> torch.Tensor:
+               open_rows: slice | None = None) -> torch.Tensor:
         """`output + delta`. When autograd does not need the original output, the branch is
-        accumulated into `output` in place, and only for `open_rows` (rows outside it must have
-        all-zero gates: they are left untouched)."""
+        accumulated into `output` in place, and only for `open_rows` if given (rows outside it
+        must have all-zero gates: they are left untouched)."""
         if not output.is_contiguous() or _tracked(output, x, self.down, self.up):
             return output + self.delta(x, row_gates)
-        self._accumulate_(output[open_rows], x[open_rows], row_gates[open_rows])
+        if open_rows is None:
+            self._accumulate_(output, x, row_gates)
+        else:
+            self._accumulate_(output[open_rows], x[open_rows], row_gates[open_rows])
         return output
 
     def _accumulate_(self, output: torch.Tensor, x: torch.Tensor, row_gates: torch.Tensor) -> None:

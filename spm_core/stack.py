@@ -108,17 +108,18 @@ class _CallGates:
 
     def __init__(self, row_gates: torch.Tensor) -> None:
         self.row_gates = row_gates
-        self._prepared: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, slice]] = {}
+        self._prepared: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, slice | None]] = {}
 
-    def prepared(self, rows: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, slice]:
+    def prepared(self, rows: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, slice | None]:
         """(rows x membranes gates on `device` in `dtype`, the smallest row range outside of which
-        every gate is zero)."""
+        every gate is zero, or None when that is every row)."""
         key = (rows, device, dtype)
         if key not in self._prepared:
             gates = _expand_rows(self.row_gates, rows)
             open_rows = gates.any(dim=1).nonzero().flatten().tolist()
             # a closed CFG chunk (e.g. uncond rows at gate 0) is skipped when it lies at either end
-            self._prepared[key] = (gates.to(device=device, dtype=dtype), slice(open_rows[0], open_rows[-1] + 1))
+            row_range = None if len(open_rows) == rows else slice(open_rows[0], open_rows[-1] + 1)
+            self._prepared[key] = (gates.to(device=device, dtype=dtype), row_range)
         return self._prepared[key]
 
 
@@ -128,6 +129,13 @@ class _GateContext(threading.local):
 
 
 _context = _GateContext()
+
+
+def current_row_gates(stack: MembraneStack) -> torch.Tensor | None:
+    """The effective (rows x membranes) gates `stack` applies in the current model call, or None
+    when it is closed or inactive: for inspecting what a sampler actually used."""
+    call = _context.active.get(id(stack))
+    return None if call is None else call.row_gates
 
 
 @contextlib.contextmanager

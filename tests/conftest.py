@@ -46,3 +46,29 @@ def comfy_server(tmp_path_factory):
     (spm_folder / "nudity.pt").write_bytes(b"pickles are never loaded")
     with ComfyServer(COMFYUI_ROOT, str(base)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def spm_world(tmp_path_factory):
+    """A tiny SD1 model and CLIP, membranes snoopy / mickey_mouse / van_gogh in a models/spm folder,
+    and the pack loaded through ComfyUI's own loader."""
+    import folder_paths
+    from membrane_helpers import key_map_of, modules_of, random_membrane
+    from pack import load_pack
+    from tiny_models import build_clip, build_patcher
+
+    from spm_core.concepts import Concept
+    from spm_core.file_format import save_membrane
+
+    load_pack()
+    folder = tmp_path_factory.mktemp("spm_models")
+    folder_paths.add_model_folder_path("spm", str(folder), is_default=True)
+    with torch.no_grad():
+        patcher, clip = build_patcher("sd1", seed=7), build_clip("sd1", seed=8)
+        key_map = key_map_of(patcher)
+        modules = modules_of(patcher, key_map)
+        for seed, target in ((1, "snoopy"), (2, "mickey mouse"), (3, "van gogh")):
+            membrane = random_membrane(key_map, modules, seed=seed, target=target, std=0.15)
+            membrane.concepts = (Concept(target),)
+            save_membrane(str(folder / f"{target.replace(' ', '_')}.safetensors"), membrane)
+    return patcher, clip, folder

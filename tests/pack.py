@@ -1,4 +1,5 @@
-"""Loads this pack the way ComfyUI does (nodes.load_custom_node) under a fixed package name."""
+"""Loads this pack the way ComfyUI does (nodes.load_custom_node) and runs its nodes in-process,
+as ComfyUI's executor would."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import importlib
 import os
 import sys
 import tempfile
+
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "comfyui_spm"
@@ -32,3 +35,28 @@ def pack_module(name: str):
 
 
 _package_name: str | None = None
+
+
+def node(name, unique_id="1"):
+    """The node class prepared with its hidden inputs, as the executor prepares it."""
+    from comfy_api.latest import io
+
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS[name].PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
+
+
+def load_spm(model, clip, membrane, transport="calibrated", rows="positive only", strength=1.0, start=0.0, end=1.0, uid="1"):
+    return node("SPMLoader", uid).execute(model, clip, membrane, strength, transport, rows, start, end).result[0]
+
+
+def encode(clip, text):
+    return node("SPMTextEncode").execute(clip, text).result[0]
+
+
+def sample(model, positive, negative, seed=3, steps=3, batch=1) -> torch.Tensor:
+    import nodes
+
+    (latent,) = nodes.EmptyLatentImage().generate(64, 64, batch)
+    (out,) = nodes.KSampler().sample(model, seed, steps, 6.0, "euler", "normal", positive, negative, latent)
+    return out["samples"]

@@ -8,52 +8,10 @@ import resource
 import pytest
 import torch
 from membrane_helpers import key_map_of, modules_of, random_membrane
-from pack import load_pack, pack_module
-from tiny_models import build_clip, build_patcher
+from pack import encode, load_spm, node, pack_module, sample
+from tiny_models import build_patcher
 
-from spm_core.concepts import Concept
 from spm_core.file_format import save_membrane
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    import folder_paths
-
-    load_pack()
-    folder = tmp_path_factory.mktemp("spm_models")
-    folder_paths.add_model_folder_path("spm", str(folder), is_default=True)
-    patcher, clip = build_patcher("sd1", seed=7), build_clip("sd1", seed=8)
-    key_map = key_map_of(patcher)
-    modules = modules_of(patcher, key_map)
-    for seed, target in ((1, "snoopy"), (2, "mickey mouse"), (3, "van gogh")):
-        membrane = random_membrane(key_map, modules, seed=seed, target=target, std=0.15)
-        membrane.concepts = (Concept(target),)
-        save_membrane(str(folder / f"{target.replace(' ', '_')}.safetensors"), membrane)
-    return patcher, clip, folder
-
-
-def node(name, unique_id="1"):
-    from comfy_api.latest import io
-
-    import nodes
-
-    return nodes.NODE_CLASS_MAPPINGS[name].PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
-
-
-def load_spm(model, clip, membrane, transport="calibrated", rows="positive only", strength=1.0, start=0.0, end=1.0, uid="1"):
-    return node("SPMLoader", uid).execute(model, clip, membrane, strength, transport, rows, start, end).result[0]
-
-
-def encode(clip, text):
-    return node("SPMTextEncode").execute(clip, text).result[0]
-
-
-def sample(model, positive, negative, seed=3, steps=3, batch=1):
-    import nodes
-
-    (latent,) = nodes.EmptyLatentImage().generate(64, 64, batch)
-    (out,) = nodes.KSampler().sample(model, seed, steps, 6.0, "euler", "normal", positive, negative, latent)
-    return out["samples"]
 
 
 class CallSpy:
@@ -62,44 +20,25 @@ class CallSpy:
 
     def __init__(self, stack):
         self.stack, self.calls = stack, []
+        self.stack_module = pack_module("spm_core.stack")  # the pack's own copy of spm_core
 
     def __call__(self, executor, *args, **kwargs):
-        from spm_core_probe import active_gates
-
-        gates = active_gates(self.stack)
+        gates = self.stack_module.current_row_gates(self.stack)
         out = executor(*args, **kwargs)
-        with self.closed():
+        with self.stack_module.gates_active(self.stack, torch.zeros(1, self.stack.membrane_count)):
             bare = executor(*args, **kwargs)
         options = kwargs.get("transformer_options") or args[5]
         self.calls.append({"gates": None if gates is None else gates.clone(), "kinds": list(options["cond_or_uncond"]),
                            "out": out.clone(), "bare": bare.clone()})
         return out
 
-    def closed(self):
-        stack_module = pack_module("spm_core.stack")
-        return stack_module.gates_active(self.stack, torch.zeros(1, self.stack.membrane_count))
 
-
-@pytest.fixture(scope="module")
-def probe_module(tmp_path_factory):
-    """`active_gates(stack)` reading the pack's own gate context (the pack's spm_core is a separate
-    module object from the top-level one the core tests import)."""
-    import sys
-    import types
-
-    stack_module = pack_module("spm_core.stack")
-    probe = types.ModuleType("spm_core_probe")
-    probe.active_gates = lambda stack: stack_module._context.active.get(id(stack))
-    sys.modules["spm_core_probe"] = probe
-    return probe
-
-
-def test_cfg_batch_rows_are_gated_by_their_own_prompt(world, probe_module):
+def test_cfg_batch_rows_are_gated_by_their_own_prompt(spm_world):
     from comfy.patcher_extension import WrappersMP
 
     import nodes
 
-    patcher, clip, _ = world
+    patcher, clip, _ = spm_world
     model = load_spm(patcher, clip, "snoopy.safetensors", transport="calibrated")
     state = model.get_attachment(pack_module("nodes.runtime").KEY)
     spy = CallSpy(state.stack)
@@ -127,8 +66,8 @@ def test_cfg_batch_rows_are_gated_by_their_own_prompt(world, probe_module):
                 assert not torch.equal(call["out"][rows], call["bare"][rows])
 
 
-def test_branch_without_membranes_is_bit_identical_to_pack_absent(world):
-    patcher, clip, _ = world
+def test_branch_without_membranes_is_bit_identical_to_pack_absent(spm_world):
+    patcher, clip, _ = spm_world
     positive, negative = encode(clip, "snoopy"), encode(clip, "")
     reference = sample(patcher, positive, negative)  # the pack loaded, no membrane anywhere yet
     with_membrane = load_spm(patcher, clip, "snoopy.safetensors", transport="always_open")
@@ -140,8 +79,8 @@ def test_branch_without_membranes_is_bit_identical_to_pack_absent(world):
     assert torch.equal(erased_again, erased)
 
 
-def test_upstream_model_is_never_changed_and_chains_fuse(world):
-    patcher, clip, _ = world
+def test_upstream_model_is_never_changed_and_chains_fuse(spm_world):
+    patcher, clip, _ = spm_world
     runtime = pack_module("nodes.runtime")
     before = (dict(patcher.attachments), {k: dict(v) for k, v in patcher.wrappers.items()}, dict(patcher.injections))
     one = load_spm(patcher, clip, "snoopy.safetensors")
@@ -155,8 +94,8 @@ def test_upstream_model_is_never_changed_and_chains_fuse(world):
     assert len(three.wrappers["apply_model"][runtime.KEY]) == 1, "chaining must not stack wrappers"
 
 
-def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(world):
-    patcher, clip, folder = world
+def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(spm_world):
+    patcher, clip, folder = spm_world
     errors = pack_module("spm_core.errors")
     good = (folder / "snoopy.safetensors").read_bytes()
     (folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
@@ -184,8 +123,8 @@ def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(world):
     assert (dict(patcher.attachments), {k: dict(v) for k, v in patcher.wrappers.items()}, dict(patcher.injections)) == before
 
 
-def test_inspector_reports_gates_per_membrane_and_prompt(world):
-    patcher, clip, _ = world
+def test_inspector_reports_gates_per_membrane_and_prompt(spm_world):
+    patcher, clip, _ = spm_world
     model = load_spm(load_spm(patcher, clip, "snoopy.safetensors"), clip, "van_gogh.safetensors", transport="always_open")
     result = node("SPMTransportInspector").execute(model, encode(clip, "snoopy"), encode(clip, "a bowl of fruit on a table"))
     text, image = result.result
@@ -198,8 +137,8 @@ def test_inspector_reports_gates_per_membrane_and_prompt(world):
     assert image.ndim == 4 and image.shape[-1] == 3 and image.min() < 0.5 < image.max()
 
 
-def test_merge_into_model_equals_always_open_membranes(world):
-    patcher, clip, _ = world
+def test_merge_into_model_equals_always_open_membranes(spm_world):
+    patcher, clip, _ = spm_world
     positive, negative = encode(clip, "a bowl of fruit on a table"), encode(clip, "")
     gated = load_spm(load_spm(patcher, clip, "snoopy.safetensors", transport="always_open", strength=0.8),
                      clip, "mickey_mouse.safetensors", transport="always_open", rows="positive and negative")
@@ -215,16 +154,17 @@ def test_merge_into_model_equals_always_open_membranes(world):
     everywhere = load_spm(load_spm(patcher, clip, "snoopy.safetensors", transport="always_open", strength=0.8,
                                    rows="positive and negative"),
                           clip, "mickey_mouse.safetensors", transport="always_open", rows="positive and negative")
-    assert (sample(everywhere, positive, negative) - static).abs().max() <= 1e-3
+    # weight patching and the hook path round differently in fp32: compare relative to the latent scale
+    assert (sample(everywhere, positive, negative) - static).abs().max() <= 1e-5 * static.abs().max()
     assert not torch.equal(open_rows, static)
 
 
-def test_save_as_lora_is_read_by_the_stock_loader(world, caplog):
+def test_save_as_lora_is_read_by_the_stock_loader(spm_world, caplog):
     import comfy.lora
     import comfy.utils
     import folder_paths
 
-    patcher, clip, folder = world
+    patcher, clip, folder = spm_world
     folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
     model = load_spm(load_spm(patcher, clip, "snoopy.safetensors"), clip, "van_gogh.safetensors", strength=0.5)
     path = node("SPMSaveAsLoRA").execute(model, "baked_pair").result[0]
@@ -236,10 +176,10 @@ def test_save_as_lora_is_read_by_the_stock_loader(world, caplog):
     assert len(patches) == len(model.get_attachment(pack_module("nodes.runtime").KEY).stack.layers)
 
 
-def test_two_hundred_runs_leave_no_hooks_and_no_memory_growth(world):
+def test_two_hundred_runs_leave_no_hooks_and_no_memory_growth(spm_world):
     import comfy.model_management as mm
 
-    patcher, clip, _ = world
+    patcher, clip, _ = spm_world
     model = load_spm(load_spm(patcher, clip, "snoopy.safetensors"), clip, "mickey_mouse.safetensors")
     positive, negative = encode(clip, "snoopy"), encode(clip, "")
     modules = list(patcher.model.diffusion_model.modules())
