@@ -1,0 +1,363 @@
+"""The frontend in a real browser: Debian Chromium (headless, driven over the DevTools protocol
+with aiohttp) opens the real ComfyUI frontend served by the `comfy_server` fixture.
+
+Checks: our extension (web/spm.js) is fetched and registered; a Load SPM node loaded from
+workflows/erase_one_concept.json shows what its membrane erases; after a run queued from the page
+it shows the membrane's rank/transport and the gates the server sent in `spm.gates`; events naming
+unknown nodes or carrying no data are ignored; the label survives a page reload; and nothing from
+our script reaches the console. A screenshot is kept at out/browser/load_spm.png
+(SPM_UPDATE_DOCS=1 also copies it to docs/images/browser_load_spm.png for the README).
+
+Chromium comes from scripts/install_browser.sh (called by scripts/test.sh).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+
+import aiohttp
+import pytest
+
+from scripts.comfy_server import load_workflow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = os.environ.get("SPM_CHROMIUM", "/usr/bin/chromium")
+EXTENSION = "comfyui_spm.membrane_info"
+SCRIPT_URL = "/extensions/comfyui_spm/spm.js"
+OURS = ("spm.js", "comfyui_spm", EXTENSION)
+VIEWPORT = (1280, 800)
+SCREENSHOT = os.path.join(REPO, "out", "browser", "load_spm.png")
+FAILED_SCREENSHOT = os.path.join(REPO, "out", "browser", "load_spm_failed.png")
+DOCS_SCREENSHOT = os.path.join(REPO, "docs", "images", "browser_load_spm.png")
+LOADER_ID = 6  # the Load SPM node in workflows/erase_one_concept.json
+LABEL = "(window.app.graph.getNodeById({id})?.widgets ?? []).find(w => w.name === 'spm_info')?.value ?? null"
+
+
+class Chromium:
+    """`with Chromium() as browser:` a headless Chromium with a fresh profile; browser.port is its
+    DevTools port."""
+
+    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", "--mute-audio", f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}",
+             "--remote-debugging-port=0"]
+
+    def __enter__(self) -> Chromium:
+        self.profile = tempfile.mkdtemp(prefix="spm-chromium-")
+        self.log = open(os.path.join(self.profile, "chromium.log"), "w+")
+        self.process = subprocess.Popen([CHROMIUM, *self.FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        port_file = os.path.join(self.profile, "DevToolsActivePort")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self.__exit__()
+                raise RuntimeError(f"chromium exited with {self.process.returncode}")
+            if os.path.exists(port_file):
+                lines = open(port_file).read().split()
+                if lines:
+                    self.port = int(lines[0])
+                    return self
+            time.sleep(0.1)
+        self.__exit__()
+        raise TimeoutError("chromium did not open its DevTools port within 60 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # chromium and its own child processes
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(15)
+        self.log.close()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+class Page:
+    """A DevTools session on one page target: commands, events, and JS evaluation."""
+
+    def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.session, self.ws = session, ws
+        self.events: list[tuple[str, dict]] = []
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_id = 0
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, session: aiohttp.ClientSession, port: int) -> Page:
+        async with session.get(f"http://127.0.0.1:{port}/json/list") as response:
+            targets = await response.json()
+        page = next(t for t in targets if t["type"] == "page")
+        ws = await session.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+        return cls(session, ws)
+
+    async def _read(self) -> None:
+        async for message in self.ws:
+            if message.type != aiohttp.WSMsgType.TEXT:
+                break
+            data = json.loads(message.data)
+            future = self._pending.pop(data.get("id"), None)
+            if future is not None and not future.done():
+                future.set_result(data)
+            elif "method" in data:
+                self.events.append((data["method"], data.get("params", {})))
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("DevTools connection closed"))
+
+    async def send(self, method: str, timeout: float = 60, **params) -> dict:
+        self._next_id += 1
+        future = asyncio.get_running_loop().create_future()
+        self._pending[self._next_id] = future
+        await self.ws.send_json({"id": self._next_id, "method": method, "params": params})
+        reply = await asyncio.wait_for(future, timeout)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    async def evaluate(self, expression: str, timeout: float = 60):
+        result = await self.send("Runtime.evaluate", timeout=timeout, expression=expression,
+                                 awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise RuntimeError(f"page threw: {details.get('exception', {}).get('description') or details.get('text')}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, timeout: float, what: str):
+        """Polls `expression` until it is truthy; fails naming `what` after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            try:
+                value = await self.evaluate(expression)
+            except RuntimeError as error:  # e.g. the page is still navigating
+                value = str(error)
+            else:
+                if value:
+                    return value
+            await asyncio.sleep(0.25)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {value!r}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self._reader.cancel()
+
+
+def describe_event(method: str, params: dict) -> str | None:
+    """One line for a console message, uncaught exception or browser log entry; None otherwise."""
+    if method == "Runtime.consoleAPICalled":
+        text = " ".join(str(a.get("value", a.get("description", a.get("type")))) for a in params.get("args", []))
+        frames = params.get("stackTrace", {}).get("callFrames", [])
+        where = frames[0]["url"] if frames else ""
+        return f"console.{params.get('type')}: {text} [{where}]"
+    if method == "Runtime.exceptionThrown":
+        details = params.get("exceptionDetails", {})
+        frames = details.get("stackTrace", {}).get("callFrames", [])
+        description = details.get("exception", {}).get("description") or details.get("text")
+        return f"uncaught: {description} [{details.get('url', '')} {' '.join(f['url'] for f in frames)}]"
+    if method == "Log.entryAdded":
+        entry = params.get("entry", {})
+        return f"log.{entry.get('level')}: {entry.get('text')} [{entry.get('url', '')}]"
+    return None
+
+
+def print_console(events: list[tuple[str, dict]]) -> list[str]:
+    messages = [line for line in (describe_event(m, p) for m, p in events) if line]
+    print("\nbrowser console, for the record:", *messages, sep="\n  ")
+    return messages
+
+
+def save(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def small_run(workflow: dict) -> dict:
+    """The shipped workflow, made quick for the CPU host, with a fresh seed so nothing is cached."""
+    for node in workflow["nodes"]:
+        if node["type"] == "KSampler":
+            node["widgets_values"][0] = uuid.uuid4().int % 2**32
+            node["widgets_values"][1] = "fixed"
+            node["widgets_values"][2] = 2
+        if node["type"] == "EmptyLatentImage":
+            node["widgets_values"][:2] = [128, 128]
+    return workflow
+
+
+def png_checks(png: bytes, box: dict) -> None:
+    from PIL import Image
+
+    assert png[:8] == b"\x89PNG\r\n\x1a\n", "the screenshot is not a PNG"
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    assert image.size == VIEWPORT, image.size
+    colors = image.getcolors(maxcolors=1_000_000)
+    assert colors is None or len(colors) > 200, f"the screenshot is nearly uniform ({len(colors)} colours)"
+    # The label area (computed from the node's widget geometry) must hold text: light pixels on the
+    # dark node body. Text drawn off-screen, or not drawn at all, fails here.
+    crop = image.crop((round(box["x0"]), round(box["y0"]), round(box["x1"]), round(box["y1"]))).convert("L")
+    bright = sum(1 for v in crop.tobytes() if v > 150)
+    assert bright > 150, f"no text visible where the SPM label should be ({box}); {bright} light pixels"
+
+
+async def browse(url: str, workflow: dict) -> tuple[bytes, dict, list[tuple[str, dict]]]:
+    with Chromium() as browser:
+        async with aiohttp.ClientSession() as session:
+            page = await Page.open(session, browser.port)
+            try:
+                return await drive(page, url, workflow)
+            except BaseException:  # keep what the page looked like and said, then fail
+                try:
+                    shot = await page.send("Page.captureScreenshot", timeout=10, format="png")
+                    save(FAILED_SCREENSHOT, base64.b64decode(shot["data"]))
+                    print(f"\nscreenshot of the failure: {FAILED_SCREENSHOT}")
+                except Exception as error:
+                    print(f"\nno screenshot of the failure: {error}")
+                print_console(page.events)
+                raise
+            finally:
+                await page.close()
+
+
+async def drive(page: Page, url: str, workflow: dict):
+    for domain in ("Runtime", "Log", "Page", "Network"):
+        await page.send(f"{domain}.enable")
+    await page.send("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0], height=VIEWPORT[1],
+                    deviceScaleFactor=1, mobile=False)
+    # a returning user: no first-run templates dialog, no "try Nodes 2.0" banner
+    await page.send("Page.addScriptToEvaluateOnNewDocument", source="localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    await page.send("Page.navigate", url=url)
+    app_ready = ("!!(window.app && window.app.graph && window.app.canvas && window.LiteGraph"
+                 " && window.LiteGraph.registered_node_types['SPMLoader'])")
+    await page.wait_for(app_ready, 120, "the frontend to register the node types")
+
+    # 1. our extension is registered and its script was served
+    names = await page.evaluate("window.app.extensions.map(e => e.name)")
+    assert EXTENSION in names, f"extension {EXTENSION} not registered; have {len(names)}: {names}"
+    fetched = [p["response"] for m, p in page.events if m == "Network.responseReceived" and p["response"]["url"].endswith(SCRIPT_URL)]
+    assert fetched and fetched[-1]["status"] == 200, f"{SCRIPT_URL} was not fetched: {fetched}"
+
+    # 2. the workflow renders, with the concept label derived from the file name
+    await page.evaluate(f"window.app.loadGraphData({json.dumps(workflow)}, true, true, 'erase_one_concept').then(() => true)")
+    label = await page.wait_for(LABEL.format(id=LOADER_ID), 20, "the Load SPM label")
+    assert label == "erases: snoopy (from the file name)", label
+
+    # 3. a run queued from the page: the ui payload and the spm.gates event reach the node
+    await page.evaluate("""(api => {
+        api.addEventListener('spm.gates', e => { window.__spmGates = e.detail });
+        api.addEventListener('execution_cached', e => { window.__spmCached = e.detail?.nodes ?? [] });
+        api.addEventListener('executed', e => {
+            if (e.detail?.output?.spm_membrane) window.__spmMembrane = e.detail.output.spm_membrane[0];
+        });
+        for (const end of ['execution_success', 'execution_error', 'execution_interrupted'])
+            api.addEventListener(end, e => { window.__spmRunEnded = `${end} ${e.detail?.exception_message ?? ''}`.trim() });
+        return true;
+    })(window.comfyAPI.api.api)""")
+    await page.evaluate("window.app.queuePrompt(0).then(() => true)")
+    ended = await page.wait_for("window.__spmRunEnded", 300, "the run queued from the page to end")
+    assert ended == "execution_success", ended
+    label = await page.wait_for(f"(l => l && l.includes('gate last step') && l)({LABEL.format(id=LOADER_ID)})",
+                                10, "the gates of the run to reach the Load SPM node")
+    gates, membrane, cached = await page.evaluate("[window.__spmGates, window.__spmMembrane, window.__spmCached]")
+    row = next(r for r in gates["membranes"] if str(r["node"]) == str(LOADER_ID))
+    assert row["concepts"] == ["snoopy"], row
+    details = []
+    if str(LOADER_ID) in cached:  # a cached node sends no ui payload: the concepts come from spm.gates
+        assert membrane is None, membrane
+        print("\nthe Load SPM node was cached (the /free before the run lost a race): no rank line")
+    else:
+        assert membrane["concepts"] == ["snoopy"] and membrane["rank"] == 1, membrane
+        details = [f"rank 1 · {membrane['layers']} layers · transport: paper"]
+    assert label.splitlines() == [
+        "erases: snoopy",
+        *details,
+        f"gate last step: positive {row['positive']:.2f} · negative {row['negative']:.2f}",
+    ], label
+
+    # 4. the screenshot: 100 % zoom, the checkpoint loader, Load SPM and the sampler in view
+    box = await page.evaluate(f"""(async () => {{
+        const app = window.app, node = app.graph.getNodeById({LOADER_ID});
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [-node.pos[0] + 480, -node.pos[1] + 190];
+        app.canvas.setDirty(true, true);
+        const frame = () => new Promise(r => requestAnimationFrame(r));
+        await frame(); await frame(); await frame();
+        const w = node.widgets.find(w => w.name === 'spm_info'), rect = app.canvas.canvas.getBoundingClientRect();
+        const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] + w.y]);
+        const bottom = node.pos[1] + w.y + w.computeSize(node.size[0])[1];
+        const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0], bottom]);
+        const box = {{x0: rect.left + x0, y0: rect.top + y0, x1: rect.left + x1, y1: rect.top + y1}};
+        box.onTop = document.elementFromPoint((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2) === app.canvas.canvas;
+        return box;
+    }})()""")
+    assert box["onTop"], f"something covers the Load SPM label at {box}"
+    shot = await page.send("Page.captureScreenshot", format="png")
+    png = base64.b64decode(shot["data"])
+
+    # 5. events with no data or naming nodes that are not in the graph are ignored
+    await page.evaluate("""(() => {
+        const api = window.comfyAPI.api.api;
+        for (const detail of [null, {}, {membranes: null}, {membranes: [null, {}, {node: '999'}, {node: '1'}, {node: '999:6'}]}])
+            api.dispatchCustomEvent('spm.gates', detail);
+        return true;
+    })()""")
+    after = await page.evaluate(LABEL.format(id=LOADER_ID))
+    assert after == label, f"bogus events changed the label: {after!r}"
+
+    # 6. picking another file drops the run's results and guesses from the new file name
+    relabelled = await page.evaluate(f"""(() => {{
+        const w = window.app.graph.getNodeById({LOADER_ID}).widgets.find(w => w.name === 'membrane');
+        w.value = 'mickey_mouse.safetensors';
+        w.callback?.(w.value);
+        return {LABEL.format(id=LOADER_ID)};
+    }})()""")
+    assert relabelled == "erases: mickey mouse (from the file name)", relabelled
+
+    # 7. after a reload the restored workflow is labelled again, from its restored widget values
+    await page.send("Page.reload")
+    await page.wait_for(app_ready, 120, "the frontend after a reload")
+    file, restored = await page.wait_for(
+        "(n => n && [n.widgets.find(w => w.name === 'membrane').value, n.widgets.find(w => w.name === 'spm_info')?.value])"
+        "(window.app.graph.nodes.find(n => n.comfyClass === 'SPMLoader'))", 30, "the restored Load SPM node's label")
+    # (whether the last programmatic edit was persisted before the reload is up to the frontend)
+    assert file in ("snoopy.safetensors", "mickey_mouse.safetensors"), file
+    assert restored == f"erases: {file.removesuffix('.safetensors').replace('_', ' ')} (from the file name)", restored
+    return png, box, page.events
+
+
+def test_frontend_shows_membrane_and_gates(comfy_server):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"no Chromium at {CHROMIUM}: run scripts/install_browser.sh (scripts/test.sh does)")
+    status, _ = comfy_server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Graph.CanvasInfo": False,
+                                                "Comfy.Minimap.Visible": False})
+    assert status == 200, status
+    # drop the server's node cache (other tests ran this workflow), so Load SPM executes and sends its ui payload
+    assert comfy_server.post("/free", {"free_memory": True})[0] == 200
+    workflow = small_run(load_workflow(os.path.join(REPO, "workflows", "erase_one_concept.json")))
+    start = time.monotonic()
+    png, box, events = asyncio.run(asyncio.wait_for(browse(comfy_server.url, workflow), 600))
+    print(f"\nbrowser test drove the page in {time.monotonic() - start:.1f} s")
+
+    save(SCREENSHOT, png)
+    print(f"screenshot: {SCREENSHOT}")
+    if os.environ.get("SPM_UPDATE_DOCS") == "1":  # the README's copy, as a small 256-colour PNG
+        from PIL import Image
+
+        os.makedirs(os.path.dirname(DOCS_SCREENSHOT), exist_ok=True)
+        Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(DOCS_SCREENSHOT, optimize=True)
+
+    messages = print_console(events)
+    ours = [line for line in messages if any(mark in line for mark in OURS)]
+    assert not ours, "our extension wrote to the console or threw:\n" + "\n".join(ours)
+    png_checks(png, box)
