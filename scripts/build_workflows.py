@@ -26,6 +26,7 @@ SOCKETS = {
     "PreviewImage": ([("images", "IMAGE")], []),
     "SPMTransportInspector": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
                               [("table", "STRING"), ("image", "IMAGE")]),
+    "SPMTrain": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("loss", "IMAGE"), ("path", "STRING")]),
     "Note": ([], []),
 }
 
@@ -141,8 +142,27 @@ def inspector() -> None:
     flow.save("inspector.json")
 
 
+def train_then_apply() -> None:
+    flow = Workflow()
+    checkpoint, positive, negative, latent = base(flow, "snoopy sitting on a red doghouse")
+    flow.add("Note", (0, 560), ["Training settings are sized for the tiny test checkpoint on a CPU. For a real "
+                                "checkpoint: 500-3000 iterations, rollout_steps 30, latent_size 64 (SD1.5) / 96 (SD2) / 128 (SDXL)."],
+             title="Training settings")
+    trained = flow.add("SPMTrain", (400, -420), ["snoopy", "", "", 8, 1e-3, 1, 1.0, 1000.0, 2, "prompts", 1.0, 4, 8, 0,
+                                                 "snoopy_trained", False],
+                       model=(checkpoint, 0), clip=(checkpoint, 1))
+    flow.add("PreviewImage", (800, -420), [], title="Loss curve", images=(trained, 1))
+    before = sampler(flow, (800, 200), checkpoint, positive, negative, latent, title="Before (no membrane)")
+    after = sampler(flow, (800, -200), trained, positive, negative, latent, title="After (trained membrane)")
+    before_image = flow.add("VAEDecode", (1200, 200), [], samples=(before, 0), vae=(checkpoint, 2))
+    after_image = flow.add("VAEDecode", (1200, -200), [], samples=(after, 0), vae=(checkpoint, 2))
+    pair = flow.add("ImageBatch", (1500, 0), [], image1=(before_image, 0), image2=(after_image, 0))
+    flow.add("SaveImage", (1800, 0), ["spm_train_then_apply"], images=(pair, 0))
+    flow.save("train_then_apply.json")
+
+
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
-    for build in (erase_one_concept, chain_three_membranes, before_after, inspector):
+    for build in (erase_one_concept, chain_three_membranes, before_after, inspector, train_then_apply):
         build()
     print("workflows written to", OUT)

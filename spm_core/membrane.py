@@ -56,6 +56,14 @@ class LayerWeights:
         """The membrane's weight change at gate 1, as an (out, in) matrix."""
         return self.scale * (self.up @ self.down)
 
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """This one membrane's output at gate 1, `alpha/rank · up(down(x))`, differentiable in
+        down and up (training uses it; inference uses the fused stack)."""
+        if self.conv:  # (rows, in, H, W) as channel matrices
+            h = torch.matmul(self.down, x.flatten(2))
+            return (self.scale * torch.matmul(self.up, h)).reshape(x.shape[0], self.up.shape[0], *x.shape[2:])
+        return self.scale * ((x @ self.down.t()) @ self.up.t())
+
 
 @dataclass
 class Membrane:
@@ -141,7 +149,7 @@ class FusedLayer:
     def forget_device_copies(self) -> None:
         self._cache.clear()
 
-    def column_gates(self, gates: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    def _column_gates(self, gates: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         """Per-membrane gates (..., membranes) -> per-column gates (..., R)."""
         if self._owner_is_identity and gates.shape[-1] == owner.shape[0]:
             return gates
@@ -156,7 +164,7 @@ class FusedLayer:
         Out of place, so autograd can differentiate through it.
         """
         down, up, owner = self.weights_on(x.device, x.dtype)
-        gates = self.column_gates(row_gates.to(device=x.device, dtype=x.dtype), owner)  # rows x R
+        gates = self._column_gates(row_gates.to(device=x.device, dtype=x.dtype), owner)  # rows x R
         rows = x.shape[0]
         if self.conv:
             h = torch.bmm(gates.unsqueeze(-1) * down, x.reshape(rows, self.in_features, -1))  # rows x R x HW
@@ -166,10 +174,11 @@ class FusedLayer:
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor, row_gates: torch.Tensor,
                open_rows: slice | None = None) -> torch.Tensor:
-        """`output + delta`. When autograd does not need the original output, the branch is
+        """`output + delta`. When autograd does not need the original output (and it is a
+        contiguous tensor of x's dtype, as Linear and Conv2d outputs are), the branch is
         accumulated into `output` in place, and only for `open_rows` if given (rows outside it
         must have all-zero gates: they are left untouched)."""
-        if not output.is_contiguous() or _tracked(output, x, self.down, self.up):
+        if not output.is_contiguous() or output.dtype != x.dtype or _tracked(output, x, self.down, self.up):
             return output + self.delta(x, row_gates)
         if open_rows is None:
             self._accumulate_(output, x, row_gates)
@@ -181,7 +190,7 @@ class FusedLayer:
         # No intermediate as large as the output exists: the second product is added into
         # `output` by BLAS itself (beta = 1), so the output is read and written once.
         down, up, owner = self.weights_on(x.device, x.dtype)
-        gates = self.column_gates(row_gates.to(device=x.device, dtype=x.dtype), owner)  # rows x R
+        gates = self._column_gates(row_gates.to(device=x.device, dtype=x.dtype), owner)  # rows x R
         rows = x.shape[0]
         if self.conv:
             gated_down = gates.unsqueeze(-1) * down  # rows x R x in: the gate folded into D once
@@ -203,7 +212,7 @@ class FusedLayer:
         rounded once to the weight's dtype.
         """
         down, up, owner = self.weights_on(weight.device, torch.float32)
-        column_gates = self.column_gates(gates.to(device=weight.device, dtype=torch.float32), owner)
+        column_gates = self._column_gates(gates.to(device=weight.device, dtype=torch.float32), owner)
         base = weight.detach().reshape(self.out_features, self.in_features).float()
         return torch.addmm(base, up * column_gates, down).to(weight.dtype).reshape(weight.shape)
 

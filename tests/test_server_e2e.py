@@ -37,7 +37,7 @@ def test_pack_nodes_are_served_with_tooltips(object_info):
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[os.path.basename(p) for p in WORKFLOWS])
 def test_shipped_workflow_runs(comfy_server, object_info, path):
     prompt = workflow_to_api(load_workflow(path), object_info)
-    assert any(node["class_type"] == "SPMLoader" for node in prompt.values())
+    assert any(node["class_type"] in ("SPMLoader", "SPMTrain") for node in prompt.values())
     entry = comfy_server.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
@@ -99,3 +99,67 @@ def test_gates_are_sent_to_the_frontend(comfy_server, object_info):
     assert membrane["positive"] == 1.0, "'snoopy sitting on a red doghouse' names the concept: token overlap 1"
     assert membrane["negative"] == 0.0, "negative rows are closed (positive only)"
     assert membrane["node"] is not None
+
+
+def test_interrupting_training_keeps_a_valid_partial_file_and_the_server_serves(comfy_server, object_info):
+    """Cancel mid-training through the real /interrupt: the server stays up, models/spm holds
+    <name>.partial.safetensors (valid, with how far it got) and no final file; the next prompt runs."""
+    import threading
+    import time
+
+    from spm_core.file_format import load_membrane
+
+    prompt = workflow_to_api(load_workflow(os.path.join(REPO, "workflows", "train_then_apply.json")), object_info)
+    trainer = next(node for node in prompt.values() if node["class_type"] == "SPMTrain")
+    name = f"cancelled_{uuid.uuid4().hex[:8]}"
+    trainer["inputs"].update(iterations=100000, name=name, latent_size=8)
+    folder = os.path.join(comfy_server.base_dir, "models", "spm")
+
+    def interrupt_once_training_runs():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            queue = comfy_server.get("/queue")
+            if queue["queue_running"] and progress_seen.is_set():
+                comfy_server.post("/interrupt", {})
+                return
+            time.sleep(0.2)
+
+    progress_seen = threading.Event()
+    watcher = threading.Thread(target=interrupt_once_training_runs, daemon=True)
+    entry = _run_watching_progress(comfy_server, prompt, progress_seen, watcher)
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    assert not os.path.exists(os.path.join(folder, name + ".safetensors"))
+    partial = load_membrane(os.path.join(folder, name + ".partial.safetensors"))
+    done = partial.metadata["training"]["completed_iterations"]
+    assert 1 <= done < 100000 and partial.metadata["training"]["iterations"] == 100000
+    assert comfy_server.run(erase_prompt(object_info))["status"]["status_str"] == "success"
+
+
+def _run_watching_progress(server, prompt, progress_seen, watcher):
+    """Run `prompt`, start `watcher` once it is queued, set `progress_seen` once the server reports
+    progress; the prompt's history entry."""
+    import asyncio
+
+    import aiohttp
+
+    client_id = str(uuid.uuid4())
+
+    async def listen():
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url}/ws?clientId={client_id}") as socket:
+                code, response = server.queue(prompt, client_id)
+                assert code == 200, response
+                watcher.start()
+                async for message in socket:
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    event = json.loads(message.data)
+                    if event["type"] == "progress" and event["data"].get("value", 0) >= 1:
+                        progress_seen.set()
+                    if event["type"] in ("execution_interrupted", "execution_success", "execution_error") \
+                            and event["data"].get("prompt_id") == response["prompt_id"]:
+                        return response["prompt_id"]
+
+    prompt_id = asyncio.run(asyncio.wait_for(listen(), 300))
+    return server.wait(prompt_id)

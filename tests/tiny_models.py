@@ -50,8 +50,10 @@ def model_config_for(arch: str, width: int = 32, context: int = 32):
 
 
 def build_patcher(arch: str = "sd1", seed: int = 0, width: int | None = None, context: int = 32,
-                  v_prediction: bool = False):
-    """A ModelPatcher around a tiny random UNet of the given architecture."""
+                  v_prediction: bool = False, prompt_gain: float = 1.0):
+    """A ModelPatcher around a tiny random UNet of the given architecture. `prompt_gain` scales the
+    cross-attention values, so that prompts change the prediction by a useful amount (random
+    small weights leave a tiny model nearly deaf to its prompt)."""
     width = width or (32 if arch == "sd1" else 64)
     import comfy.model_base
     import comfy.model_management as mm
@@ -64,6 +66,10 @@ def build_patcher(arch: str = "sd1", seed: int = 0, width: int | None = None, co
         model_type = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
         model = comfy.model_base.BaseModel(config, model_type=model_type)
     randomize_(model.diffusion_model, seed)
+    with torch.no_grad():
+        for name, module in model.diffusion_model.named_modules():
+            if name.endswith("attn2.to_v"):
+                module.weight.mul_(prompt_gain)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 

@@ -1,0 +1,157 @@
+"""Train SPM inside ComfyUI (node) and headless (scripts/train_spm.py): the ComfyUI side of
+spm_core.training — the model adapter, prompt encoding, progress, cancel and files."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.samplers
+import torch
+
+from ..spm_core.concepts import Concept, clean_prompt
+from ..spm_core.errors import SPMError
+from ..spm_core.file_format import DIFFUSERS_LAYER, load_membrane, save_membrane
+from ..spm_core.surrogates import Prompt, make_sampler, random_word_prompts
+from ..spm_core.training import ConceptPrompts, StepReport, TrainableMembrane, Trainer, TrainingConfig, training_metadata
+from .runtime import membrane_layers_of
+
+SURROGATE_POOL = 256
+ARCHITECTURE_OF = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SDXL": "sdxl"}
+
+
+class ComfyNoisePredictor:
+    """spm_core's NoisePredictor over a ComfyUI model. ComfyUI's apply_model returns the denoised
+    latent for every prediction type, so eps = (x - denoised) / sigma holds for v-prediction too."""
+
+    def __init__(self, patcher) -> None:
+        self.base = patcher.model
+        self.device = patcher.load_device
+        self.latent_channels = self.base.latent_format.latent_channels
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        return comfy.samplers.calculate_sigmas(self.base.model_sampling, "ddim_uniform", steps).cpu()
+
+    def eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts) -> torch.Tensor:
+        x, sigma = x.to(self.device), sigma.to(self.device)
+        context = torch.cat([p.embedding[None] for p in prompts]).to(self.device)
+        extra = {}
+        if prompts[0].pooled is not None:
+            pooled = torch.cat([p.pooled.reshape(1, -1) for p in prompts])
+            y = self.base.encode_adm(pooled_output=pooled, width=x.shape[-1] * 8, height=x.shape[-2] * 8)
+            if y is not None:
+                extra["y"] = y.to(self.device)
+        denoised = self.base.apply_model(x, sigma, c_crossattn=context, **extra)
+        return (x - denoised) / sigma.reshape(-1, 1, 1, 1)
+
+
+def encode(clip, text: str) -> Prompt:
+    embedding, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return Prompt(embedding[0].float().cpu().clone(), None if pooled is None else pooled[0].float().cpu().clone())
+
+
+def vocabulary_words(clip) -> list[str]:
+    """Whole words from the CLIP BPE vocabulary (entries ending in </w>, letters only)."""
+    tokenizer = getattr(clip.tokenizer, "clip_l", None) or getattr(clip.tokenizer, "clip_h", None) \
+        or getattr(clip.tokenizer, "clip_g", None)
+    vocab = tokenizer.tokenizer.get_vocab()
+    return sorted(w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 6)
+
+
+@dataclass
+class TrainingRequest:
+    targets: list[str]
+    surrogates: list[str]
+    neutral: str
+    config: TrainingConfig
+    path: str
+    resume: bool = False
+
+
+def parse_lines(text: str, what: str) -> list[str]:
+    return [clean_prompt(line, what) for line in text.splitlines() if line.strip()]
+
+
+def partial_path(path: str) -> str:
+    return path[: -len(".safetensors")] + ".partial.safetensors"
+
+
+def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport], None] | None = None):
+    """Train, save `request.path` (or, when cancelled, the partial file) and return
+    (membrane, reports, unet rows per iteration)."""
+    config = request.config.check()
+    if not request.targets:
+        raise SPMError("give at least one target concept (one per line)")
+    if request.surrogates and len(request.surrogates) not in (1, len(request.targets)):
+        raise SPMError(f"{len(request.surrogates)} surrogates for {len(request.targets)} targets: give one, or one per target")
+    surrogates = request.surrogates * len(request.targets) if len(request.surrogates) == 1 else request.surrogates
+    concepts = tuple(Concept(t, surrogate=(surrogates[i] if surrogates else None), neutral=request.neutral or None)
+                     for i, t in enumerate(request.targets))
+    architecture = ARCHITECTURE_OF.get(type(model.model.model_config).__name__, "unknown")
+
+    comfy.model_management.load_models_gpu([model])
+    key_map, shapes = membrane_layers_of(model)
+    names = {name: key for name, key in key_map.items() if DIFFUSERS_LAYER.match(name)}
+    with torch.inference_mode(False), torch.enable_grad():
+        empty = encode(clip, "")
+        prompts = [ConceptPrompts(c, encode(clip, c.target), encode(clip, c.target),
+                                  encode(clip, c.surrogate) if c.surrogate else (encode(clip, c.neutral) if c.neutral else empty))
+                   for c in concepts]
+        avoid = {w for c in concepts for w in re.findall(r"\w+", c.target.lower())}
+
+        def pool_texts() -> list[str]:
+            return random_word_prompts(vocabulary_words(clip), avoid, SURROGATE_POOL, config.seed)
+
+        sampler = make_sampler(config.surrogates, prompts[0].target, pool_texts, lambda text: encode(clip, text))
+        membrane = TrainableMembrane({n: shapes[k] for n, k in names.items()}, config.rank, config.alpha, config.seed)
+        start = _resume_point(request, membrane) if request.resume else 0
+        modules = {n: model.model.get_submodule(k) for n, k in names.items()}
+        trainer = Trainer(ComfyNoisePredictor(model), membrane, prompts, empty, sampler, config)
+        membrane.attach(modules)
+        name = os.path.basename(request.path)[: -len(".safetensors")]
+        completed = start
+        try:
+            def step(report: StepReport) -> None:
+                nonlocal completed
+                completed = report.iteration + 1
+                if on_step is not None:
+                    on_step(report)
+
+            reports = trainer.run(start, step)
+        except BaseException:
+            if completed > start or request.resume:
+                _save(membrane, name, concepts, architecture, config, completed, partial_path(request.path), trainer)
+            raise
+        finally:
+            membrane.detach()
+    result = _save(membrane, name, concepts, architecture, config, config.iterations, request.path, trainer)
+    if os.path.exists(partial_path(request.path)):
+        os.remove(partial_path(request.path))
+    rows = trainer.unet_rows / max(1, config.iterations - start)
+    return result, reports, rows
+
+
+def _resume_point(request: TrainingRequest, membrane: TrainableMembrane) -> int:
+    for candidate in (partial_path(request.path), request.path):
+        if os.path.exists(candidate):
+            saved = load_membrane(candidate)
+            membrane.load_weights(saved)
+            return int((saved.metadata.get("training") or {}).get("completed_iterations", 0))
+    raise SPMError(f"nothing to resume: neither {os.path.basename(partial_path(request.path))} nor "
+                   f"{os.path.basename(request.path)} exists in {os.path.dirname(request.path)}")
+
+
+def _save(membrane: TrainableMembrane, name, concepts, architecture, config, completed, path, trainer):
+    result = membrane.as_membrane(name, concepts, architecture)
+    extra = {"unet_rows_per_iteration": round(trainer.unet_rows / max(1, len(trainer.history)), 2),
+             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    temporary = path + ".tmp"
+    save_membrane(temporary, result, training=training_metadata(config, completed, extra))
+    os.replace(temporary, path)  # a reader never sees a half-written file
+    result.metadata["training"] = training_metadata(config, completed, extra)
+    return result
+

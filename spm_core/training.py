@@ -1,0 +1,259 @@
+"""Training a membrane with Latent Anchoring (DESIGN.md §1), against a small model protocol.
+
+Per iteration, for one of the membrane's concepts:
+  1. roll out k of T deterministic (DDIM/Euler) steps from noise with the membrane ON, conditioned
+     on the target with CFG, giving x at noise level sigma_k; evaluate at that same sigma_k
+     (the official loop evaluates about one step off);
+  2. membrane OFF, one batched call: e_pos, e_neu and every anchor's prediction;
+  3. membrane ON, one batched call with gradients: e_tar and every anchor's prediction;
+  4. loss = ||e_tar - (e_neu - g (e_pos - e_neu))||² + lambda · mean ||anchor_on - anchor_off||².
+No UNet row is evaluated and thrown away (the official loop computes unconditional halves it
+discards). The model adapter turns its output into a noise prediction, so v-prediction models
+train correctly. Randomness comes from (seed, iteration), so a resumed run continues the same
+sequence of draws.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import torch
+
+from .concepts import Concept
+from .errors import SPMError
+from .membrane import LayerWeights, Membrane
+from .surrogates import Prompt
+
+
+@dataclass
+class TrainingConfig:
+    iterations: int = 3000
+    learning_rate: float = 1e-4
+    rank: int = 1
+    alpha: float = 1.0
+    erase_guidance: float = 1.0
+    anchor_strength: float = 1000.0
+    anchor_samples: int = 2
+    rollout_steps: int = 30
+    rollout_cfg: float = 3.0
+    latent_sizes: list[int] = field(default_factory=lambda: [64])
+    restarts: int = 1
+    grad_clip: float = 1.0
+    seed: int = 0
+    surrogates: str = "prompts"
+
+    def check(self) -> TrainingConfig:
+        problems = []
+        if self.iterations < 1:
+            problems.append("iterations must be at least 1")
+        if not (0 < self.learning_rate < 1) or not math.isfinite(self.learning_rate):
+            problems.append(f"learning rate {self.learning_rate} is outside (0, 1)")
+        if self.rank < 1:
+            problems.append("rank must be at least 1")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            problems.append("alpha must be a positive number")
+        if self.anchor_samples < 0 or self.anchor_strength < 0:
+            problems.append("anchor samples and anchor strength cannot be negative")
+        if self.rollout_steps < 2:
+            problems.append("rollout steps must be at least 2")
+        if not self.latent_sizes or any(s < 8 or s % 8 for s in self.latent_sizes):
+            problems.append("latent sizes must be multiples of 8")
+        if problems:
+            raise SPMError("training settings: " + "; ".join(problems))
+        return self
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ConceptPrompts:
+    """The encoded prompts of one concept: target, positive (default = target), neutral
+    (default = "" ; for an edit, the surrogate)."""
+
+    concept: Concept
+    target: Prompt
+    positive: Prompt
+    neutral: Prompt
+
+
+class NoisePredictor(Protocol):
+    """What training needs from a diffusion model."""
+
+    latent_channels: int
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """steps + 1 decreasing noise levels, the last one 0."""
+
+    def eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        """Noise prediction for each row of x at noise level sigma, row i conditioned on prompts[i]."""
+
+
+class TrainableMembrane(torch.nn.Module):
+    """A membrane whose downs and ups are fp32 parameters, attached to model layers with forward
+    hooks that add its branch while `enabled` is set."""
+
+    def __init__(self, layer_shapes: Mapping[str, tuple[int, int, bool]], rank: int, alpha: float, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.names = sorted(layer_shapes)
+        self.alpha, self.conv = alpha, {name: layer_shapes[name][2] for name in self.names}
+        self.down = torch.nn.ParameterList()
+        self.up = torch.nn.ParameterList()
+        for name in self.names:
+            out_features, in_features, _ = layer_shapes[name]
+            bound = 1.0 / math.sqrt(in_features)  # kaiming-uniform with a = sqrt(5), as nn.Linear
+            self.down.append(torch.nn.Parameter((torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound))
+            self.up.append(torch.nn.Parameter(torch.zeros(out_features, rank)))
+        self.enabled = False
+        self._handles: list = []
+
+    def layer(self, index: int) -> LayerWeights:
+        return LayerWeights(down=self.down[index], up=self.up[index], alpha=self.alpha, conv=self.conv[self.names[index]])
+
+    def load_weights(self, membrane: Membrane) -> None:
+        with torch.no_grad():
+            for index, name in enumerate(self.names):
+                if name not in membrane.layers:
+                    raise SPMError(f"cannot resume: the saved membrane has no layer {name}")
+                saved = membrane.layers[name]
+                if saved.down.shape != self.down[index].shape or saved.up.shape != self.up[index].shape:
+                    raise SPMError(f"cannot resume: layer {name} has another shape (rank {saved.rank}?)")
+                self.down[index].copy_(saved.down)
+                self.up[index].copy_(saved.up)
+
+    def attach(self, modules: Mapping[str, torch.nn.Module]) -> None:
+        self.detach()
+        for index, name in enumerate(self.names):
+            self._handles.append(modules[name].register_forward_hook(self._hook(index)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, index: int):
+        def hook(module, inputs, output):
+            if not self.enabled:
+                return None
+            # the branch runs in fp32 whatever the base precision
+            return output + self.layer(index).branch(inputs[0].float()).to(output.dtype)
+        return hook
+
+    def as_membrane(self, name: str, concepts: tuple[Concept, ...], architecture: str, metadata: dict | None = None) -> Membrane:
+        layers = {n: LayerWeights(self.down[i].detach().clone(), self.up[i].detach().clone(), self.alpha, self.conv[n])
+                  for i, n in enumerate(self.names)}
+        return Membrane(name=name, concepts=concepts, layers=layers, architecture=architecture, metadata=metadata or {})
+
+
+@dataclass
+class StepReport:
+    iteration: int
+    loss: float
+    erase_loss: float
+    anchor_loss: float
+    learning_rate: float
+
+
+class Trainer:
+    """Runs the loop. `callback(report)` is called after every iteration (progress, cancel)."""
+
+    def __init__(self, model: NoisePredictor, membrane: TrainableMembrane, concepts: Sequence[ConceptPrompts],
+                 empty: Prompt, surrogates, config: TrainingConfig) -> None:
+        if not concepts:
+            raise SPMError("nothing to train: give at least one target concept")
+        self.model, self.membrane, self.concepts, self.empty = model, membrane, list(concepts), empty
+        self.surrogates, self.config = surrogates, config.check()
+        self.optimizer = torch.optim.AdamW(membrane.parameters(), lr=config.learning_rate)
+        cycle = max(1, math.ceil(config.iterations / max(1, config.restarts)))
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cycle)
+        self.history: list[StepReport] = []
+        self.unet_rows = 0  # noise predictions computed, counted per batch row
+
+    def run(self, start: int = 0, callback: Callable[[StepReport], None] | None = None) -> list[StepReport]:
+        for _ in range(start):
+            self.scheduler.step()  # a resumed run continues the same learning-rate schedule
+        for iteration in range(start, self.config.iterations):
+            report = self.step(iteration)
+            self.history.append(report)
+            if callback is not None:
+                callback(report)
+        return self.history
+
+    def step(self, iteration: int) -> StepReport:
+        config = self.config
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
+        concept = self.concepts[int(torch.randint(len(self.concepts), (), generator=generator))]
+        size = config.latent_sizes[int(torch.randint(len(config.latent_sizes), (), generator=generator))]
+        k = int(torch.randint(1, config.rollout_steps, (), generator=generator))
+        x, sigma = self._rollout(concept.target, size, k, generator)
+        anchors = self.surrogates.sample(config.anchor_samples, generator) if config.anchor_strength > 0 else []
+
+        with torch.no_grad():
+            self.membrane.enabled = False
+            off = self._eps(x, sigma, [concept.positive, concept.neutral, *anchors])
+        e_pos, e_neu, anchors_off = off[:1], off[1:2], off[2:]
+        target = e_neu - config.erase_guidance * (e_pos - e_neu)
+
+        self.membrane.enabled = True
+        try:
+            on = self._eps(x, sigma, [concept.target, *anchors])
+        finally:
+            self.membrane.enabled = False
+        erase_loss = torch.nn.functional.mse_loss(on[:1].float(), target.float())
+        anchor_loss = torch.nn.functional.mse_loss(on[1:].float(), anchors_off.float()) if anchors else torch.zeros(())
+        loss = erase_loss + config.anchor_strength * anchor_loss
+        if not torch.isfinite(loss):
+            raise SPMError(f"training diverged at iteration {iteration} (loss {loss.item()}); lower the learning rate")
+
+        parameters = list(self.membrane.parameters())
+        gradients = torch.autograd.grad(loss, parameters)  # only the membrane: base weights stay untouched
+        for parameter, gradient in zip(parameters, gradients):
+            parameter.grad = gradient
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return StepReport(iteration, loss.item(), erase_loss.item(), anchor_loss.item(), learning_rate)
+
+    def _eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[Prompt]) -> torch.Tensor:
+        rows = len(prompts)
+        self.unet_rows += rows
+        return self.model.eps(x.repeat(rows, 1, 1, 1), sigma.repeat(rows), prompts)
+
+    @torch.no_grad()
+    def _rollout(self, target: Prompt, size: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """k deterministic steps from pure noise, membrane ON, CFG on the target; returns (x, sigma_k)."""
+        sigmas = self.model.sigmas(self.config.rollout_steps).float()
+        x = torch.randn(1, self.model.latent_channels, size, size, generator=generator) * sigmas[0]
+        self.membrane.enabled = True
+        try:
+            for i in range(k):
+                both = self._eps(x, sigmas[i:i + 1], [self.empty, target])
+                eps = both[:1] + self.config.rollout_cfg * (both[1:] - both[:1])
+                x = x + (sigmas[i + 1] - sigmas[i]) * eps
+        finally:
+            self.membrane.enabled = False
+        return x, sigmas[k:k + 1]
+
+
+def training_metadata(config: TrainingConfig, completed: int, extra: Mapping | None = None) -> dict:
+    """What goes into the file's `training` metadata: the config, how far it got, and any extras."""
+    return {**config.to_json(), "completed_iterations": completed, **(extra or {})}
+
+
+def config_from_json(text: str) -> TrainingConfig:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SPMError(f"training config is not valid JSON: {error}") from None
+    known = set(TrainingConfig.__dataclass_fields__)
+    unknown = set(values) - known - {"completed_iterations"}
+    if unknown:
+        raise SPMError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+    return TrainingConfig(**{k: v for k, v in values.items() if k in known}).check()
