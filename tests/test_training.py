@@ -167,3 +167,25 @@ def test_sd2_v_prediction_and_sdxl_paths_train(arch, v_prediction, tmp_path, spm
     assert any(layer.up.abs().max() > 0 for layer in membrane.layers.values()), "the membrane never moved"
     saved = pack_module("spm_core.file_format").load_membrane(str(tmp_path / f"{arch}.safetensors"))
     assert saved.architecture == {"sd2": "sd2", "sdxl": "sdxl"}[arch]
+
+
+def test_command_line_trains_from_a_checkpoint_and_a_yaml_config(tmp_path, spm_world):
+    """scripts/train_spm.py on the tiny SD1.5 checkpoint (what CheckpointLoaderSimple loads)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import COMFYUI_ROOT, REPO
+
+    from scripts.tiny_assets import cached_checkpoint
+
+    (tmp_path / "train.yaml").write_text("iterations: 2\nlearning_rate: 1.0e-3\nlatent_sizes: [8]\nrollout_steps: 3\n")
+    out = tmp_path / "cli.safetensors"
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "train_spm.py"), cached_checkpoint(), "--target", "snoopy",
+         "--config", str(tmp_path / "train.yaml"), "--out", str(out), "--cpu", "--comfyui", COMFYUI_ROOT],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2/2 loss" in result.stdout and "saved" in result.stdout
+    saved = pack_module("spm_core.file_format").load_membrane(str(out))
+    assert saved.architecture == "sd1" and saved.metadata["training"]["iterations"] == 2

@@ -1,0 +1,118 @@
+"""Train a membrane headless, e.g. on a remote GPU: the same training as the Train SPM node.
+
+usage: python scripts/train_spm.py CHECKPOINT.safetensors --target "snoopy" [--config train.yaml]
+           [--surrogate "a dog"] [--neutral ""] [--out models/spm/snoopy.safetensors] [--resume]
+           [--comfyui PATH/TO/ComfyUI] [--clip-skip N]
+The config (YAML or JSON) holds spm_core.training.TrainingConfig fields, e.g.
+    iterations: 3000
+    learning_rate: 1.0e-4
+    anchor_strength: 1000
+    latent_sizes: [64]
+Command-line flags --iterations / --lr / --seed override it. Ctrl-C stops cleanly and leaves
+<out>.partial.safetensors, which --resume continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_HOST = os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="SD1.x / SD2.x / SDXL checkpoint (.safetensors)")
+    parser.add_argument("--target", action="append", required=True, help="concept to erase (repeat for several)")
+    parser.add_argument("--surrogate", action="append", default=[], help="edit: what the target becomes")
+    parser.add_argument("--neutral", default="", help="neutral prompt (default: empty)")
+    parser.add_argument("--config", help="YAML or JSON file with training settings")
+    parser.add_argument("--iterations", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--out", help="output file (default: ./<first target>.safetensors)")
+    parser.add_argument("--resume", action="store_true", help="continue <out>.partial.safetensors")
+    parser.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's N-th last layer (like CLIPSetLastLayer -N)")
+    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_ROOT", DEFAULT_HOST), help="ComfyUI folder")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU")
+    return parser.parse_args(argv)
+
+
+def load_pack(comfy_root: str):
+    """Import this pack through ComfyUI's own custom-node loader (its modules use relative imports)."""
+    import nodes
+
+    link = os.path.join(tempfile.mkdtemp(prefix="spm_cli_"), "comfyui_spm")
+    os.symlink(REPO, link)
+    if not asyncio.run(nodes.load_custom_node(link)):
+        raise SystemExit("ComfyUI could not import the SPM pack")
+    return link.replace(".", "_x_")
+
+
+def read_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            return yaml.safe_load(handle) or {}
+        return json.load(handle)
+
+
+def main(argv: list[str]) -> None:
+    options = parse_args(argv)
+    sys.path[:0] = [options.comfyui, REPO]
+    from comfy.cli_args import args
+
+    args.cpu = options.cpu or not _has_accelerator()
+    import importlib
+
+    import comfy.sd
+    import torch
+
+    package = load_pack(options.comfyui)
+    training = importlib.import_module(f"{package}.nodes.training")
+    TrainingConfig = importlib.import_module(f"{package}.spm_core.training").TrainingConfig
+    values = read_config(options.config)
+    for key, value in (("iterations", options.iterations), ("learning_rate", options.lr), ("seed", options.seed)):
+        if value is not None:
+            values[key] = value
+    config = TrainingConfig(**values).check()
+    out = os.path.abspath(options.out or f"{options.target[0].replace(' ', '_')}.safetensors")
+    model, clip = comfy.sd.load_checkpoint_guess_config(options.checkpoint, output_vae=False)[:2]
+    if options.clip_skip:
+        clip = clip.clone()
+        clip.clip_layer(-options.clip_skip)
+    request = training.TrainingRequest(options.target, options.surrogate, options.neutral, config, out, options.resume)
+    started = time.monotonic()
+
+    def report(step) -> None:
+        done = step.iteration + 1
+        if done % max(1, config.iterations // 50) == 0 or done == config.iterations:
+            eta = (time.monotonic() - started) / done * (config.iterations - done)
+            print(f"{done}/{config.iterations} loss {step.loss:.5g} (erase {step.erase_loss:.4g}, anchor "
+                  f"{step.anchor_loss:.4g}) lr {step.learning_rate:.3g} ETA {eta:.0f}s", flush=True)
+
+    try:
+        with torch.inference_mode(False):
+            _, reports, rows = training.train(model, clip, request, report)
+    except KeyboardInterrupt:
+        raise SystemExit(f"stopped; progress kept in {training.partial_path(out)} (continue with --resume)") from None
+    print(f"saved {out}: {len(reports)} iterations, {rows:.1f} UNet rows per iteration")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
