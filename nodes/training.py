@@ -3,6 +3,7 @@ spm_core.training — the model adapter, prompt encoding, progress, cancel and f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -47,6 +48,25 @@ class ComfyNoisePredictor:
                 extra["y"] = y.to(self.device)
         denoised = self.base.apply_model(x, sigma, c_crossattn=context, **extra)
         return (x - denoised) / sigma.reshape(-1, 1, 1, 1)
+
+
+@contextlib.contextmanager
+def trainable_copies(module: torch.nn.Module):
+    """Parameters loaded under ComfyUI's inference mode cannot be saved for backward, and the
+    membrane's gradient flows back through every UNet layer. Swap such parameters for plain
+    copies while training (this costs one more copy of the UNet weights) and put the originals
+    back afterwards, so the model other nodes share is as it was."""
+    swapped = []
+    for sub in module.modules():
+        for name, parameter in list(sub._parameters.items()):
+            if parameter is not None and parameter.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(parameter.clone(), requires_grad=False)
+                swapped.append((sub, name, parameter))
+    try:
+        yield
+    finally:
+        for sub, name, parameter in swapped:
+            sub._parameters[name] = parameter
 
 
 def encode(clip, text: str) -> Prompt:
@@ -111,23 +131,25 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
         start = _resume_point(request, membrane) if request.resume else 0
         modules = {n: model.model.get_submodule(k) for n, k in names.items()}
         trainer = Trainer(ComfyNoisePredictor(model), membrane, prompts, empty, sampler, config)
-        membrane.attach(modules)
         name = os.path.basename(request.path)[: -len(".safetensors")]
         completed = start
-        try:
-            def step(report: StepReport) -> None:
-                nonlocal completed
-                completed = report.iteration + 1
-                if on_step is not None:
-                    on_step(report)
 
-            reports = trainer.run(start, step)
-        except BaseException:
-            if completed > start or request.resume:
-                _save(membrane, name, concepts, architecture, config, completed, partial_path(request.path), trainer)
-            raise
-        finally:
-            membrane.detach()
+        def step(report: StepReport) -> None:
+            nonlocal completed
+            completed = report.iteration + 1
+            if on_step is not None:
+                on_step(report)
+
+        with trainable_copies(model.model.diffusion_model):
+            membrane.attach(modules)
+            try:
+                reports = trainer.run(start, step)
+            except BaseException:  # cancel included: keep what was trained, resumable
+                if completed > start or request.resume:
+                    _save(membrane, name, concepts, architecture, config, completed, partial_path(request.path), trainer)
+                raise
+            finally:
+                membrane.detach()
     result = _save(membrane, name, concepts, architecture, config, config.iterations, request.path, trainer)
     if os.path.exists(partial_path(request.path)):
         os.remove(partial_path(request.path))

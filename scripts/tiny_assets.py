@@ -29,7 +29,9 @@ UNET = {
 }
 
 
-def randomize_(module, seed: int, std: float = 0.02):
+def randomize_(module, seed: int, std: float = 0.02, bias_std: float = 0.0):
+    """Deterministic values for a module ComfyUI built with uninitialised (torch.empty) weights:
+    norms weight 1 / bias 0, other weights N(0, std), biases N(0, bias_std) (0: zero)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -39,10 +41,11 @@ def randomize_(module, seed: int, std: float = 0.02):
             for name, param in sub.named_parameters(recurse=False):
                 if is_norm:
                     param.fill_(1.0 if name == "weight" else 0.0)
-                elif name == "bias":
+                elif name == "bias" and not bias_std:
                     param.zero_()
                 else:
-                    param.copy_((torch.randn(param.shape, generator=generator) * std).to(param.dtype))
+                    scale = bias_std if name == "bias" else std
+                    param.copy_((torch.randn(param.shape, generator=generator) * scale).to(param.dtype))
     return module
 
 

@@ -8,22 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from scripts import tiny_assets as assets
+
 ARCH_CLASSES = {"sd1": "SD15", "sd2": "SD20", "sdxl": "SDXL"}
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    """Norms get weight 1 / bias 0, biases small noise, other weights N(0, std), all from `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in module.modules():
-            is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-            for name, param in sub.named_parameters(recurse=False):
-                if is_norm:
-                    param.fill_(1.0 if name == "weight" else 0.0)
-                else:
-                    scale = std * 0.1 if name == "bias" else std
-                    param.copy_((torch.randn(param.shape, generator=generator) * scale).to(param.dtype))
-    return module
+    """Weights N(0, std), biases N(0, std / 10), norms (1, 0), all from `seed`."""
+    return assets.randomize_(module, seed, std=std, bias_std=std * 0.1)
 
 
 def unet_config(arch: str, width: int = 32, context: int = 32) -> dict:
