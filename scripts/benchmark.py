@@ -4,15 +4,17 @@ Prints one table: the fused stack at 1/5/20/50 membranes, one branch per membran
 baseline), an all-zero gate batch, the static-gate fold, and the Facilitated Transport gate
 computation, each beside its DESIGN.md §6 target.
 
-Two measures per case:
-  hook ratio  1 + (time inside the membrane hooks during a forward) / (bare forward). The hook
-              bodies are timed with perf_counter; robust to machine load, which scales both.
-  wall A/B    forwards of the bare model and of every case interleaved round by round (the case
-              order rotates each round); the ratio of each run to the same round's bare run,
-              median over rounds. Noisy on a shared machine.
+Forwards of the bare model and of every case run interleaved, round by round (the order
+rotates each round). Measures per case:
+  hook ratio  1 + (CPU time inside the membrane hook bodies during a forward) / (bare forward
+              CPU time), medians; the hook bodies are timed in this script, not in the library.
+  A/B CPU     median forward CPU time of the case over that of the bare model.
+  A/B wall    the same with wall-clock time: what DESIGN.md §6 asks for, and what a busy
+              machine (tests running beside it) skews most.
 
-    python scripts/benchmark.py            # 64x64 latent, 5 rounds: ~8 min on 2 idle cores
-    python scripts/benchmark.py --quick    # 32x32 latent, 3 rounds: ~1.5 min
+    python scripts/benchmark.py               # 64x64 latent, 5 rounds: ~8 min on 2 idle cores
+    python scripts/benchmark.py --quick       # 32x32 latent, 3 rounds: ~1.5 min
+    python scripts/benchmark.py --threads 1   # steadier when other processes share the cores
 
 COMFYUI_ROOT selects the host tree (default ~/.cache/spm-comfy-host/ComfyUI).
 """
@@ -63,31 +65,45 @@ FOLD_COUNT = 20
 
 @dataclass
 class Case:
-    """One way to run the model; `arm` is a context manager that applies it around a forward."""
+    """One way to run the model; `arm` is a context manager that applies it around a forward.
+    Times are (wall, cpu) seconds: per round for the forward, per run for the hook bodies."""
 
     label: str
     short: str
     target: str
     arm: Callable[[], contextlib.AbstractContextManager]
     rounds: int
-    hook_seconds: list[float] = field(default_factory=list)
-    walls: dict[int, float] = field(default_factory=dict)
+    runs: dict[int, tuple[float, float]] = field(default_factory=dict)
+    hooks: list[tuple[float, float]] = field(default_factory=list)
     output: torch.Tensor | None = None
 
 
+def now() -> tuple[float, float]:
+    """(wall, cpu) clocks. CPU time is the process's, all threads: a process that another one
+    pushes off the cores does not accrue it, so it holds steady on a busy machine."""
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = now()
+    return wall - start[0], cpu - start[1]
+
+
 class HookClock:
-    """Accumulates the time spent inside membrane hook bodies."""
+    """Accumulates the (wall, cpu) time spent inside membrane hook bodies."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.wall = self.cpu = 0.0
 
     def timed(self, hook: Callable) -> Callable:
         def wrapper(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            start = time.perf_counter()
+            start = now()
             try:
                 return hook(module, inputs, output)
             finally:
-                self.seconds += time.perf_counter() - start
+                wall, cpu = since(start)
+                self.wall += wall
+                self.cpu += cpu
 
         return wrapper
 
@@ -168,6 +184,18 @@ def naive(membranes: list[Membrane], key_map: dict[str, str], modules: dict[str,
 
 
 @contextlib.contextmanager
+def output_pass(modules: dict[str, torch.nn.Module], clock: HookClock) -> Iterator[None]:
+    """The floor of any output hook: each target output read and written once more, no math."""
+    handles = [module.register_forward_hook(clock.timed(lambda module, inputs, output: output.add_(0.0)))
+               for module in modules.values()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def folded(modules: dict[str, torch.nn.Module], weights: dict[str, torch.Tensor]) -> Iterator[None]:
     """Swap the folded weights in (no hooks), and the untouched originals back afterwards."""
     originals = {key: modules[key].weight for key in weights}
@@ -206,28 +234,51 @@ def run_rounds(cases: list[Case], bare: Case, forward: Callable[[], torch.Tensor
         shift = round_index % len(due)
         for case in due[shift:] + due[:shift]:  # rotate so no case always runs first or last
             clock = clocks.get(case.label)
-            before = clock.seconds if clock else 0.0
+            before = (clock.wall, clock.cpu) if clock else None
             with case.arm():
-                start = time.perf_counter()
+                start = now()
                 out = forward()
-                case.walls[round_index] = time.perf_counter() - start
+                case.runs[round_index] = since(start)
             if clock:
-                case.hook_seconds.append(clock.seconds - before)
+                case.hooks.append((clock.wall - before[0], clock.cpu - before[1]))
             if case.output is None:
                 case.output = out
-        bare_wall = bare.walls[round_index]
+        bare_wall = bare.runs[round_index][0]
         print(f"  round {round_index + 1}/{rounds}: bare {bare_wall:.2f} s; wall ratios "
-              + " ".join(f"{c.short} {c.walls[round_index] / bare_wall:.3f}" for c in cases if round_index in c.walls),
+              + " ".join(f"{c.short} {c.runs[round_index][0] / bare_wall:.3f}" for c in cases if round_index in c.runs),
               flush=True)
 
 
-def wall_ratio(case: Case, bare: Case) -> float:
-    return statistics.median(case.walls[r] / bare.walls[r] for r in case.walls)
+def median_ratio(case: Case, bare: Case, clock: int) -> float:
+    """Median forward time of this case over the bare model's. Medians of the two interleaved
+    series rather than per-round pairs: a case with one or two runs would otherwise inherit
+    whatever disturbed its round's single bare run."""
+    return statistics.median(run[clock] for run in case.runs.values()) / statistics.median(run[clock] for run in bare.runs.values())
+
+
+def print_table(cases: list[Case], bare: Case) -> None:
+    bare_wall = statistics.median(run[0] for run in bare.runs.values())
+    bare_cpu = statistics.median(run[1] for run in bare.runs.values())
+    walls = [run[0] for run in bare.runs.values()]
+    print(f"\nbare forward: median {bare_wall:.2f} s wall, {bare_cpu:.2f} s CPU over {len(walls)} runs "
+          f"(wall min {min(walls):.2f}, max {max(walls):.2f})")
+    header = (f"{'case':30s} {'hook ratio':>10s} {'hook ms':>8s} {'A/B CPU':>8s} {'A/B wall':>8s} {'runs':>4s}"
+              "   DESIGN §6 target")
+    print(header)
+    print("-" * (len(header) + 10))
+    for case in cases:
+        if case.hooks:
+            hook_cpu = statistics.median(cpu for _, cpu in case.hooks)
+            hook_cells = f"{1 + hook_cpu / bare_cpu:9.4f}x {hook_cpu * 1e3:8.1f}"
+        else:
+            hook_cells = f"{'no hooks':>10s} {'-':>8s}"
+        print(f"{case.label:30s} {hook_cells} {median_ratio(case, bare, 1):7.3f}x {median_ratio(case, bare, 0):7.3f}x "
+              f"{len(case.runs):4d}   {case.target}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32x32 latent and 3 rounds (about 1.5 min)")
+    parser.add_argument("--quick", action="store_true", help="32x32 latent and 3 rounds")
     parser.add_argument("--rounds", type=int, help="interleaved rounds for bare and fused (default 5, quick 3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     options = parser.parse_args()
@@ -242,22 +293,27 @@ def main() -> None:
     key_map = key_map_of(patcher)
     modules = modules_of(patcher, key_map)
     shapes = shapes_of(modules)
-    membranes = [random_membrane(key_map, modules, seed=100 + i, target=f"concept{i}", std=0.05) for i in range(max(COUNTS))]
+    most = max(COUNTS)
+    membranes = [random_membrane(key_map, modules, seed=100 + i, target=f"concept{i}", std=0.05) for i in range(most)]
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, side, side, generator=generator)
     timestep = torch.full((2,), 500.0)
     context = torch.randn(2, 77, 768, generator=generator)
     # per-row gates that differ between the two rows (a CFG pair), all open
-    gates = torch.rand(2, max(COUNTS), generator=generator) * 0.7 + 0.3
+    gates = torch.rand(2, most, generator=generator) * 0.7 + 0.3
     unet = patcher.model.diffusion_model
 
     def forward() -> torch.Tensor:
         return unet(x, timestep, context=context)
 
+    load = os.getloadavg()[0]
     print(f"SPM membrane benchmark: full-size SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M "
           f"parameters, ComfyUI classes), fp32 CPU, {torch.get_num_threads()} threads, latent {side}x{side}, batch 2, "
-          f"context (2, 77, 768), {len(key_map)} membrane layers, rank 1; set-up {time.perf_counter() - started:.0f} s",
-          flush=True)
+          f"context (2, 77, 768), {len(key_map)} membrane layers, rank 1; set-up {time.perf_counter() - started:.0f} s; "
+          f"load average {load:.2f} on {os.cpu_count()} CPUs", flush=True)
+    if load > 1.5:
+        print("  the machine is busy: wall times are skewed (CPU-time columns much less so); multi-threaded kernels "
+              "stall when another process holds a core, so --threads 1 is steadier here", flush=True)
 
     clocks: dict[str, HookClock] = {}
     stacks = {n: MembraneStack([MembraneUse(m) for m in membranes[:n]], key_map, shapes) for n in COUNTS}
@@ -269,16 +325,18 @@ def main() -> None:
 
     cases = [hooked_case(f"fused, {n} membranes", f"fused{n}", FUSED_TARGET[n], rounds,
                          lambda clock, n=n: fused(stacks[n], modules, gates[:, :n], clock)) for n in COUNTS]
-    cases.append(hooked_case(f"all-zero gates, {max(COUNTS)} membranes", "zero", "~1.00x (early exit)", max(1, rounds // 2),
-                             lambda clock: fused(stacks[max(COUNTS)], modules, torch.zeros(2, max(COUNTS)), clock)))
+    cases.append(hooked_case("floor: one pass over outputs", "floor", "(reference: the cost of any output hook)",
+                             max(1, rounds // 2), lambda clock: output_pass(modules, clock)))
+    zero_label = f"all-zero gates, {most} membranes"
+    cases.append(hooked_case(zero_label, "zero", "~1.00x (early exit)", max(1, rounds // 2),
+                             lambda clock: fused(stacks[most], modules, torch.zeros(2, most), clock)))
 
-    static_gates = gates[0, :FOLD_COUNT]
     base_weights = {key: modules[key].weight for key in stacks[FOLD_COUNT].layers}
     base_sums = {key: weight.double().sum() for key, weight in base_weights.items()}
     fold_seconds = []
     for _ in range(3):
         start = time.perf_counter()
-        folded_weights = stacks[FOLD_COUNT].folded_weights(base_weights, static_gates)
+        folded_weights = stacks[FOLD_COUNT].folded_weights(base_weights, gates[0, :FOLD_COUNT])
         fold_seconds.append(time.perf_counter() - start)
     fold_bytes = sum(w.numel() * w.element_size() for w in folded_weights.values())
     cases.append(Case(f"static fold, {FOLD_COUNT} membranes", "fold", "~1.00x", lambda: folded(modules, folded_weights),
@@ -290,33 +348,19 @@ def main() -> None:
     forward()  # warm-up: first-touch allocations, kernel selection
     run_rounds(cases, bare, forward, clocks, rounds)
 
-    bare_median = statistics.median(bare.walls.values())
-    print()
-    print(f"bare forward: median {bare_median:.2f} s over {len(bare.walls)} runs "
-          f"(min {min(bare.walls.values()):.2f}, max {max(bare.walls.values()):.2f})")
-    header = f"{'case':32s} {'hook ratio':>11s} {'hook ms/fwd':>12s} {'wall A/B':>9s} {'runs':>5s}   DESIGN §6 target"
-    print(header)
-    print("-" * len(header))
-    for case in cases:
-        if case.hook_seconds:
-            hook = statistics.median(case.hook_seconds)
-            hook_cells = f"{1 + hook / bare_median:10.4f}x {hook * 1e3:12.1f}"
-        else:
-            hook_cells = f"{'no hooks':>11s} {'-':>12s}"
-        print(f"{case.label:32s} {hook_cells} {wall_ratio(case, bare):8.3f}x {len(case.walls):5d}   {case.target}")
-    print(f"{'static fold time, 20 membranes':32s} {min(fold_seconds):9.3f} s (min of 3; copies {fold_bytes / 2**30:.2f} GiB "
-          f"of weights)   <= 0.5 s")
-    median_us, best_us = time_transport(50, seed=2)
-    print(f"{'gates: paper transport, 50 x 1':32s} {median_us:9.0f} µs per call (best {best_us:.0f}; 2 rows with token ids)"
-          f"   <= 1000 µs per model call")
+    print_table(cases, bare)
+    print(f"{'static fold time, 20 membranes':30s} {min(fold_seconds):8.3f} s wall (min of 3; a new copy of "
+          f"{fold_bytes / 2**30:.2f} GiB of weights)   <= 0.5 s")
+    median_us, best_us = time_transport(most, seed=2)
+    print(f"{'gates: paper transport, 50x1':30s} {median_us:8.0f} µs per call (best {best_us:.0f}; 2 rows, token ids, "
+          "uncached)   <= 1000 µs per model call")
 
     by_label = {case.label: case for case in cases}
-    zero = by_label[f"all-zero gates, {max(COUNTS)} membranes"]
-    opened = by_label[f"fused, {max(COUNTS)} membranes"]
-    print(f"checks: all-zero gates bit-identical to bare: {torch.equal(zero.output, bare.output)}; "
+    opened = by_label[f"fused, {most} membranes"]
+    print(f"checks: all-zero gates bit-identical to bare: {torch.equal(by_label[zero_label].output, bare.output)}; "
           f"open membranes change the output: {not torch.equal(opened.output, bare.output)}; "
           f"base weights untouched by the fold: {all(torch.equal(w.double().sum(), base_sums[k]) for k, w in base_weights.items())}")
-    print(f"total {time.perf_counter() - started:.0f} s")
+    print(f"total {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

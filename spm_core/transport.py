@@ -65,15 +65,22 @@ def token_overlap(prompt_tokens: frozenset[int], concept_tokens: frozenset[int])
 def chunked_flat_cosine(rows: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
     """Cosine of flattened embeddings: rows (B, N, D) against concepts (C, L, D) -> (B, C).
     N is cut into L-token chunks (the last one zero-padded) and the best chunk counts."""
-    batch, tokens, width = rows.shape
-    length = concepts.shape[1]
-    if concepts.shape[2] != width:
-        raise SPMError(f"prompt embeddings are {width} wide but the concept embeddings {concepts.shape[2]}: "
+    if concepts.shape[2] != rows.shape[2]:
+        raise SPMError(f"prompt embeddings are {rows.shape[2]} wide but the concept embeddings {concepts.shape[2]}: "
                        "they were encoded with a different text encoder")
+    flat_concepts = F.normalize(concepts.float().reshape(concepts.shape[0], -1), dim=-1)
+    return _cosine_to_flat(rows, flat_concepts, concepts.shape[1])
+
+
+def _cosine_to_flat(rows: torch.Tensor, flat_concepts: torch.Tensor, length: int) -> torch.Tensor:
+    """`chunked_flat_cosine` against concepts already flattened and normalised to (C, L*D)."""
+    batch, tokens, width = rows.shape
+    if flat_concepts.shape[1] != length * width:
+        raise SPMError(f"prompt embeddings are {width} wide but the concept embeddings "
+                       f"{flat_concepts.shape[1] // length}: they were encoded with a different text encoder")
     chunks = -(-tokens // length)
     padded = F.pad(rows.float(), (0, 0, 0, chunks * length - tokens))
     flat_rows = F.normalize(padded.reshape(batch, chunks, length * width), dim=-1)
-    flat_concepts = F.normalize(concepts.float().reshape(concepts.shape[0], -1), dim=-1)
     return (flat_rows @ flat_concepts.t()).amax(dim=1)
 
 
@@ -104,7 +111,10 @@ class Transport:
         self.concept_owner = torch.tensor([m for m, concepts in enumerate(membranes) for _ in concepts])
         embeddings = torch.stack([c.embedding.float() for c in flat])
         self.empty = None if empty is None else empty.float()
-        self.concepts = embeddings - self.empty if mode is TransportMode.CALIBRATED else embeddings
+        concepts = embeddings - self.empty if mode is TransportMode.CALIBRATED else embeddings
+        # flattened and normalised once: per call only the rows are (a 50-concept bank is ~12 MB)
+        self.length = concepts.shape[1]
+        self.flat_concepts = F.normalize(concepts.reshape(concepts.shape[0], -1), dim=-1)
         self.concept_tokens = [c.token_ids for c in flat]
 
     def gates(self, rows: torch.Tensor, row_tokens: Sequence[frozenset[int] | None] | None = None) -> torch.Tensor:
@@ -115,7 +125,9 @@ class Transport:
         if self.mode is TransportMode.CALIBRATED:
             chunks = -(-rows.shape[1] // self.empty.shape[0])
             rows = rows.float() - self.empty.to(rows.device).repeat(chunks, 1)[: rows.shape[1]]
-        similarity = chunked_flat_cosine(rows, self.concepts.to(rows.device)).cpu()
+        if self.flat_concepts.device != rows.device:
+            self.flat_concepts = self.flat_concepts.to(rows.device)
+        similarity = _cosine_to_flat(rows, self.flat_concepts, self.length).cpu()
         if self.mode is TransportMode.CALIBRATED:
             similarity = ((similarity - self.threshold) / (self.saturation - self.threshold)).clamp(0.0, 1.0)
         if self.mode is not TransportMode.COSINE and row_tokens is not None:
