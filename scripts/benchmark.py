@@ -175,19 +175,21 @@ def fused(stack: MembraneStack, modules: dict[str, torch.nn.Module], gates: torc
 @contextlib.contextmanager
 def naive(membranes: list[Membrane], key_map: dict[str, str], modules: dict[str, torch.nn.Module],
           gates: torch.Tensor, clock: HookClock) -> Iterator[None]:
-    handles = naive_hooks(membranes, key_map, modules, gates, clock)
-    try:
+    with removed_after(naive_hooks(membranes, key_map, modules, gates, clock)):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
 def output_pass(modules: dict[str, torch.nn.Module], clock: HookClock) -> Iterator[None]:
     """The floor of any output hook: each target output read and written once more, no math."""
-    handles = [module.register_forward_hook(clock.timed(lambda module, inputs, output: output.add_(0.0)))
-               for module in modules.values()]
+    with removed_after([module.register_forward_hook(clock.timed(lambda module, inputs, output: output.add_(0.0)))
+                        for module in modules.values()]):
+        yield
+
+
+@contextlib.contextmanager
+def removed_after(handles: list) -> Iterator[None]:
+    """Hook handles removed when the block ends, however it ends."""
     try:
         yield
     finally:

@@ -15,7 +15,6 @@ sequence of draws.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -246,14 +245,3 @@ def training_metadata(config: TrainingConfig, completed: int, extra: Mapping | N
     """What goes into the file's `training` metadata: the config, how far it got, and any extras."""
     return {**config.to_json(), "completed_iterations": completed, **(extra or {})}
 
-
-def config_from_json(text: str) -> TrainingConfig:
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SPMError(f"training config is not valid JSON: {error}") from None
-    known = set(TrainingConfig.__dataclass_fields__)
-    unknown = set(values) - known - {"completed_iterations"}
-    if unknown:
-        raise SPMError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
-    return TrainingConfig(**{k: v for k, v in values.items() if k in known}).check()
