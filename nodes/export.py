@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 import comfy.lora
 import folder_paths
@@ -11,6 +10,7 @@ from comfy_api.latest import io
 
 from ..spm_core.file_format import lora_tensors, save_membrane
 from ..spm_core.membrane import bake
+from . import paths
 from .runtime import membrane_layers_of, state_of, without_membranes
 
 
@@ -39,9 +39,7 @@ class SaveSPMAsLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, filename) -> io.NodeOutput:
-        stem = filename.strip().removesuffix(".safetensors")
-        if not re.fullmatch(r"[\w\-. ]{1,120}", stem) or stem.startswith("."):
-            raise ValueError(f"file name {filename!r} is not allowed; use letters, digits, '-', '_' and '.'")
+        stem = paths.safe_stem(filename)
         membrane = baked(model, stem)
         folder = folder_paths.get_folder_paths("loras")[0]
         os.makedirs(folder, exist_ok=True)

@@ -41,7 +41,12 @@ def as_image(text: str) -> torch.Tensor:
     draw = ImageDraw.Draw(image)
     for index, line in enumerate(lines):
         draw.text((8, 8 + 16 * index), line, fill="black", font=font)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+    return image_tensor(image)
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as ComfyUI's IMAGE: (1, H, W, 3) floats in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 class SPMTransportInspector(io.ComfyNode):

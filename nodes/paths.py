@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import folder_paths
@@ -53,3 +54,11 @@ def membrane_path(choice: str) -> str:
     if path is None:
         raise FileNotFoundError(f"membrane file {choice!r} not found in models/{FOLDER} or models/loras; refresh the node list")
     return path
+
+
+def safe_stem(name: str) -> str:
+    """A file name (without extension) a user typed, checked so it cannot leave its folder."""
+    stem = name.strip().removesuffix(".safetensors")
+    if not re.fullmatch(r"[\w\-. ]{1,120}", stem) or stem.startswith("."):
+        raise ValueError(f"file name {name!r} is not allowed; use letters, digits, '-', '_' and '.'")
+    return stem

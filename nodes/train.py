@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import comfy.model_management
@@ -19,6 +18,7 @@ from ..spm_core.training import StepReport, TrainingConfig
 from ..spm_core.transport import Transport, TransportMode
 from . import paths
 from .encode import encode_concept
+from .inspect import image_tensor
 from .runtime import MembraneEntry, with_membrane
 from .training import TrainingRequest, parse_lines, train
 
@@ -38,7 +38,7 @@ def loss_curve(losses: list[float]) -> torch.Tensor:
         draw.line(points, fill=(30, 90, 200), width=2)
     draw.text((margin + 4, 4), f"loss (log10)  first {losses[0]:.3g}  last {losses[-1]:.3g}", fill="black")
     draw.text((width - margin - 90, height - margin + 8), f"{len(losses)} iterations", fill="black")
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+    return image_tensor(image)
 
 
 class TrainSPM(io.ComfyNode):
@@ -98,8 +98,7 @@ class TrainSPM(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, target, surrogate, neutral, iterations, learning_rate, rank, alpha, anchor_strength,
                 anchor_samples, surrogate_sampler, erase_guidance, rollout_steps, latent_size, seed, name, resume) -> io.NodeOutput:
-        if not re.fullmatch(r"[\w\-. ]{1,120}", name) or name.startswith("."):
-            raise ValueError(f"name {name!r} is not allowed; use letters, digits, '-', '_' and '.'")
+        name = paths.safe_stem(name)
         folder = folder_paths.get_folder_paths(paths.FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
         config = TrainingConfig(iterations=iterations, learning_rate=learning_rate, rank=rank, alpha=alpha,
