@@ -72,6 +72,8 @@ class MembraneState:
         self.stack = MembraneStack([MembraneUse(e.membrane, e.strength) for e in entries], key_map, shapes, gate_law)
         self.hooks = InstalledHooks(self.stack)
         self._gates: OrderedDict[object, torch.Tensor] = OrderedDict()
+        self._negative_rows_open = torch.tensor([e.rows == POSITIVE_AND_NEGATIVE for e in entries], dtype=torch.float32)
+        self._sigma_ranges: tuple[object, torch.Tensor, torch.Tensor] | None = None
         self.last_gates: dict[str, list[float]] = {}
 
     def on_model_patcher_clone(self) -> MembraneState:
@@ -79,12 +81,12 @@ class MembraneState:
 
     # --- injection: forward hooks live exactly while ComfyUI has the model loaded
     def inject(self, patcher) -> None:
-        self.hooks.install(self._modules(patcher.model))
+        self.hooks.install(self.modules_of(patcher.model))
 
     def eject(self, patcher) -> None:
         self.hooks.remove()
 
-    def _modules(self, base_model) -> dict[str, torch.nn.Module]:
+    def modules_of(self, base_model) -> dict[str, torch.nn.Module]:
         return {key: base_model.get_submodule(key) for key in self.stack.layers}
 
     # --- gates
@@ -119,19 +121,21 @@ class MembraneState:
                 gate = self.gates_for(context[chunk * per_chunk: chunk * per_chunk + 1], None)
             gate = gate * in_range
             if kind == UNCOND:
-                gate = gate * torch.tensor([e.rows == POSITIVE_AND_NEGATIVE for e in self.entries], dtype=gate.dtype)
+                gate = gate * self._negative_rows_open
             self.last_gates["negative" if kind == UNCOND else "positive"] = gate.tolist()
             gates.append(gate.expand(per_chunk, -1))
         return torch.cat(gates)
 
     def _in_sampling_range(self, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
+        """1 for membranes whose start..end range covers this step's sigma, else 0. The sigma
+        bounds are computed once per model sampling object, not on every call."""
+        if self._sigma_ranges is None or self._sigma_ranges[0] is not model_sampling:
+            high = torch.tensor([float(model_sampling.percent_to_sigma(e.start_percent)) for e in self.entries])
+            low = torch.tensor([float(model_sampling.percent_to_sigma(e.end_percent)) for e in self.entries])
+            self._sigma_ranges = (model_sampling, low, high)
+        _, low, high = self._sigma_ranges
         current = float(sigma.reshape(-1)[0])
-        mask = []
-        for entry in self.entries:
-            high = model_sampling.percent_to_sigma(entry.start_percent)
-            low = model_sampling.percent_to_sigma(entry.end_percent)
-            mask.append(low <= current <= high)
-        return torch.tensor(mask, dtype=torch.float32)
+        return ((low <= current) & (current <= high)).float()
 
 
 def _calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
@@ -149,7 +153,7 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     if state is None or c_crossattn is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     if not state.hooks.installed:  # the clone inherited an "already injected" flag: install now
-        state.hooks.install(state._modules(base_model))
+        state.hooks.install(state.modules_of(base_model))
     gates = state.row_gates(c_crossattn, transformer_options or {}, t, base_model.model_sampling)
     with gates_active(state.stack, gates):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

@@ -200,3 +200,18 @@ def test_two_hundred_runs_leave_no_hooks_and_no_memory_growth(spm_world):
     assert rss_growth_kib < 50 * 1024
     mm.unload_all_models()
     assert hook_count() == 0, "unloading the model must remove every membrane hook"
+
+
+def test_sampling_range_switches_the_membrane_on_and_off(spm_world):
+    patcher, clip, _ = spm_world
+    positive, negative = encode(clip, "snoopy"), encode(clip, "")
+    bare = sample(patcher, positive, negative)
+
+    def with_range(start, end):
+        return sample(load_spm(patcher, clip, "snoopy.safetensors", transport="always_open", start=start, end=end),
+                      positive, negative)
+
+    never = with_range(1.0, 1.0)  # sigma at 100% is 0: no sampling step falls in the range
+    whole, second_half = with_range(0.0, 1.0), with_range(0.5, 1.0)
+    assert torch.equal(never, bare)
+    assert not torch.equal(whole, bare) and not torch.equal(second_half, bare) and not torch.equal(second_half, whole)
