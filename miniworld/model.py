@@ -1,0 +1,184 @@
+"""The miniature text-to-image model, built from ComfyUI's own classes.
+
+- UNet: ComfyUI's SD1.5 `BaseModel` (`comfy.supported_models.SD15`) cut down to model_channels 32,
+  channel_mult (1, 2, 2), one res block per level, cross-attention at 8x8, 4x4 and the middle,
+  context 128. Its latent is 4 x 16 x 16 like an SD1 latent of a 128 px image; channels 0-2 hold the
+  picture's RGB in [-1, 1] (model space), channel 3 is zero.
+- Text encoder: ComfyUI's SD1 `comfy.sd.CLIP` (the real CLIP BPE tokenizer) with a 2-layer,
+  128-wide, 4-head `clip_l`. Its 49408 x 128 token embedding is frozen random, regenerated from a
+  seed rather than stored.
+- VAE: `PixelVAE`, the identity between the latent's RGB channels and the picture, upscaled 8x
+  (nearest) so a 16 x 16 picture is seen at 128 x 128 and EmptyLatentImage(128, 128) fits.
+
+Because it is an ordinary SD15 model to ComfyUI, Load SPM, Train SPM and the Inspector bind to it
+through ComfyUI's own LoRA key map exactly as they do to Stable Diffusion 1.5.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+MODEL_FILE = os.path.join(WEIGHTS_DIR, "miniworld.safetensors")
+CLASSIFIER_FILE = os.path.join(WEIGHTS_DIR, "classifier.safetensors")
+
+UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 16, "use_spatial_transformer": True, "legacy": False,
+    "in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 2, 2], "transformer_depth": [0, 1, 1], "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+    "transformer_depth_middle": 1, "context_dim": 128, "use_linear_in_transformer": False,
+    "adm_in_channels": None, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+TEXT_CONFIG = {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4, "num_hidden_layers": 2,
+               "projection_dim": 128}
+TOKEN_EMBEDDING_SEED = 20240601
+LATENT_SCALE = 0.18215  # SD1's latent scale factor: model space = VAE latent x LATENT_SCALE
+UPSCALE = 8
+UNET_PREFIX, TEXT_PREFIX = "unet.", "text."
+
+
+def build_unet():
+    """An uninitialised miniature UNet as a ComfyUI `BaseModel` (weights are torch.empty)."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    return comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS)
+
+
+def build_clip():
+    """A ComfyUI SD1 CLIP with the miniature text encoder; token embedding set, the rest empty."""
+    import comfy.sd
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    options = {"dtype": torch.float32, "clip_l_model_config": dict(TEXT_CONFIG)}
+    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None, model_options=options)
+    transformer = text_transformer(clip)
+    with torch.no_grad():
+        transformer.text_model.embeddings.token_embedding.weight.copy_(token_embedding())
+        transformer.text_projection.weight.copy_(torch.eye(TEXT_CONFIG["projection_dim"], TEXT_CONFIG["hidden_size"]))
+    return clip
+
+
+def text_transformer(clip) -> torch.nn.Module:
+    """ComfyUI's CLIPTextModel inside an SD1 CLIP."""
+    return clip.cond_stage_model.clip_l.transformer
+
+
+def token_embedding() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(TOKEN_EMBEDDING_SEED)
+    return torch.randn(49408, TEXT_CONFIG["hidden_size"], generator=generator)
+
+
+def is_frozen(name: str) -> bool:
+    """Text-encoder parameters that are not trained (and not stored)."""
+    return name.endswith("token_embedding.weight") or "text_projection" in name
+
+
+def init_for_training_(module: torch.nn.Module, seed: int) -> None:
+    """PyTorch's default initialisation for every layer (ComfyUI's ops skip it), from `seed`."""
+    torch.manual_seed(seed)
+    for sub in module.modules():
+        for base in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm):
+            if isinstance(sub, base):
+                base.reset_parameters(sub)
+        if isinstance(sub, torch.nn.Embedding) and sub.num_embeddings == 77:
+            torch.nn.init.normal_(sub.weight, std=0.02)
+
+
+def model_state(unet_model, clip) -> dict[str, torch.Tensor]:
+    """What is shipped: the UNet and the trained text-encoder parameters, prefixed."""
+    state = {UNET_PREFIX + k: v for k, v in unet_model.diffusion_model.state_dict().items()}
+    state.update({TEXT_PREFIX + k: v for k, v in text_transformer(clip).state_dict().items() if not is_frozen(k)})
+    return state
+
+
+def load_model_state(unet_model, clip, state: dict[str, torch.Tensor]) -> None:
+    unet = {k[len(UNET_PREFIX):]: v.float() for k, v in state.items() if k.startswith(UNET_PREFIX)}
+    text = {k[len(TEXT_PREFIX):]: v.float() for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+    unet_model.diffusion_model.load_state_dict(unet, strict=True)
+    missing, unexpected = text_transformer(clip).load_state_dict(text, strict=False)
+    if unexpected or any(not is_frozen(k) for k in missing):
+        raise ValueError(f"miniature text encoder weights do not match: missing {missing}, unexpected {unexpected}")
+
+
+def load_world(path: str = MODEL_FILE):
+    """(MODEL ModelPatcher, CLIP, PixelVAE) for the shipped miniature model."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import safetensors.torch
+
+    state = safetensors.torch.load_file(path)
+    unet_model = build_unet()
+    clip = build_clip()
+    load_model_state(unet_model, clip, state)
+    unet_model.eval()
+    patcher = comfy.model_patcher.ModelPatcher(unet_model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    return patcher, clip, PixelVAE()
+
+
+def encode_ids(clip, ids: torch.Tensor) -> torch.Tensor:
+    """The text encoder's last hidden state for token ids (B, 77), with gradients.
+
+    The same computation as ComfyUI's CLIPTextModel_.forward (causal mask, pre-norm layers, final
+    layer norm), but with out-of-place residual adds: ComfyUI's CLIPLayer adds in place, which
+    autograd cannot differentiate through. A test checks both give the same output."""
+    from comfy.ldm.modules.attention import optimized_attention_for_device
+
+    text = text_transformer(clip).text_model
+    x = text.embeddings(ids)
+    length = x.shape[1]
+    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)
+    attention = optimized_attention_for_device(x.device, mask=True, small_input=True)
+    for layer in text.encoder.layers:
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, attention)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return text.final_layer_norm(x)
+
+
+def token_ids(clip, text: str) -> list[int]:
+    """The 77 token ids ComfyUI's CLIPTextEncode feeds the encoder for a short prompt."""
+    return [token for token, _weight in clip.tokenize(text)["l"][0]]
+
+
+def pictures_to_model_space(pictures: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 16, 16) RGB in [0, 1] -> (B, 4, 16, 16) model-space latent."""
+    zero = torch.zeros_like(pictures[:, :1])
+    return torch.cat([pictures * 2 - 1, zero], dim=1)
+
+
+def model_space_to_pictures(latent: torch.Tensor) -> torch.Tensor:
+    return ((latent[:, :3] + 1) / 2).clamp(0, 1)
+
+
+class PixelVAE:
+    """The VAE of the miniature world: latent channels 0-2 are the picture's RGB (scaled like an SD1
+    latent), upscaled 8x with nearest-neighbour. Enough of comfy.sd.VAE's interface for VAE Decode
+    and VAE Encode."""
+
+    latent_channels = 4
+    downscale_ratio = UPSCALE
+    upscale_ratio = UPSCALE
+    output_channels = 3
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        pictures = model_space_to_pictures(samples.float() * LATENT_SCALE)
+        pictures = torch.nn.functional.interpolate(pictures, scale_factor=UPSCALE, mode="nearest")
+        return pictures.permute(0, 2, 3, 1).cpu()
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        pictures = pixels[..., :3].permute(0, 3, 1, 2).float()
+        height, width = (math.ceil(s / UPSCALE) for s in pictures.shape[-2:])
+        pictures = torch.nn.functional.adaptive_avg_pool2d(pictures, (height, width))
+        return pictures_to_model_space(pictures) / LATENT_SCALE
+
+    def spacial_compression_decode(self) -> int:
+        return UPSCALE
+
+    def spacial_compression_encode(self) -> int:
+        return UPSCALE

@@ -1,0 +1,182 @@
+"""Train the miniature text-to-image model on the procedural world (fixed seeds, resumable).
+
+usage: python -m miniworld.train_model [--steps N] [--work out/miniworld-train] [--export PATH]
+
+Epsilon-prediction diffusion on ComfyUI's own SD1 noise schedule, through ComfyUI's
+`BaseModel.apply_model`, so what is learnt is exactly what KSampler samples. The UNet and the text
+encoder (all but its frozen random token embedding) train together; 10% of captions are empty so
+classifier-free guidance works. AdamW with warm-up and cosine decay, gradient clipping, an EMA of
+the weights (what is shipped). Every `--checkpoint-every` steps the whole state goes to
+<work>/state.safetensors (+ state.json), and a rerun continues from there; the loss log is
+<work>/loss.csv. At the end the EMA weights are written in fp16 to --export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from miniworld.host import REPO, use_host
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--empty-share", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--work", default=os.path.join(REPO, "out", "miniworld-train"))
+    parser.add_argument("--export", default=None, help="where the shipped weights go (default miniworld/weights/)")
+    parser.add_argument("--comfyui", default=None)
+    return parser.parse_args()
+
+
+class CaptionTokens:
+    """Token ids per caption, cached (the grammar has a few thousand distinct captions)."""
+
+    def __init__(self, clip) -> None:
+        from miniworld.model import token_ids
+
+        self.clip, self.token_ids, self.cache = clip, token_ids, {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        for text in captions:
+            if text not in self.cache:
+                self.cache[text] = self.token_ids(self.clip, text)
+        return torch.tensor([self.cache[text] for text in captions])
+
+
+def batch(step: int, size: int, seed: int, empty_share: float) -> tuple[torch.Tensor, list[str]]:
+    from miniworld import world
+
+    rng = np.random.default_rng([seed, step])
+    scenes = [world.random_scene(rng) for _ in range(size)]
+    pictures = torch.from_numpy(np.stack([world.render(s, rng) for s in scenes]))
+    captions = ["" if rng.random() < empty_share else world.caption(s, rng) for s in scenes]
+    return pictures, captions
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main() -> None:
+    args = parse_args()
+    use_host(args.comfyui)
+    import safetensors.torch
+
+    from miniworld.model import (
+        MODEL_FILE,
+        build_clip,
+        build_unet,
+        encode_ids,
+        init_for_training_,
+        is_frozen,
+        model_state,
+        pictures_to_model_space,
+        text_transformer,
+    )
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    os.makedirs(args.work, exist_ok=True)
+    unet_model, clip = build_unet(), build_clip()
+    init_for_training_(unet_model.diffusion_model, args.seed)
+    init_for_training_(text_transformer(clip).text_model.encoder, args.seed + 1)
+    init_for_training_(text_transformer(clip).text_model.final_layer_norm, args.seed + 2)
+    init_for_training_(text_transformer(clip).text_model.embeddings.position_embedding, args.seed + 3)
+    unet_model.train()
+    params = dict(unet_model.diffusion_model.named_parameters(prefix="unet"))
+    params.update({f"text.{k}": p for k, p in text_transformer(clip).named_parameters() if not is_frozen(k)})
+    for name, p in text_transformer(clip).named_parameters():
+        p.requires_grad_(not is_frozen(name))
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
+    ema = {k: p.detach().clone() for k, p in params.items()}
+
+    state_path, info_path = os.path.join(args.work, "state.safetensors"), os.path.join(args.work, "state.json")
+    start = 0
+    if os.path.exists(info_path):
+        saved = safetensors.torch.load_file(state_path)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[f"param/{k}"])
+                ema[k].copy_(saved[f"ema/{k}"])
+        start = int(saved["step"])
+        for k, p in params.items():
+            optimizer.state[p] = {"step": torch.tensor(float(start)), "exp_avg": saved[f"adam_m/{k}"].clone(),
+                                  "exp_avg_sq": saved[f"adam_v/{k}"].clone()}
+        print(f"resumed at step {start}", flush=True)
+
+    tokens = CaptionTokens(clip)
+    sampling = unet_model.model_sampling
+    generator = torch.Generator().manual_seed(args.seed)
+    log = open(os.path.join(args.work, "loss.csv"), "a", newline="")
+    writer = csv.writer(log)
+    if start == 0:
+        writer.writerow(["step", "loss", "lr", "seconds"])
+    t0, running = time.time(), []
+    for step in range(start, args.steps):
+        generator.manual_seed(args.seed * 1_000_003 + step)
+        pictures, captions = batch(step, args.batch, args.seed, args.empty_share)
+        x0 = pictures_to_model_space(pictures)
+        t = torch.randint(0, 1000, (args.batch,), generator=generator)
+        sigma = sampling.sigmas[t].float()
+        noise = torch.randn(x0.shape, generator=generator)
+        noisy = x0 + noise * sigma.reshape(-1, 1, 1, 1)
+        context = encode_ids(clip, tokens(captions))
+        denoised = unet_model.apply_model(noisy, sigma, c_crossattn=context)
+        predicted_noise = (noisy - denoised) / sigma.reshape(-1, 1, 1, 1)
+        loss = torch.nn.functional.mse_loss(predicted_noise, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            for k, p in params.items():
+                ema[k].lerp_(p, 1 - args.ema)
+        running.append(loss.item())
+        if (step + 1) % 25 == 0:
+            writer.writerow([step + 1, f"{np.mean(running):.5f}", f"{learning_rate(step, args):.2e}", f"{time.time() - t0:.1f}"])
+            log.flush()
+            print(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} {time.time() - t0:.0f}s", flush=True)
+            running = []
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+            state = {f"param/{k}": p.detach() for k, p in params.items()}
+            state.update({f"ema/{k}": v for k, v in ema.items()})
+            state.update({f"adam_m/{k}": optimizer.state[p]["exp_avg"] for k, p in params.items()})
+            state.update({f"adam_v/{k}": optimizer.state[p]["exp_avg_sq"] for k, p in params.items()})
+            state["step"] = torch.tensor(step + 1)
+            safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, state_path + ".tmp")
+            os.replace(state_path + ".tmp", state_path)
+            with open(info_path, "w") as f:
+                json.dump({"step": step + 1, "args": vars(args)}, f)
+    log.close()
+
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(ema[k])
+    shipped = {k: v.detach().half().contiguous() for k, v in model_state(unet_model, clip).items()}
+    export = args.export or MODEL_FILE
+    os.makedirs(os.path.dirname(export), exist_ok=True)
+    metadata = {"training": json.dumps({k: v for k, v in vars(args).items() if k not in ("work", "export", "comfyui")})}
+    safetensors.torch.save_file(shipped, export, metadata=metadata)
+    print(f"wrote {export} ({os.path.getsize(export) / 1e6:.1f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
