@@ -114,9 +114,8 @@ def _triangle(cx, top, half_width, bottom):
     return (_Y <= bottom) & (depth >= 0) & (np.abs(_X - cx) <= depth * half_width)
 
 
-def _layers(scene: Scene, cx: float, cy: float, r: float) -> list[tuple[np.ndarray, tuple[float, float, float]]]:
-    """(mask, colour) pairs, painted in order."""
-    c = RGB[scene.colour] if scene.colour else None
+def _layers(scene: Scene, cx: float, cy: float, r: float, c) -> list[tuple[np.ndarray, tuple[float, float, float]]]:
+    """(mask, colour) pairs, painted in order; `c` is the shape's colour."""
     if scene.obj == "circle":
         return [(_disc(cx, cy, r), c)]
     if scene.obj == "square":
@@ -146,8 +145,9 @@ def _layers(scene: Scene, cx: float, cy: float, r: float) -> list[tuple[np.ndarr
     raise KeyError(scene.obj)
 
 
-def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """One picture of `scene`, (3, 16, 16) in [0, 1], with random placement, size, tints."""
+def render(scene: Scene, rng: np.random.Generator, shape_rgb: tuple[float, float, float] | None = None) -> np.ndarray:
+    """One picture of `scene`, (3, 16, 16) in [0, 1], with random placement, size, tints.
+    `shape_rgb` paints a shape in a colour off the palette instead of its own."""
     n = SIZE * SUPERSAMPLE
     background = rng.uniform(0.04, 0.24, size=3)
     canvas = np.broadcast_to(background[:, None, None], (3, n, n)).copy()
@@ -155,7 +155,8 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     cx, cy = SIZE / 2 + rng.uniform(-1.6, 1.6), SIZE / 2 + rng.uniform(-1.6, 1.6)
     jitter = rng.uniform(-0.06, 0.06, size=3)
     stripes = (np.floor((_Y - cy) / 2.0) % 2 == 1) if scene.striped else None
-    for mask, colour in _layers(scene, cx, cy, r):
+    own = RGB[scene.colour] if scene.colour else None
+    for mask, colour in _layers(scene, cx, cy, r, shape_rgb or own):
         rgb = np.clip(np.asarray(colour) + jitter, 0, 1)
         for ch in range(3):
             value = np.full((n, n), rgb[ch])
@@ -209,3 +210,25 @@ def canonical_prompt(obj: str, colour: str | None = None, striped: bool = False)
     """The plain phrasing used for evaluation prompts: "a red circle", "a striped snowman"."""
     words = (["striped"] if striped else []) + ([colour] if colour else []) + [obj]
     return _article("a " + " ".join(words))
+
+
+# ---- evaluation prompts ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Request:
+    """An evaluation prompt and the concepts it asks for."""
+
+    text: str
+    concepts: tuple[str, ...]
+
+
+def evaluation_prompts() -> list[Request]:
+    """Every shape in every colour, every character, and one striped version of each object, in
+    the plain phrasing ("a red circle", "a snowman", "a striped blue triangle")."""
+    requests = [Request(canonical_prompt(s.name, c.name), (s.name, c.name)) for s in SHAPES for c in COLOURS]
+    requests += [Request(canonical_prompt(c.name), (c.name,)) for c in CHARACTERS]
+    for index, obj in enumerate(OBJECTS):
+        colour = COLOURS[index % len(COLOURS)].name if obj in SHAPES else None
+        requests.append(Request(canonical_prompt(obj.name, colour, striped=True),
+                                (obj.name,) + ((colour,) if colour else ()) + ("striped",)))
+    return requests

@@ -8,6 +8,7 @@ import torch
 from ..spm_core.transport import ConceptEmbedding, content_tokens
 
 TOKENS_KEY = "spm_token_ids"
+TOKENS_OF_KEY = "spm_token_ids_embedding"  # fingerprint of the embedding the token ids belong to
 CLIP_BOS, CLIP_EOS = 49406, 49407
 
 
@@ -31,9 +32,18 @@ def encode_empty(clip) -> torch.Tensor:
     return clip.encode_from_tokens(clip.tokenize(""))[0].float().cpu()
 
 
+def embedding_fingerprint(embedding: torch.Tensor) -> tuple:
+    """A few values and the shape of a conditioning tensor. Token ids are used only for the embedding
+    they were recorded with: ComfyUI copies cond dicts onto other embeddings (area conds' negative
+    copies, ConditioningConcat / Average), and those copies keep the first prompt's ids."""
+    flat = embedding.detach().reshape(-1)
+    return (tuple(embedding.shape[1:]), tuple(flat[:: max(1, flat.numel() // 16)][:16].float().cpu().tolist()))
+
+
 def encode_with_tokens(clip, text: str) -> list:
     """What CLIPTextEncode returns, plus the prompt's content token ids on every entry."""
     tokens = clip.tokenize(text)
     ids = token_ids(clip, tokens)
     conditioning = clip.encode_from_tokens_scheduled(tokens)
-    return [[embedding, {**options, TOKENS_KEY: ids}] for embedding, options in conditioning]
+    return [[embedding, {**options, TOKENS_KEY: ids, TOKENS_OF_KEY: embedding_fingerprint(embedding)}]
+            for embedding, options in conditioning]

@@ -5,15 +5,20 @@ chain, fused into one stack), an injection that installs the stack's forward hoo
 loads the model (and removes them when it unloads), and two keyed wrappers:
   CALC_COND_BATCH  computes each conditioning's gates once (by its uuid) from its embedding and,
                    when an SPM Text Encode made it, its token ids;
-  APPLY_MODEL      assembles the per-row gate matrix for the batched call (chunk order from
-                   transformer_options["uuids"], cond/uncond from ["cond_or_uncond"]) and runs the
-                   model inside the stack's gate context.
-OUTER_SAMPLE sends the gates that were used to the frontend when sampling ends.
+  APPLY_MODEL      assembles the per-row gate matrix for the batched call (chunks from
+                   transformer_options["uuids"]) and runs the model inside the stack's gate context.
+  OUTER_SAMPLE     learns each cond's role from the guider's named conds before sampling (by uuid:
+                   ComfyUI's "cond_or_uncond" is a chunk's index in the guider's list, not a role)
+                   and sends the gates that were used to the frontend when sampling ends.
+Roles: a guider's "negative" and "empty_negative_prompt" conds are negative rows; every other
+named cond (positive, DualCFG's middle, ...) and any cond no guider named is a positive row, gated
+by its own conditioning.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -26,12 +31,14 @@ from ..spm_core.file_format import is_membrane_layer
 from ..spm_core.membrane import GateLaw, Membrane
 from ..spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active, module_shape
 from ..spm_core.transport import Transport
-from .encode import TOKENS_KEY
+from .encode import TOKENS_KEY, TOKENS_OF_KEY, embedding_fingerprint
 
 KEY = "spm_membranes"
 POSITIVE_ONLY, POSITIVE_AND_NEGATIVE = "positive only", "positive and negative"
 GATE_CACHE_SIZE = 512
-UNCOND = 1  # ComfyUI's cond_or_uncond value for negative/unconditional chunks
+POSITIVE, NEGATIVE = "positive", "negative"
+NEGATIVE_COND_NAMES = frozenset({"negative", "empty_negative_prompt"})  # guider names of negative-role conds
+_call = threading.local()  # the chunk table of the calc_cond_batch call in progress (ComfyUI may run batches in threads)
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,8 @@ class MembraneState:
         key_map, shapes = membrane_layers_of(model)
         self.stack = MembraneStack([MembraneUse(e.membrane, e.strength) for e in entries], key_map, shapes, gate_law)
         self.hooks = InstalledHooks(self.stack)
-        self._gates: OrderedDict[object, torch.Tensor] = OrderedDict()
+        self._gates: OrderedDict[object, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._roles: OrderedDict[object, str] = OrderedDict()
         self._negative_rows_open = torch.tensor([e.rows == POSITIVE_AND_NEGATIVE for e in entries], dtype=torch.float32)
         self._sigma_ranges: tuple[object, torch.Tensor, torch.Tensor] | None = None
         self.last_gates: dict[str, list[float]] = {}
@@ -95,34 +103,70 @@ class MembraneState:
         tokens = None if token_ids is None else [token_ids]
         return torch.cat([entry.transport.gates(embedding, tokens)[0] for entry in self.entries])
 
-    def remember_cond(self, cond: dict) -> None:
-        uuid = cond.get("uuid")
-        if uuid is None or uuid in self._gates:
-            return
-        crossattn = cond.get("model_conds", {}).get("c_crossattn")
-        embedding = getattr(crossattn, "cond", None)
+    def cond_gates(self, cond: dict, tokens_by_embedding: dict) -> torch.Tensor | None:
+        """(membranes,) gates for one cond dict from its own embedding (and the token ids recorded for
+        that embedding, if any), cached; None when it carries no cross-attention."""
+        embedding = _embedding_of(cond)
         if embedding is None:
-            return
-        self._gates[uuid] = self.gates_for(embedding[:1], cond.get(TOKENS_KEY))
-        while len(self._gates) > GATE_CACHE_SIZE:
-            self._gates.popitem(last=False)
+            return None
+        key = (cond.get("uuid"), id(embedding))
+        cached = self._gates.get(key)
+        if cached is None or cached[0] is not embedding:  # the tensor is kept, so its id is never reused
+            cached = (embedding, self.gates_for(embedding[:1], tokens_by_embedding.get(embedding_fingerprint(embedding))))
+            self._gates[key] = cached
+            while len(self._gates) > GATE_CACHE_SIZE:
+                self._gates.popitem(last=False)
+        return cached[1]
+
+    def remember_roles(self, named_conds: dict) -> None:
+        """Each cond's role from the name the guider gives it."""
+        for name, conds in named_conds.items():
+            role = NEGATIVE if name in NEGATIVE_COND_NAMES else POSITIVE
+            for cond in conds or []:
+                if cond.get("uuid") is not None:
+                    self._roles[cond["uuid"]] = role
+        while len(self._roles) > GATE_CACHE_SIZE:
+            self._roles.popitem(last=False)
+
+    def chunk_table(self, cond_lists) -> dict[tuple[int, object], tuple[str, torch.Tensor | None]]:
+        """(role, gates) per (list index, uuid) for one calc_cond_batch call. ComfyUI's
+        "cond_or_uncond" is a chunk's list index and a list's role is its first cond's (the guider
+        named it); ComfyUI appends area copies of positive conds to the negative list *with the
+        positive's uuid*, so a uuid alone does not say which cond a chunk is."""
+        lists = [cond_list or [] for cond_list in cond_lists]
+        # those copies also keep the positive's token ids: token ids count only for the embedding
+        # they were recorded with, wherever that embedding turns up
+        tokens_by_embedding = {cond[TOKENS_OF_KEY]: cond.get(TOKENS_KEY) for conds in lists for cond in conds
+                               if TOKENS_OF_KEY in cond and _embedding_of(cond) is not None
+                               and cond[TOKENS_OF_KEY] == embedding_fingerprint(_embedding_of(cond))}
+        table = {}
+        for index, conds in enumerate(lists):
+            role = self._roles.get(conds[0].get("uuid"), POSITIVE) if conds else POSITIVE
+            for cond in conds:
+                table[(index, cond.get("uuid"))] = (role, self.cond_gates(cond, tokens_by_embedding))
+        return table
 
     def row_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
         """(rows, membranes) gates for one batched model call."""
         rows = context.shape[0]
-        uuids = transformer_options.get("uuids") or [None]
-        kinds = transformer_options.get("cond_or_uncond") or [0] * len(uuids)
-        per_chunk = rows // len(uuids)
+        uuids = transformer_options.get("uuids")
         in_range = self._in_sampling_range(sigma, model_sampling)
+        if not uuids:  # a call that bypassed the guider: each row gated by its own embedding
+            gates = torch.stack([self.gates_for(context[r: r + 1], None) for r in range(rows)]) * in_range
+            self.last_gates[POSITIVE] = gates[-1].tolist()
+            return gates
+        indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
+        table = getattr(_call, "chunks", None) or {}
+        per_chunk = rows // len(uuids)
         gates = []
-        for chunk, (uuid, kind) in enumerate(zip(uuids, kinds)):
-            gate = self._gates.get(uuid)
+        for chunk, (index, uuid) in enumerate(zip(indices, uuids)):
+            role, gate = table.get((index, uuid), (POSITIVE, None))
             if gate is None:  # a path that skipped calc_cond_batch: gate from the embedding alone
                 gate = self.gates_for(context[chunk * per_chunk: chunk * per_chunk + 1], None)
             gate = gate * in_range
-            if kind == UNCOND:
+            if role == NEGATIVE:
                 gate = gate * self._negative_rows_open
-            self.last_gates["negative" if kind == UNCOND else "positive"] = gate.tolist()
+            self.last_gates[role] = gate.tolist()
             gates.append(gate.expand(per_chunk, -1))
         return torch.cat(gates)
 
@@ -138,13 +182,20 @@ class MembraneState:
         return ((low <= current) & (current <= high)).float()
 
 
+def _embedding_of(cond: dict) -> torch.Tensor | None:
+    return getattr(cond.get("model_conds", {}).get("c_crossattn"), "cond", None)
+
+
 def _calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
     state = _state_of(model)
-    if state is not None:
-        for cond_list in conds:
-            for cond in cond_list or []:
-                state.remember_cond(cond)
-    return executor(model, conds, x_in, timestep, model_options)
+    if state is None:
+        return executor(model, conds, x_in, timestep, model_options)
+    outer = getattr(_call, "chunks", None)
+    _call.chunks = state.chunk_table(conds)
+    try:
+        return executor(model, conds, x_in, timestep, model_options)
+    finally:
+        _call.chunks = outer
 
 
 def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
@@ -160,9 +211,11 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
-    result = executor(*args, **kwargs)
     guider = executor.class_obj
     state = guider.model_patcher.get_attachment(KEY) if hasattr(guider, "model_patcher") else None
+    if state is not None:
+        state.remember_roles(getattr(guider, "conds", None) or {})
+    result = executor(*args, **kwargs)
     if state is not None:
         _send_gates_to_frontend(state)
     return result

@@ -82,7 +82,8 @@ class TrainSPM(io.ComfyNode):
                                      "each iteration rolls out a random 1..T-1 of them."),
                 io.Int.Input("latent_size", default=64, min=8, max=256, step=8,
                              tooltip="Latent side used in training: 64 = 512 px (SD1.5), 96 = 768 px (SD2), 128 = 1024 px (SDXL)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed: the same seed gives the same membrane."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
+                             tooltip="Seed: the same seed gives the same membrane."),
                 io.String.Input("name", default="my_membrane", tooltip="File name in models/spm (without extension)."),
                 io.Boolean.Input("resume", default=False, tooltip="Continue a cancelled run of the same name "
                                                                   "(<name>.partial.safetensors) instead of starting over."),

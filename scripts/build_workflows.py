@@ -27,6 +27,7 @@ SOCKETS = {
     "SPMTransportInspector": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
                               [("table", "STRING"), ("image", "IMAGE")]),
     "SPMTrain": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("loss", "IMAGE"), ("path", "STRING")]),
+    "SPMExampleLoadMiniatureWorld": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "Note": ([], []),
 }
 
@@ -149,7 +150,7 @@ def train_then_apply() -> None:
                                 "checkpoint: 500-3000 iterations, rollout_steps 30, latent_size 64 (SD1.5) / 96 (SD2) / 128 (SDXL)."],
              title="Training settings")
     trained = flow.add("SPMTrain", (400, -420), ["snoopy", "", "", 8, 1e-3, 1, 1.0, 1000.0, 2, "prompts", 1.0, 4, 8, 0,
-                                                 "snoopy_trained", False],
+                                                 "fixed", "snoopy_trained", False],
                        model=(checkpoint, 0), clip=(checkpoint, 1))
     flow.add("PreviewImage", (800, -420), [], title="Loss curve", images=(trained, 1))
     before = sampler(flow, (800, 200), checkpoint, positive, negative, latent, title="Before (no membrane)")
@@ -161,8 +162,49 @@ def train_then_apply() -> None:
     flow.save("train_then_apply.json")
 
 
+MINIWORLD_NOTE = ("The miniature world shipped with the pack: a small SD1-class model trained on drawn shapes (circle, "
+                  "square, triangle, cross), colours (red, green, blue, yellow, purple), characters (snowman, house, tree, "
+                  "mushroom) and stripes. Pictures are 16x16, shown at 128x128. Try prompts such as 'a red circle', "
+                  "'a striped snowman', 'a frosty' (a synonym).")
+MINIWORLD_SAMPLER = [1, "fixed", 20, 5.0, "euler", "normal", 1.0]
+
+
+def miniworld_train() -> None:
+    """Train SPM on the miniature model: a snowman membrane in about two minutes on a CPU."""
+    flow = Workflow()
+    world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
+    flow.add("Note", (0, 200), [MINIWORLD_NOTE], title="About the miniature world")
+    trained = flow.add("SPMTrain", (400, 0), ["snowman", "", "", 300, 1e-3, 1, 1.0, 1000.0, 2, "prompts", 1.0, 20, 16, 0,
+                                              "fixed", "snowman", False], model=(world, 0), clip=(world, 1))
+    flow.add("PreviewImage", (800, 0), [], title="Loss curve", images=(trained, 1))
+    flow.save("miniworld_train.json")
+
+
+def miniworld_erase() -> None:
+    """Before / after on the miniature model with the membrane miniworld_train.json saved."""
+    flow = Workflow()
+    world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
+    flow.add("Note", (0, 200), [MINIWORLD_NOTE + " Run miniworld_train.json first: it saves models/spm/snowman.safetensors."],
+             title="About the miniature world")
+    model = flow.add("SPMLoader", (400, -250), ["snowman.safetensors", 1.0, "paper", "positive only", 0.0, 1.0],
+                     model=(world, 0), clip=(world, 1))
+    positive = flow.add("SPMTextEncode", (400, 100), ["a striped snowman"], title="Positive (SPM Text Encode)", clip=(world, 1))
+    negative = flow.add("SPMTextEncode", (400, 300), [""], title="Negative", clip=(world, 1))
+    latent = flow.add("EmptyLatentImage", (400, 500), [128, 128, 4])
+    after = flow.add("KSampler", (800, -250), MINIWORLD_SAMPLER, title="After (membrane)", model=(model, 0),
+                     positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
+    before = flow.add("KSampler", (800, 250), MINIWORLD_SAMPLER, title="Before (no membrane, same seed)", model=(world, 0),
+                      positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
+    after_image = flow.add("VAEDecode", (1200, -250), [], samples=(after, 0), vae=(world, 2))
+    before_image = flow.add("VAEDecode", (1200, 250), [], samples=(before, 0), vae=(world, 2))
+    flow.add("SaveImage", (1500, -250), ["miniworld_after"], images=(after_image, 0))
+    flow.add("SaveImage", (1500, 250), ["miniworld_before"], images=(before_image, 0))
+    flow.save("miniworld_erase.json")
+
+
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
-    for build in (erase_one_concept, chain_three_membranes, before_after, inspector, train_then_apply):
+    for build in (erase_one_concept, chain_three_membranes, before_after, inspector, train_then_apply,
+                  miniworld_train, miniworld_erase):
         build()
     print("workflows written to", OUT)

@@ -1,11 +1,12 @@
-"""The demo: a membrane applied through a real ComfyUI server, before/after on the same seed, and
-the gates it used.
+"""The demo: erase "snowman" from the shipped miniature model through a real ComfyUI server.
 
-Makes the tiny SD1.5 checkpoint and three membranes (random weights: this shows the machinery,
-not a trained eraser), starts ComfyUI with this pack, runs workflows/before_after.json and
-workflows/inspector.json, and writes to out/demo/:
-  before_after.png   the two images side by side (left: no membrane, right: membrane)
-  gates.txt          the gates the sampler used, and the inspector's table for two prompts
+Starts ComfyUI with this pack, runs workflows/miniworld_train.json (Train SPM on the miniature
+model: models/spm/snowman.safetensors), then workflows/miniworld_erase.json (Load SPM, before and
+after at the same seeds) for five prompts: the target, a synonym, two unrelated prompts and one
+that combines the target with another concept. Writes to OUT_DIR (default out/demo/):
+  miniworld_grid.png  rows = prompts; left: before, right: after, each with the classifier's
+                      verdict; the gates the membrane used on each row
+  gates.txt           the same numbers as text
 usage: python scripts/demo.py COMFYUI_ROOT [OUT_DIR]
 """
 
@@ -15,8 +16,24 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = [("a snowman", "target"), ("a frosty", "synonym"), ("a red circle", "unrelated"), ("a tree", "unrelated"),
+        ("a striped snowman", "target + stripes")]
+PER_ROW = 4
+
+
+def run_workflow(server, name: str, info: dict, edit=None):
+    from scripts.comfy_server import load_workflow, workflow_to_api
+
+    prompt = workflow_to_api(load_workflow(os.path.join(REPO, "workflows", name)), info)
+    if edit:
+        edit(prompt)
+    entry, events = server.run_with_events(prompt, timeout=900)
+    if entry["status"]["status_str"] != "success":
+        raise SystemExit(f"{name} failed: {entry['status']}\n{server.log_tail()}")
+    return entry, events
 
 
 def main(comfy_root: str, out_dir: str) -> None:
@@ -26,60 +43,85 @@ def main(comfy_root: str, out_dir: str) -> None:
     args.cpu = True
     from PIL import Image
 
-    from scripts.comfy_server import ComfyServer, load_workflow, workflow_to_api
-    from scripts.tiny_assets import install_assets
+    from scripts.comfy_server import ComfyServer
 
+    started = time.time()
     os.makedirs(out_dir, exist_ok=True)
     base = tempfile.mkdtemp(prefix="spm-demo-")
-    print("making the tiny checkpoint and membranes ...", flush=True)
-    install_assets(os.path.join(base, "models"))
     print("starting ComfyUI ...", flush=True)
     with ComfyServer(comfy_root, base) as server:
-        info = server.object_info()
-        prompt = workflow_to_api(load_workflow(os.path.join(REPO, "workflows", "before_after.json")), info)
-        print("running workflows/before_after.json ...", flush=True)
-        entry, events = server.run_with_events(prompt)
-        if entry["status"]["status_str"] != "success":
-            raise SystemExit(f"the workflow failed: {entry['status']}\n{server.log_tail()}")
-        images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
-        frames = [Image.open(os.path.join(base, "output", i["subfolder"], i["filename"])) for i in images]
-        pair = frames[0] if len(frames) == 1 else _side_by_side(frames)
-        pair.save(os.path.join(out_dir, "before_after.png"))
-        used = [event["data"] for event in events if event["type"] == "spm.gates"]
+        print("training the snowman membrane with Train SPM (workflows/miniworld_train.json) ...", flush=True)
+        run_workflow(server, "miniworld_train.json", server.object_info())
+        info = server.object_info()  # now lists models/spm/snowman.safetensors
+        rows = []
+        for text, role in ROWS:
+            print(f"sampling '{text}' before and after (workflows/miniworld_erase.json) ...", flush=True)
 
-        inspector = workflow_to_api(load_workflow(os.path.join(REPO, "workflows", "inspector.json")), info)
-        table = next(o["text"][0] for o in server.run(inspector)["outputs"].values() if "text" in o)
+            def edit(prompt, text=text):
+                for node in prompt.values():
+                    if node["class_type"] == "SPMTextEncode" and node["inputs"]["text"]:
+                        node["inputs"]["text"] = text
+                    if node["class_type"] == "EmptyLatentImage":
+                        node["inputs"]["batch_size"] = PER_ROW
 
-    lines = ["Gates used while sampling 'snoopy sitting on a red doghouse' (rows: CFG positive / negative):"]
-    for report in used[-1:]:
-        for membrane in report["membranes"]:
-            lines.append(f"  {membrane['membrane']:<12} concepts={membrane['concepts']} "
-                         f"positive={membrane.get('positive')} negative={membrane.get('negative')}")
-    lines += ["", "SPM Transport Inspector (workflows/inspector.json):", table]
-    text = "\n".join(lines)
-    with open(os.path.join(out_dir, "gates.txt"), "w", encoding="utf-8") as handle:
-        handle.write(text + "\n")
+            entry, events = run_workflow(server, "miniworld_erase.json", info, edit)
+            images = {}
+            for output in entry["outputs"].values():
+                for image in output.get("images", []):
+                    side = "after" if image["filename"].startswith("miniworld_after") else "before"
+                    images.setdefault(side, []).append(Image.open(
+                        os.path.join(base, "output", image["subfolder"], image["filename"])).convert("RGB"))
+            gates = next(m for e in events if e["type"] == "spm.gates" for m in e["data"]["membranes"])
+            rows.append((text, role, images["before"], images["after"], gates))
     shutil.rmtree(base, ignore_errors=True)
-    print(text)
-    print(f"\nwrote {out_dir}/before_after.png (before | after | difference) and {out_dir}/gates.txt")
+    grid, lines = compose(rows)
+    grid.save(os.path.join(out_dir, "miniworld_grid.png"))
+    with open(os.path.join(out_dir, "gates.txt"), "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {out_dir}/miniworld_grid.png and {out_dir}/gates.txt in {time.time() - started:.0f} s")
 
 
-def _side_by_side(frames):
-    """before | after | where they differ (amplified), each with a caption."""
+def compose(rows):
+    """The grid image and its text: one row per prompt, before | after, verdicts and gates."""
     import numpy as np
-    from PIL import Image, ImageChops, ImageDraw
+    import torch
+    from PIL import Image, ImageDraw
 
-    before, after = (frame.convert("RGB") for frame in frames[:2])
-    difference = Image.fromarray(np.clip(np.asarray(ImageChops.difference(before, after), dtype=np.float32) * 4, 0, 255)
-                                 .astype(np.uint8))
-    panels = [("before (no membrane)", before), ("after (membrane, same seed)", after), ("|difference| x4", difference)]
-    width, height = before.size
-    canvas = Image.new("RGB", (len(panels) * (width + 8) - 8, height + 20), "white")
-    draw = ImageDraw.Draw(canvas)
-    for index, (caption, panel) in enumerate(panels):
-        canvas.paste(panel, (index * (width + 8), 20))
-        draw.text((index * (width + 8) + 4, 4), caption, fill="black")
-    return canvas
+    from miniworld.classifier import classify, load_classifier
+    from miniworld.model import CLASSIFIER_FILE, UPSCALE
+
+    classifier = load_classifier(CLASSIFIER_FILE)
+    side, gap, label_width, header, caption = 128, 6, 190, 34, 16
+    width = label_width + 2 * PER_ROW * (side + gap) + 3 * gap
+    height = header + len(rows) * (side + caption + 14)
+    grid = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(grid)
+    left_x = label_width
+    right_x = label_width + PER_ROW * (side + gap) + 3 * gap
+    draw.text((left_x, 8), "before: the miniature model as shipped", fill="black")
+    draw.text((right_x, 8), "after: + snowman membrane (Load SPM), same seeds", fill="black")
+    draw.line([(right_x - 2 * gap, header - 6), (right_x - 2 * gap, height)], fill=(160, 160, 160), width=2)
+    lines = ["Snowman membrane (trained by Train SPM on the miniature model), transport 'paper'.",
+             f"{'prompt':<20} {'role':<17} {'gate +':>6} {'gate -':>6}  classifier before -> after"]
+    for index, (text, role, before, after, gates) in enumerate(rows):
+        y = header + index * (side + caption + 14)
+        draw.text((6, y + 30), f'"{text}"', fill="black")
+        draw.text((6, y + 48), role, fill=(90, 90, 90))
+        draw.text((6, y + 72), f"gate, positive row: {gates['positive']:.2f}", fill=(20, 70, 160))
+        draw.text((6, y + 88), f"gate, negative row: {gates['negative']:.2f}", fill=(20, 70, 160))
+        verdicts = {}
+        for name, frames, x0 in (("before", before, left_x), ("after", after, right_x)):
+            pictures = torch.stack([torch.from_numpy(np.asarray(f, dtype=np.float32)[UPSCALE // 2::UPSCALE, UPSCALE // 2::UPSCALE]
+                                                     / 255).permute(2, 0, 1) for f in frames])
+            verdicts[name] = [v.label() for v in classify(classifier, pictures)]
+            for column, (frame, label) in enumerate(zip(frames, verdicts[name])):
+                x = x0 + column * (side + gap)
+                grid.paste(frame.resize((side, side), Image.NEAREST), (x, y))
+                draw.text((x + 2, y + side + 1), label, fill="black")
+        lines.append(f"{text:<20} {role:<17} {gates['positive']:>6.2f} {gates['negative']:>6.2f}  "
+                     f"{', '.join(verdicts['before'])} -> {', '.join(verdicts['after'])}")
+    return grid, lines
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ Command-line flags --iterations / --lr / --seed override it. Ctrl-C stops cleanl
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,17 +42,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_pack(comfy_root: str):
-    """Import this pack through ComfyUI's own custom-node loader (its modules use relative imports)."""
-    import nodes
-
-    link = os.path.join(tempfile.mkdtemp(prefix="spm_cli_"), "comfyui_spm")
-    os.symlink(REPO, link)
-    if not asyncio.run(nodes.load_custom_node(link)):
-        raise SystemExit("ComfyUI could not import the SPM pack")
-    return link.replace(".", "_x_")
-
-
 def read_config(path: str | None) -> dict:
     if not path:
         return {}
@@ -77,7 +64,9 @@ def main(argv: list[str]) -> None:
     import comfy.sd
     import torch
 
-    package = load_pack(options.comfyui)
+    from scripts.pack_loader import load_pack
+
+    package = load_pack().__name__
     training = importlib.import_module(f"{package}.nodes.training")
     TrainingConfig = importlib.import_module(f"{package}.spm_core.training").TrainingConfig
     values = read_config(options.config)

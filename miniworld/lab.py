@@ -1,0 +1,108 @@
+"""The miniature world in-process, on a real ComfyUI host: the shipped model, the pack imported by
+ComfyUI's own loader, stock nodes to sample (EmptyLatentImage, KSampler), the pack's nodes and
+training code to erase, and the classifier to read the pictures. Used by the erasure benchmark,
+the quality test and the demo."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .host import use_host
+
+SAMPLER = {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
+PICTURE_SIDE = 128  # EmptyLatentImage size: a 16 x 16 latent
+
+
+@dataclass(frozen=True)
+class MembraneSettings:
+    """Train SPM settings for the miniature world (its latent is 16 x 16)."""
+
+    iterations: int = 300
+    learning_rate: float = 1e-3
+    anchor_strength: float = 1000.0
+    anchor_samples: int = 2
+    surrogates: str = "prompts"
+    rollout_steps: int = 20
+    erase_guidance: float = 1.0
+    seed: int = 0
+
+
+class Lab:
+    def __init__(self, comfy_root: str | None = None, membrane_dir: str | None = None,
+                 model_file: str | None = None, classifier_file: str | None = None) -> None:
+        use_host(comfy_root)
+        import comfy.utils
+        import folder_paths
+
+        from scripts.pack_loader import load_pack
+
+        from .classifier import load_classifier
+        from .model import CLASSIFIER_FILE, MODEL_FILE, load_world
+
+        comfy.utils.PROGRESS_BAR_ENABLED = False
+        self.package = load_pack().__name__
+        self.model, self.clip, self.vae = load_world(model_file or MODEL_FILE)
+        self.classifier = load_classifier(classifier_file or CLASSIFIER_FILE)
+        self.membrane_dir = membrane_dir or tempfile.mkdtemp(prefix="miniworld-spm-")
+        os.makedirs(self.membrane_dir, exist_ok=True)
+        folder_paths.add_model_folder_path("spm", self.membrane_dir, is_default=True)
+        self._conditioning: dict[str, object] = {}
+
+    def pack(self, name: str):
+        """A module of the loaded pack, e.g. pack("nodes.runtime")."""
+        return importlib.import_module(f"{self.package}.{name}")
+
+    @staticmethod
+    def node(name: str, unique_id: str = "lab"):
+        from comfy_api.latest import io
+
+        import nodes
+
+        return nodes.NODE_CLASS_MAPPINGS[name].PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
+
+    def encode(self, text: str):
+        """SPM Text Encode (the prompt's token ids ride along for the paper's token-overlap gate)."""
+        if text not in self._conditioning:
+            self._conditioning[text] = self.node("SPMTextEncode").execute(self.clip, text).result[0]
+        return self._conditioning[text]
+
+    @torch.no_grad()
+    def generate(self, model, text: str, count: int = 32, seed: int = 0, negative: str = "") -> torch.Tensor:
+        """`count` pictures (count, 3, 16, 16) for `text`, with the stock EmptyLatentImage and KSampler
+        (one seed per batch: the same seed gives the same starting noise for every model)."""
+        import nodes
+
+        from .model import LATENT_SCALE, model_space_to_pictures
+
+        (latent,) = nodes.EmptyLatentImage().generate(PICTURE_SIDE, PICTURE_SIDE, count)
+        (out,) = nodes.KSampler().sample(model, seed, SAMPLER["steps"], SAMPLER["cfg"], SAMPLER["sampler_name"],
+                                         SAMPLER["scheduler"], self.encode(text), self.encode(negative), latent)
+        return model_space_to_pictures(out["samples"].float() * LATENT_SCALE)
+
+    def read(self, pictures: torch.Tensor):
+        from .classifier import classify
+
+        return classify(self.classifier, pictures)
+
+    def train_membrane(self, name: str, targets: Sequence[str], settings: MembraneSettings = MembraneSettings()) -> str:
+        """Trains a membrane with the pack's own Train SPM code; returns its file name in the spm folder."""
+        training = self.pack("nodes.training")
+        config = self.pack("spm_core.training").TrainingConfig(
+            iterations=settings.iterations, learning_rate=settings.learning_rate, anchor_strength=settings.anchor_strength,
+            anchor_samples=settings.anchor_samples, surrogates=settings.surrogates, rollout_steps=settings.rollout_steps,
+            erase_guidance=settings.erase_guidance, latent_sizes=[PICTURE_SIDE // 8], seed=settings.seed)
+        path = os.path.join(self.membrane_dir, f"{name}.safetensors")
+        request = training.TrainingRequest(list(targets), [], "", config, path, False)
+        with torch.inference_mode(False):
+            training.train(self.model, self.clip, request, lambda report: None)
+        return os.path.basename(path)
+
+    def apply(self, model, membrane: str, transport: str = "paper", strength: float = 1.0, rows: str = "positive only"):
+        """Load SPM on `model` (which is not changed)."""
+        return self.node("SPMLoader").execute(model, self.clip, membrane, strength, transport, rows, 0.0, 1.0).result[0]

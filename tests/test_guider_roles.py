@@ -1,0 +1,127 @@
+"""Each CFG chunk is gated by its own cond's role, read from the guider (never from the chunk's
+position), under every guider ComfyUI ships: KSampler, SamplerCustom's CFGGuider, DualCFGGuider,
+PerpNegGuider and Self-Attention Guidance, with batch 2 and an area cond. Every row of every
+model call is checked against the cond whose embedding it carries."""
+
+from __future__ import annotations
+
+import comfy.samplers
+import pytest
+import torch
+from pack import encode, load_spm, pack_module
+
+import nodes
+
+
+@pytest.fixture(autouse=True)
+def _unload_after_each_test():
+    yield
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()  # other tests count the hooks on the shared tiny UNet
+
+
+class RowSpy:
+    """A DIFFUSION_MODEL wrapper recording each call's per-row gates and context."""
+
+    def __init__(self, stack) -> None:
+        self.stack, self.calls = stack, []
+        self.stack_module = pack_module("spm_core.stack")
+
+    def __call__(self, executor, *args, **kwargs):
+        gates = self.stack_module.current_row_gates(self.stack)
+        context = kwargs["context"] if "context" in kwargs else args[2]  # UNetModel._forward(x, timesteps, context, ...)
+        self.calls.append((torch.zeros(context.shape[0], 1) if gates is None else gates.clone(), context.clone()))
+        return executor(*args, **kwargs)
+
+
+def spied_model(spm_world, rows):
+    from comfy.patcher_extension import WrappersMP
+
+    patcher, clip, _ = spm_world
+    model = load_spm(patcher, clip, "snoopy.safetensors", transport="calibrated", rows=rows)
+    spy = RowSpy(model.get_attachment(pack_module("nodes.runtime").KEY).stack)
+    model = model.clone()
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "row_spy", spy)
+    return model, spy
+
+
+def with_area(conditioning):
+    (area,) = nodes.ConditioningSetArea().append(conditioning, 32, 32, 0, 0, 1.0)
+    return area
+
+
+def run_guider(kind: str, model, prompts: dict[str, list]):
+    """Samples 2 latents with the named guider; `prompts` maps the guider's cond names to CONDITIONING."""
+    latent = torch.zeros(2, 4, 8, 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 2)
+    sampler = comfy.samplers.sampler_object("euler")
+    if kind == "KSampler":
+        nodes.KSampler().sample(model, 1, 2, 5.0, "euler", "normal", prompts["positive"], prompts["negative"],
+                                {"samples": latent})
+        return
+    if kind == "SAG":
+        from comfy_extras.nodes_sag import SelfAttentionGuidance
+
+        patched = SelfAttentionGuidance.execute(model, 0.5, 2.0).result[0]
+        nodes.KSampler().sample(patched, 1, 2, 5.0, "euler", "normal", prompts["positive"], prompts["negative"],
+                                {"samples": latent})
+        return
+    if kind == "CFGGuider":
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(prompts["positive"], prompts["negative"])
+        guider.set_cfg(5.0)
+    elif kind == "DualCFGGuider":
+        from comfy_extras.nodes_custom_sampler import Guider_DualCFG
+
+        guider = Guider_DualCFG(model)
+        guider.set_conds(prompts["positive"], prompts["middle"], prompts["negative"])
+        guider.set_cfg(5.0, 3.0)
+    else:
+        from comfy_extras.nodes_perpneg import Guider_PerpNeg
+
+        guider = Guider_PerpNeg(model)
+        guider.set_conds(prompts["positive"], prompts["negative"], prompts["empty_negative_prompt"])
+        guider.set_cfg(5.0, 1.0)
+    guider.sample(noise, latent, sampler, sigmas, seed=1)
+
+
+GUIDER_CONDS = {
+    "KSampler": {"positive": "snoopy", "negative": "snoopy dog"},
+    "SAG": {"positive": "snoopy", "negative": "snoopy dog"},
+    "CFGGuider": {"positive": "snoopy", "negative": "snoopy dog"},
+    "DualCFGGuider": {"positive": "a bowl of fruit on a table", "middle": "snoopy on a doghouse", "negative": "snoopy dog"},
+    "PerpNegGuider": {"positive": "snoopy", "negative": "snoopy dog", "empty_negative_prompt": "a bowl of fruit"},
+}
+NEGATIVE_ROLE = {"negative", "empty_negative_prompt"}
+
+
+@pytest.mark.parametrize("rows", ["positive only", "positive and negative"])
+@pytest.mark.parametrize("kind", list(GUIDER_CONDS))
+def test_every_row_gets_its_own_conds_gate(spm_world, kind, rows):
+    _, clip, _ = spm_world
+    model, spy = spied_model(spm_world, rows)
+    texts = GUIDER_CONDS[kind]
+    prompts = {name: encode(clip, text) for name, text in texts.items()}
+    prompts["positive"] = prompts["positive"] + with_area(encode(clip, texts["positive"] + " in a field"))
+    expected_by_embedding = []
+    for name, conditioning in prompts.items():
+        # prompts naming "snoopy" open fully (token overlap 1); the others stay closed (calibrated 0)
+        opens = "snoopy" in texts[name]
+        closed_by_role = name in NEGATIVE_ROLE and rows == "positive only"
+        for embedding, _ in conditioning:
+            expected_by_embedding.append((embedding[0], 1.0 if opens and not closed_by_role else 0.0, name))
+    run_guider(kind, model, prompts)
+
+    assert spy.calls, "the sampler never called the model"
+    seen = set()
+    for gates, context in spy.calls:
+        for row in range(context.shape[0]):
+            matches = [(gate, name) for embedding, gate, name in expected_by_embedding if torch.equal(context[row], embedding)]
+            if not matches:
+                continue  # a row whose conditioning is not one of ours (SAG's blurred pass reuses the uncond)
+            gate, name = matches[0]
+            seen.add(name)
+            assert gates[row, 0].item() == pytest.approx(gate, abs=1e-6), f"{kind}: row {row} ({name}) got {gates[row, 0].item()}"
+    assert seen == set(texts), f"{kind}: rows of {set(texts) - seen} never seen"
