@@ -33,17 +33,20 @@ class SaveSPMAsLoRA(io.ComfyNode):
                 io.Model.Input("model", tooltip="A model with membranes (from Load SPM)."),
                 io.String.Input("filename", default="spm_baked",
                                 tooltip="File name under models/loras (letters, digits, - and _; .safetensors is added)."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace a file of that name if there is one. Off: an existing file is never touched."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the LoRA was written.")],
         )
 
     @classmethod
-    def execute(cls, model, filename) -> io.NodeOutput:
+    def execute(cls, model, filename, overwrite=False) -> io.NodeOutput:
         stem = paths.safe_stem(filename)
         membrane = baked(model, stem)
         folder = folder_paths.get_folder_paths("loras")[0]
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, stem + ".safetensors")
+        paths.refuse_to_replace(path, overwrite)
+        os.makedirs(folder, exist_ok=True)
         save_membrane(path, membrane)
         return io.NodeOutput(path, ui={"text": [f"saved {path}"]})
 

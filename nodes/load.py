@@ -8,7 +8,7 @@ from ..spm_core.file_format import load_membrane
 from ..spm_core.transport import Transport, TransportMode
 from . import paths
 from .encode import encode_concept, encode_empty, encode_with_tokens
-from .runtime import POSITIVE_AND_NEGATIVE, POSITIVE_ONLY, MembraneEntry, with_membrane
+from .runtime import POSITIVE_ONLY, ROWS_CHOICES, MembraneEntry, with_membrane
 
 TRANSPORT_MODES = [mode.value for mode in TransportMode]
 
@@ -36,7 +36,7 @@ class LoadSPM(io.ComfyNode):
                                        "overlap when prompts come from SPM Text Encode); cosine: embedding cosine only; "
                                        "calibrated: cosine relative to the empty prompt, unrelated prompts get exactly 0; "
                                        "always_open: gate 1 everywhere, like a plain LoRA."),
-                io.Combo.Input("rows", options=[POSITIVE_ONLY, POSITIVE_AND_NEGATIVE], default=POSITIVE_ONLY,
+                io.Combo.Input("rows", options=list(ROWS_CHOICES), default=POSITIVE_ONLY,
                                tooltip="Which CFG rows the membrane acts on. 'positive and negative' gates the negative "
                                        "prompt by its own similarity too."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,

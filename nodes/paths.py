@@ -10,6 +10,8 @@ import struct
 
 import folder_paths
 
+from ..spm_core.errors import SPMError
+
 FOLDER = "spm"
 LORA_PREFIX = "loras/"
 SPM_METADATA_KEYS = ("spm_format", "prompts", "concepts")
@@ -62,3 +64,9 @@ def safe_stem(name: str) -> str:
     if not re.fullmatch(r"[\w\-. ]{1,120}", stem) or stem.startswith("."):
         raise ValueError(f"file name {name!r} is not allowed; use letters, digits, '-', '_' and '.'")
     return stem
+
+
+def refuse_to_replace(path: str, overwrite: bool, alternative: str = "") -> None:
+    """A clear error instead of silently replacing a user's file."""
+    if os.path.exists(path) and not overwrite:
+        raise SPMError(f"{path} already exists; choose another name, or switch 'overwrite' on to replace it{alternative}")

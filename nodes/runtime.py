@@ -35,6 +35,7 @@ from .encode import TOKENS_KEY, TOKENS_OF_KEY, embedding_fingerprint
 
 KEY = "spm_membranes"
 POSITIVE_ONLY, POSITIVE_AND_NEGATIVE = "positive only", "positive and negative"
+ROWS_CHOICES = (POSITIVE_ONLY, POSITIVE_AND_NEGATIVE)
 GATE_CACHE_SIZE = 512
 POSITIVE, NEGATIVE = "positive", "negative"
 NEGATIVE_COND_NAMES = frozenset({"negative", "empty_negative_prompt"})  # guider names of negative-role conds
@@ -250,6 +251,8 @@ def _send_gates_to_frontend(state: MembraneState) -> None:
 def with_membrane(model, entry: MembraneEntry):
     """A clone of `model` with `entry` added to its membranes. `model` itself is never changed;
     everything that can fail is checked before the clone is made."""
+    if entry.rows not in ROWS_CHOICES:
+        raise SPMError(f"rows is {entry.rows!r}; choose one of {', '.join(repr(r) for r in ROWS_CHOICES)}")
     if not math.isfinite(entry.strength):
         raise SPMError(f"strength is {entry.strength}; give a finite number (1.0 = as trained, 0 = off)")
     if not 0.0 <= entry.start_percent <= entry.end_percent <= 1.0:

@@ -87,6 +87,9 @@ class TrainSPM(io.ComfyNode):
                 io.String.Input("name", default="my_membrane", tooltip="File name in models/spm (without extension)."),
                 io.Boolean.Input("resume", default=False, tooltip="Continue a cancelled run of the same name "
                                                                   "(<name>.partial.safetensors) instead of starting over."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace models/spm/<name>.safetensors if it exists. Off: an existing membrane is "
+                                         "never replaced (training stops with a message before it starts)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the new membrane applied (paper transport)."),
@@ -98,7 +101,8 @@ class TrainSPM(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, target, surrogate, neutral, iterations, learning_rate, rank, alpha, anchor_strength,
-                anchor_samples, surrogate_sampler, erase_guidance, rollout_steps, latent_size, seed, name, resume) -> io.NodeOutput:
+                anchor_samples, surrogate_sampler, erase_guidance, rollout_steps, latent_size, seed, name, resume,
+                overwrite=False) -> io.NodeOutput:
         name = paths.safe_stem(name)
         folder = folder_paths.get_folder_paths(paths.FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
@@ -108,7 +112,7 @@ class TrainSPM(io.ComfyNode):
                                 surrogates=surrogate_sampler)
         request = TrainingRequest(targets=parse_lines(target, "target"), surrogates=parse_lines(surrogate, "surrogate"),
                                   neutral=neutral.strip(), config=config,
-                                  path=os.path.join(folder, name + ".safetensors"), resume=resume)
+                                  path=os.path.join(folder, name + ".safetensors"), resume=resume, overwrite=overwrite)
         progress = comfy.utils.ProgressBar(iterations)
         started = time.monotonic()
 

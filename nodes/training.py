@@ -19,6 +19,7 @@ from ..spm_core.errors import SPMError
 from ..spm_core.file_format import DIFFUSERS_LAYER, load_membrane, save_membrane
 from ..spm_core.surrogates import Prompt, make_sampler, random_word_prompts
 from ..spm_core.training import ConceptPrompts, StepReport, TrainableMembrane, Trainer, TrainingConfig, training_metadata
+from .paths import refuse_to_replace
 from .runtime import membrane_layers_of
 
 SURROGATE_POOL = 256
@@ -90,6 +91,7 @@ class TrainingRequest:
     config: TrainingConfig
     path: str
     resume: bool = False
+    overwrite: bool = False
 
 
 def parse_lines(text: str, what: str) -> list[str]:
@@ -104,6 +106,8 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
     """Train, save `request.path` (or, when cancelled, the partial file) and return
     (membrane, reports, unet rows per iteration)."""
     config = request.config.check()
+    if not request.resume:
+        refuse_to_replace(request.path, request.overwrite, " (or 'resume' to continue training it)")
     if not request.targets:
         raise SPMError("give at least one target concept (one per line)")
     if request.surrogates and len(request.surrogates) not in (1, len(request.targets)):

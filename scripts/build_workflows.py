@@ -150,7 +150,7 @@ def train_then_apply() -> None:
                                 "checkpoint: 500-3000 iterations, rollout_steps 30, latent_size 64 (SD1.5) / 96 (SD2) / 128 (SDXL)."],
              title="Training settings")
     trained = flow.add("SPMTrain", (400, -420), ["snoopy", "", "", 8, 1e-3, 1, 1.0, 1000.0, 2, "prompts", 1.0, 4, 8, 0,
-                                                 "fixed", "snoopy_trained", False],
+                                                 "fixed", "snoopy_trained", False, False],
                        model=(checkpoint, 0), clip=(checkpoint, 1))
     flow.add("PreviewImage", (800, -420), [], title="Loss curve", images=(trained, 1))
     before = sampler(flow, (800, 200), checkpoint, positive, negative, latent, title="Before (no membrane)")
@@ -175,7 +175,7 @@ def miniworld_train() -> None:
     world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
     flow.add("Note", (0, 200), [MINIWORLD_NOTE], title="About the miniature world")
     trained = flow.add("SPMTrain", (400, 0), ["snowman", "", "", 300, 1e-3, 1, 1.0, 1000.0, 2, "prompts", 1.0, 20, 16, 0,
-                                              "fixed", "snowman", False], model=(world, 0), clip=(world, 1))
+                                              "fixed", "snowman", False, False], model=(world, 0), clip=(world, 1))
     flow.add("PreviewImage", (800, 0), [], title="Loss curve", images=(trained, 1))
     flow.save("miniworld_train.json")
 

@@ -36,6 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out", help="output file (default: ./<first target>.safetensors)")
     parser.add_argument("--resume", action="store_true", help="continue <out>.partial.safetensors")
+    parser.add_argument("--overwrite", action="store_true", help="replace <out> if it exists")
     parser.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's N-th last layer (like CLIPSetLastLayer -N)")
     parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_ROOT", DEFAULT_HOST), help="ComfyUI folder")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
@@ -79,7 +80,8 @@ def main(argv: list[str]) -> None:
     if options.clip_skip:
         clip = clip.clone()
         clip.clip_layer(-options.clip_skip)
-    request = training.TrainingRequest(options.target, options.surrogate, options.neutral, config, out, options.resume)
+    request = training.TrainingRequest(options.target, options.surrogate, options.neutral, config, out, options.resume,
+                                        options.overwrite)
     started = time.monotonic()
 
     def report(step) -> None:

@@ -39,6 +39,9 @@ DIFFUSERS_LAYER = re.compile(r"^lora_unet_(?:(?:down|up)_blocks_\d+_attentions_\
 ORIGINAL_UNET_LAYER = re.compile(r"^lora_unet_(?:input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)" + _LAYER_IN_BLOCK)
 
 
+MAX_WEIGHT_SCALE = 1e4  # bound on |up| x |down| x alpha / rank: real adapters stay below ~10
+
+
 def is_membrane_layer(name: str) -> bool:
     return bool(DIFFUSERS_LAYER.match(name) or ORIGINAL_UNET_LAYER.match(name))
 
@@ -173,6 +176,11 @@ def _layer(path: str, name: str, tensors: dict[str, torch.Tensor]) -> LayerWeigh
         alpha = float(alpha_tensor.float().item())
         if not math.isfinite(alpha):
             raise SPMFileError(path, f"layer {name}: alpha is {alpha}")
+    largest = float((up.abs().amax(dim=0) * down.abs().amax(dim=1)).max()) * abs(alpha) / down.shape[0]
+    if largest > MAX_WEIGHT_SCALE:
+        raise SPMFileError(path, f"layer {name}: weights reach {largest:.3g} (up x down x alpha / rank); a trained "
+                                 f"membrane or LoRA stays far below {MAX_WEIGHT_SCALE:g}, so the file is damaged or "
+                                 "was scaled by mistake")
     return LayerWeights(down=down, up=up, alpha=alpha, conv=conv)
 
 

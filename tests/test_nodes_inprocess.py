@@ -6,6 +6,7 @@ import os
 import resource
 
 import pytest
+import safetensors.torch
 import torch
 from membrane_helpers import key_map_of, modules_of, random_membrane
 from pack import encode, load_spm, node, pack_module, sample
@@ -103,6 +104,11 @@ def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(spm_world):
     wide = build_patcher("sd2", seed=1, context=48)  # another architecture: 48-wide cross-attention
     wide_map = key_map_of(wide)
     save_membrane(str(folder / "other_arch.safetensors"), random_membrane(wide_map, modules_of(wide, wide_map), seed=4))
+    tensors = safetensors.torch.load_file(str(folder / "snoopy.safetensors"))
+    with safetensors.safe_open(str(folder / "snoopy.safetensors"), "pt") as handle:
+        metadata = handle.metadata()
+    safetensors.torch.save_file({k: v if k.endswith(".alpha") else v * 1e15 for k, v in tensors.items()},
+                                str(folder / "huge.safetensors"), metadata=metadata)
     before = (dict(patcher.attachments), {k: dict(v) for k, v in patcher.wrappers.items()}, dict(patcher.injections))
     cases = [
         (dict(membrane="truncated.safetensors"), errors.SPMFileError, "truncated"),
@@ -111,6 +117,8 @@ def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(spm_world):
         (dict(membrane="snoopy.safetensors", strength=float("nan")), errors.SPMError, "strength is nan"),
         (dict(membrane="snoopy.safetensors", start=0.8, end=0.2), errors.SPMError, "sampling range"),
         (dict(membrane="snoopy.safetensors", transport="fuzzy"), errors.SPMError, "unknown transport mode"),
+        (dict(membrane="snoopy.safetensors", rows="sideways"), errors.SPMError, "rows is 'sideways'; choose one of"),
+        (dict(membrane="huge.safetensors"), errors.SPMFileError, "so the file is damaged or was scaled by mistake"),
     ]
     for kwargs, error_type, phrase in cases:
         with pytest.raises(error_type) as caught:
