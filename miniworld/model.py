@@ -9,6 +9,13 @@
   seed rather than stored.
 - VAE: `PixelVAE`, the identity between the latent's RGB channels and the picture, upscaled 8x
   (nearest) so a 16 x 16 picture is seen at 128 x 128 and EmptyLatentImage(128, 128) fits.
+- Sampling: `CenteredSampling`, SD1's own noise schedule and epsilon prediction with two facts of
+  this world added where ComfyUI's samplers ask for them (an object patch, like the stock
+  ModelSampling nodes): a sampler starts from the world's mean colour with noise whose
+  per-channel mean is removed, and channel 3 is always 0. SD1's schedule ends at sigma 14.6, where
+  a 16 x 16 picture's mean colour is still visible through the noise (its noise averages over 256
+  pixels only); started from zero-mean noise alone, the model painted every picture in the colour
+  cast of its noise.
 
 Because it is an ordinary SD15 model to ComfyUI, Load SPM, Train SPM and the Inspector bind to it
 through ComfyUI's own LoRA key map exactly as they do to Stable Diffusion 1.5.
@@ -38,6 +45,9 @@ TOKEN_EMBEDDING_SEED = 20240601
 LATENT_SCALE = 0.18215  # SD1's latent scale factor: model space = VAE latent x LATENT_SCALE
 UPSCALE = 8
 UNET_PREFIX, TEXT_PREFIX = "unet.", "text."
+# Mean of the world's pictures in model space, per latent channel (miniworld.world renders, seed 0,
+# 4000 pictures; tests/test_miniworld.py recomputes it).
+DATA_MEAN = (-0.4998, -0.5510, -0.5783, 0.0)
 
 
 def build_unet():
@@ -119,7 +129,25 @@ def load_world(path: str = MODEL_FILE):
     unet_model.eval()
     patcher = comfy.model_patcher.ModelPatcher(unet_model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
+    patcher.add_object_patch("model_sampling", centered_sampling(unet_model))
     return patcher, clip, PixelVAE()
+
+
+def centered_sampling(unet_model):
+    """SD1's model sampling for this model, with the world's mean colour and empty channel 3."""
+    base = type(unet_model.model_sampling)
+    mean = torch.tensor(DATA_MEAN).reshape(1, -1, 1, 1)
+
+    class CenteredSampling(base):
+        def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+            noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
+            return super().noise_scaling(sigma, noise, latent_image, max_denoise) + mean.to(noise)
+
+        def calculate_denoised(self, sigma, model_output, model_input):
+            denoised = super().calculate_denoised(sigma, model_output, model_input)
+            return torch.cat([denoised[:, :3], torch.zeros_like(denoised[:, 3:])], dim=1)
+
+    return CenteredSampling(unet_model.model_config)
 
 
 def encode_ids(clip, ids: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ class MembraneState:
         key_map, shapes = membrane_layers_of(model)
         self.stack = MembraneStack([MembraneUse(e.membrane, e.strength) for e in entries], key_map, shapes, gate_law)
         self.hooks = InstalledHooks(self.stack)
-        self._gates: OrderedDict[object, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._gates: OrderedDict[object, tuple[weakref.ref, torch.Tensor]] = OrderedDict()
         self._roles: OrderedDict[object, str] = OrderedDict()
         self._negative_rows_open = torch.tensor([e.rows == POSITIVE_AND_NEGATIVE for e in entries], dtype=torch.float32)
         self._sigma_ranges: tuple[object, torch.Tensor, torch.Tensor] | None = None
@@ -112,8 +113,8 @@ class MembraneState:
             return None
         key = (cond.get("uuid"), id(embedding))
         cached = self._gates.get(key)
-        if cached is None or cached[0] is not embedding:  # the tensor is kept, so its id is never reused
-            cached = (embedding, self.gates_for(embedding[:1], tokens_by_embedding.get(embedding_fingerprint(embedding))))
+        if cached is None or cached[0]() is not embedding:  # a dead reference: the id was reused
+            cached = (weakref.ref(embedding), self.gates_for(embedding[:1], tokens_by_embedding.get(embedding_fingerprint(embedding))))
             self._gates[key] = cached
             while len(self._gates) > GATE_CACHE_SIZE:
                 self._gates.popitem(last=False)

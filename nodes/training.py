@@ -38,6 +38,11 @@ class ComfyNoisePredictor:
     def sigmas(self, steps: int) -> torch.Tensor:
         return comfy.samplers.calculate_sigmas(self.base.model_sampling, "ddim_uniform", steps).cpu()
 
+    def start(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """As ComfyUI's samplers start from an empty latent at full denoise (the model's own noise
+        scaling, so models that patch it train on the trajectories they sample)."""
+        return self.base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+
     def eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts) -> torch.Tensor:
         x, sigma = x.to(self.device), sigma.to(self.device)
         context = torch.cat([p.embedding[None] for p in prompts]).to(self.device)

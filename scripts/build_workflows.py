@@ -170,11 +170,12 @@ MINIWORLD_SAMPLER = [1, "fixed", 20, 5.0, "euler", "normal", 1.0]
 
 
 def miniworld_train() -> None:
-    """Train SPM on the miniature model: a snowman membrane in about two minutes on a CPU."""
+    """Train SPM on the miniature model: a snowman membrane in about a minute and a half on a CPU
+    (settings of miniworld.lab.MembraneSettings)."""
     flow = Workflow()
     world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
     flow.add("Note", (0, 200), [MINIWORLD_NOTE], title="About the miniature world")
-    trained = flow.add("SPMTrain", (400, 0), ["snowman", "", "", 300, 1e-3, 1, 1.0, 1000.0, 2, "prompts", 1.0, 20, 16, 0,
+    trained = flow.add("SPMTrain", (400, 0), ["snowman", "", "", 200, 1e-2, 1, 1.0, 10.0, 2, "prompts", 1.0, 20, 16, 0,
                                               "fixed", "snowman", False, False], model=(world, 0), clip=(world, 1))
     flow.add("PreviewImage", (800, 0), [], title="Loss curve", images=(trained, 1))
     flow.save("miniworld_train.json")

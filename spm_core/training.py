@@ -88,6 +88,9 @@ class NoisePredictor(Protocol):
     def sigmas(self, steps: int) -> torch.Tensor:
         """steps + 1 decreasing noise levels, the last one 0."""
 
+    def start(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The latent a sampler starts from at noise level sigma, given unit Gaussian noise."""
+
     def eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         """Noise prediction for each row of x at noise level sigma, row i conditioned on prompts[i]."""
 
@@ -229,7 +232,7 @@ class Trainer:
     def _rollout(self, target: Prompt, size: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """k deterministic steps from pure noise, membrane ON, CFG on the target; returns (x, sigma_k)."""
         sigmas = self.model.sigmas(self.config.rollout_steps).float()
-        x = torch.randn(1, self.model.latent_channels, size, size, generator=generator) * sigmas[0]
+        x = self.model.start(torch.randn(1, self.model.latent_channels, size, size, generator=generator), sigmas[0])
         self.membrane.enabled = True
         try:
             for i in range(k):
