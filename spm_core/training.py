@@ -1,13 +1,16 @@
 """Training a membrane with Latent Anchoring (DESIGN.md §1), against a small model protocol.
 
 Per iteration, for one of the membrane's concepts:
-  1. roll out k of T deterministic (DDIM/Euler) steps from noise with the membrane ON, conditioned
-     on the target with CFG, giving x at noise level sigma_k; evaluate at that same sigma_k
+  1. roll out k of T deterministic (DDIM/Euler) steps from where ComfyUI's samplers start, with
+     CFG on the target and the membrane ON for the target row only (as Load SPM samples: the
+     uncond row stays closed), giving x at noise level sigma_k; evaluate at that same sigma_k
      (the official loop evaluates about one step off);
-  2. membrane OFF, one batched call: e_pos, e_neu and every anchor's prediction;
+  2. membrane OFF, one batched call: e_pos, e_neu and every anchor's prediction (the empty prompt,
+     every batch's uncond row, is always one of the anchors);
   3. membrane ON, one batched call with gradients: e_tar and every anchor's prediction;
   4. loss = ||e_tar - (e_neu - g (e_pos - e_neu))||² + lambda · mean ||anchor_on - anchor_off||².
-No UNet row is evaluated and thrown away (the official loop computes unconditional halves it
+An iteration whose gradients are not finite (an fp16/bf16 model overflowing) changes nothing and
+is reported as skipped; non-finite weights are never saved. No UNet row is evaluated and thrown away (the official loop computes unconditional halves it
 discards). The model adapter turns its output into a noise prediction, so v-prediction models
 train correctly. Randomness comes from (seed, iteration), so a resumed run continues the same
 sequence of draws.
@@ -95,6 +98,9 @@ class NoisePredictor(Protocol):
         """Noise prediction for each row of x at noise level sigma, row i conditioned on prompts[i]."""
 
 
+MAX_SKIPPED_STEPS = 20
+
+
 class TrainableMembrane(torch.nn.Module):
     """A membrane whose downs and ups are fp32 parameters, attached to model layers with forward
     hooks that add its branch while `enabled` is set."""
@@ -112,6 +118,7 @@ class TrainableMembrane(torch.nn.Module):
             self.down.append(torch.nn.Parameter((torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound))
             self.up.append(torch.nn.Parameter(torch.zeros(out_features, rank)))
         self.enabled = False
+        self.row_mask: torch.Tensor | None = None  # (rows,) 0/1: which batch rows the branch acts on
         self._handles: list = []
 
     def layer(self, index: int) -> LayerWeights:
@@ -143,10 +150,15 @@ class TrainableMembrane(torch.nn.Module):
             if not self.enabled:
                 return None
             # the branch runs in fp32 whatever the base precision
-            return output + self.layer(index).branch(inputs[0].float()).to(output.dtype)
+            branch = self.layer(index).branch(inputs[0].float())
+            if self.row_mask is not None:
+                branch = branch * self.row_mask.to(branch).reshape(-1, *([1] * (branch.ndim - 1)))
+            return output + branch.to(output.dtype)
         return hook
 
     def as_membrane(self, name: str, concepts: tuple[Concept, ...], architecture: str, metadata: dict | None = None) -> Membrane:
+        if not all(torch.isfinite(p).all() for p in self.parameters()):
+            raise SPMError(f"membrane {name!r} has non-finite weights; it is not saved")
         layers = {n: LayerWeights(self.down[i].detach().clone(), self.up[i].detach().clone(), self.alpha, self.conv[n])
                   for i, n in enumerate(self.names)}
         return Membrane(name=name, concepts=concepts, layers=layers, architecture=architecture, metadata=metadata or {})
@@ -159,6 +171,7 @@ class StepReport:
     erase_loss: float
     anchor_loss: float
     learning_rate: float
+    skipped: bool = False  # gradients were not finite: no update this iteration
 
 
 class Trainer:
@@ -175,6 +188,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cycle)
         self.history: list[StepReport] = []
         self.unet_rows = 0  # noise predictions computed, counted per batch row
+        self.skipped_steps = 0
 
     def run(self, start: int = 0, callback: Callable[[StepReport], None] | None = None) -> list[StepReport]:
         for _ in range(start):
@@ -193,7 +207,8 @@ class Trainer:
         size = config.latent_sizes[int(torch.randint(len(config.latent_sizes), (), generator=generator))]
         k = int(torch.randint(1, config.rollout_steps, (), generator=generator))
         x, sigma = self._rollout(concept.target, size, k, generator)
-        anchors = self.surrogates.sample(config.anchor_samples, generator) if config.anchor_strength > 0 else []
+        # the empty prompt is always anchored: it is every CFG batch's uncond row
+        anchors = [self.empty, *self.surrogates.sample(config.anchor_samples, generator)] if config.anchor_strength > 0 else []
 
         with torch.no_grad():
             self.membrane.enabled = False
@@ -214,14 +229,21 @@ class Trainer:
 
         parameters = list(self.membrane.parameters())
         gradients = torch.autograd.grad(loss, parameters)  # only the membrane: base weights stay untouched
-        for parameter, gradient in zip(parameters, gradients):
-            parameter.grad = gradient
-        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        skipped = not all(torch.isfinite(g).all() for g in gradients)
+        if skipped:  # an fp16/bf16 model overflowed in backward: never let inf/NaN reach the weights
+            self.skipped_steps += 1
+            if self.skipped_steps > MAX_SKIPPED_STEPS:
+                raise SPMError(f"gradients were not finite in {self.skipped_steps} iterations (last: {iteration}); the "
+                               "model's precision overflows: load it in fp32 or lower the learning rate")
+        else:
+            for parameter, gradient in zip(parameters, gradients):
+                parameter.grad = gradient
+            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return StepReport(iteration, loss.item(), erase_loss.item(), anchor_loss.item(), learning_rate)
+        return StepReport(iteration, loss.item(), erase_loss.item(), anchor_loss.item(), learning_rate, skipped)
 
     def _eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[Prompt]) -> torch.Tensor:
         rows = len(prompts)
@@ -230,17 +252,18 @@ class Trainer:
 
     @torch.no_grad()
     def _rollout(self, target: Prompt, size: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """k deterministic steps from pure noise, membrane ON, CFG on the target; returns (x, sigma_k)."""
+        """k deterministic steps from pure noise with CFG on the target, the membrane ON for the target
+        row and OFF for the uncond row, as Load SPM samples by default; returns (x, sigma_k)."""
         sigmas = self.model.sigmas(self.config.rollout_steps).float()
         x = self.model.start(torch.randn(1, self.model.latent_channels, size, size, generator=generator), sigmas[0])
-        self.membrane.enabled = True
+        self.membrane.enabled, self.membrane.row_mask = True, torch.tensor([0.0, 1.0])
         try:
             for i in range(k):
                 both = self._eps(x, sigmas[i:i + 1], [self.empty, target])
                 eps = both[:1] + self.config.rollout_cfg * (both[1:] - both[:1])
                 x = x + (sigmas[i + 1] - sigmas[i]) * eps
         finally:
-            self.membrane.enabled = False
+            self.membrane.enabled, self.membrane.row_mask = False, None
         return x, sigmas[k:k + 1]
 
 

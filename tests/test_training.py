@@ -3,7 +3,8 @@
 Margins come from measured runs (sd1, 60 iterations, lr 2e-2, 8x8 latents, 10 rollout steps,
 seed 0): with anchoring (lambda 3, prompt surrogates) the erase loss fell to ~0.37x, the distance
 to the erase target to ~0.66x, held-out prompts drifted ~7.5%; without anchoring they drifted
-~21%, and with the official Gaussian surrogates (same lambda) also ~21%.
+~21%. (Prompt vs Gaussian anchors is not compared here: only at matched erasure would that say
+anything, which is the erasure benchmark's job.)
 """
 
 import statistics
@@ -72,8 +73,7 @@ def runs(tiny, tmp_path_factory):
     patcher, clip = tiny
     folder = tmp_path_factory.mktemp("trained")
     results = {}
-    for label, overrides in (("anchored", {}), ("unanchored", {"anchor_strength": 0.0}),
-                             ("gaussian", {"surrogates": "gaussian"})):
+    for label, overrides in (("anchored", {}), ("unanchored", {"anchor_strength": 0.0})):
         membrane, reports, rows = train(patcher, clip, folder / f"{label}.safetensors", **overrides)
         results[label] = (membrane, reports, rows, evaluate(patcher, clip, membrane))
         print(label, "erase", reports[0].erase_loss, "->", reports[-1].erase_loss, "eval", results[label][3], "rows", rows)
@@ -93,15 +93,11 @@ def test_anchoring_keeps_other_prompts_in_place(runs):
     assert unanchored > 1.5 * anchored, "without anchoring, held-out prompts must drift measurably further"
 
 
-def test_prompt_surrogates_protect_real_prompts_better_than_gaussian_ones(runs):
-    prompts, gaussian = runs[0]["anchored"][3][2], runs[0]["gaussian"][3][2]
-    assert gaussian > 1.5 * prompts
-
-
 def test_no_unet_row_is_wasted(runs):
-    """Rows per iteration: 2k for the CFG rollout (k in [1, T)), 2 + K off, 1 + K on."""
+    """Rows per iteration: 2k for the CFG rollout (k in [1, T)), 2 + K + 1 off, 1 + K + 1 on (K sampled
+    anchors and the empty prompt)."""
     _, reports, rows, _ = runs[0]["anchored"]
-    assert 2 * 1 + 7 <= rows <= 2 * 9 + 7
+    assert 2 * 1 + 9 <= rows <= 2 * 9 + 9
 
 
 def test_trained_file_round_trips_through_load_spm_and_the_stock_lora_loader(runs, tiny, spm_world, caplog):
