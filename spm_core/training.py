@@ -10,10 +10,10 @@ Per iteration, for one of the membrane's concepts:
   3. membrane ON, one batched call with gradients: e_tar and every anchor's prediction;
   4. loss = ||e_tar - (e_neu - g (e_pos - e_neu))||² + lambda · mean ||anchor_on - anchor_off||².
 An iteration whose gradients are not finite (an fp16/bf16 model overflowing) changes nothing and
-is reported as skipped; non-finite weights are never saved. No UNet row is evaluated and thrown away (the official loop computes unconditional halves it
-discards). The model adapter turns its output into a noise prediction, so v-prediction models
-train correctly. Randomness comes from (seed, iteration), so a resumed run continues the same
-sequence of draws.
+is reported as skipped; non-finite weights are never saved. No UNet row is evaluated and thrown
+away (the official loop computes unconditional halves it discards). The model adapter turns its
+output into a noise prediction, so v-prediction models train correctly. Randomness comes from
+(seed, iteration), so a resumed run continues the same sequence of draws.
 """
 
 from __future__ import annotations
