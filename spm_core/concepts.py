@@ -47,6 +47,9 @@ def clean_prompt(text: object, what: str) -> str:
         raise SPMError(f"{what} is empty")
     if any(unicodedata.category(ch) == "Cc" for ch in text):
         raise SPMError(f"{what} {text!r} contains control characters")
+    hidden = sorted({f"U+{ord(ch):04X}" for ch in text if unicodedata.category(ch) == "Cf"})
+    if hidden:  # zero-width and direction-changing characters: the name would show invisibly or reversed
+        raise SPMError(f"{what} {text!r} contains invisible or text-direction characters ({', '.join(hidden)}); remove them")
     if len(text) > MAX_PROMPT_CHARS:
         raise SPMError(f"{what} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are allowed")
     return text

@@ -566,6 +566,8 @@ def test_metadata_alpha_contradicts_default_alpha(tmp_path, sd1):
     ('"snoopy"', ("must be a JSON list",)),
     ('["snoo\\u0007py"]', ("control characters",)),
     ('[{"target": "snoopy", "aliases": ["peanuts\\u0000dog"]}]', ("alias", "control characters")),
+    ('["snoo\u200bpy"]', ("invisible or text-direction characters", "U+200B")),
+    ('[{"target": "snoopy", "aliases": ["\u202eypoons"]}]', ("alias", "U+202E")),
     ('["snoopy", ""]', ("concept target", "is empty")),
     ('["snoopy", "   "]', ("is empty",)),
     ('[{"target": ""}]', ("is empty",)),
