@@ -82,6 +82,7 @@ class MembraneState:
         self.hooks = InstalledHooks(self.stack)
         self._gates: OrderedDict[object, tuple[weakref.ref, torch.Tensor]] = OrderedDict()
         self._roles: OrderedDict[object, str] = OrderedDict()
+        self._fingerprints: OrderedDict[int, tuple[weakref.ref, tuple]] = OrderedDict()
         self._negative_rows_open = torch.tensor([e.rows == POSITIVE_AND_NEGATIVE for e in entries], dtype=torch.float32)
         self._sigma_ranges: tuple[object, torch.Tensor, torch.Tensor] | None = None
         self.last_gates: dict[str, list[float]] = {}
@@ -114,10 +115,21 @@ class MembraneState:
         key = (cond.get("uuid"), id(embedding))
         cached = self._gates.get(key)
         if cached is None or cached[0]() is not embedding:  # a dead reference: the id was reused
-            cached = (weakref.ref(embedding), self.gates_for(embedding[:1], tokens_by_embedding.get(embedding_fingerprint(embedding))))
+            cached = (weakref.ref(embedding), self.gates_for(embedding[:1], tokens_by_embedding.get(self.fingerprint(embedding))))
             self._gates[key] = cached
             while len(self._gates) > GATE_CACHE_SIZE:
                 self._gates.popitem(last=False)
+        return cached[1]
+
+    def fingerprint(self, embedding: torch.Tensor) -> tuple:
+        """embedding_fingerprint, once per tensor: it reads values back from the device, and
+        calc_cond_batch asks for it at every step."""
+        cached = self._fingerprints.get(id(embedding))
+        if cached is None or cached[0]() is not embedding:
+            cached = (weakref.ref(embedding), embedding_fingerprint(embedding))
+            self._fingerprints[id(embedding)] = cached
+            while len(self._fingerprints) > GATE_CACHE_SIZE:
+                self._fingerprints.popitem(last=False)
         return cached[1]
 
     def remember_roles(self, named_conds: dict) -> None:
@@ -140,7 +152,7 @@ class MembraneState:
         # they were recorded with, wherever that embedding turns up
         tokens_by_embedding = {cond[TOKENS_OF_KEY]: cond.get(TOKENS_KEY) for conds in lists for cond in conds
                                if TOKENS_OF_KEY in cond and _embedding_of(cond) is not None
-                               and cond[TOKENS_OF_KEY] == embedding_fingerprint(_embedding_of(cond))}
+                               and cond[TOKENS_OF_KEY] == self.fingerprint(_embedding_of(cond))}
         table = {}
         for index, conds in enumerate(lists):
             role = self._roles.get(conds[0].get("uuid"), POSITIVE) if conds else POSITIVE
