@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import glob
 import io
 import json
 import os
@@ -248,12 +249,23 @@ async def drive(page: Page, url: str, workflow: dict):
     fetched = [p["response"] for m, p in page.events if m == "Network.responseReceived" and p["response"]["url"].endswith(SCRIPT_URL)]
     assert fetched and fetched[-1]["status"] == 200, f"{SCRIPT_URL} was not fetched: {fetched}"
 
-    # 2. the workflow renders, with the concept label derived from the file name
+    # 2. every shipped workflow loads exactly: each node's widgets read back as the file holds them
+    for path in sorted(glob.glob(os.path.join(REPO, "workflows", "*.json"))):
+        shipped = load_workflow(path)
+        await page.evaluate(f"window.app.loadGraphData({json.dumps(shipped)}, true, true, 'check').then(() => true)")
+        loaded = await page.evaluate("Object.fromEntries(window.app.graph.nodes.map(n => "
+                                     "[n.id, n.serialize().widgets_values || []]))")  # what the page would save
+        for node in shipped["nodes"]:
+            expected = node.get("widgets_values") or []
+            assert loaded[str(node["id"])] == expected, \
+                f"{os.path.basename(path)}: {node['type']} #{node['id']} loads as {loaded[str(node['id'])]}, file has {expected}"
+
+    # 3. the workflow renders, with the concept label derived from the file name
     await page.evaluate(f"window.app.loadGraphData({json.dumps(workflow)}, true, true, 'erase_one_concept').then(() => true)")
     label = await page.wait_for(LABEL.format(id=LOADER_ID), 20, "the Load SPM label")
     assert label == "erases: snoopy (from the file name)", label
 
-    # 3. a run queued from the page: the ui payload and the spm.gates event reach the node
+    # 4. a run queued from the page: the ui payload and the spm.gates event reach the node
     await page.evaluate("""(api => {
         api.addEventListener('spm.gates', e => { window.__spmGates = e.detail });
         api.addEventListener('execution_cached', e => { window.__spmCached = e.detail?.nodes ?? [] });
@@ -285,7 +297,7 @@ async def drive(page: Page, url: str, workflow: dict):
         f"gate last step: positive {row['positive']:.2f} · negative {row['negative']:.2f}",
     ], label
 
-    # 4. the screenshot: 100 % zoom, the checkpoint loader, Load SPM and the sampler in view
+    # 5. the screenshot: 100 % zoom, the checkpoint loader, Load SPM and the sampler in view
     box = await page.evaluate(f"""(async () => {{
         const app = window.app, node = app.graph.getNodeById({LOADER_ID});
         app.canvas.ds.scale = 1;
@@ -305,7 +317,7 @@ async def drive(page: Page, url: str, workflow: dict):
     shot = await page.send("Page.captureScreenshot", format="png")
     png = base64.b64decode(shot["data"])
 
-    # 5. events with no data or naming nodes that are not in the graph are ignored
+    # 6. events with no data or naming nodes that are not in the graph are ignored
     await page.evaluate("""(() => {
         const api = window.comfyAPI.api.api;
         for (const detail of [null, {}, {membranes: null}, {membranes: [null, {}, {node: '999'}, {node: '1'}, {node: '999:6'}]}])
@@ -315,7 +327,7 @@ async def drive(page: Page, url: str, workflow: dict):
     after = await page.evaluate(LABEL.format(id=LOADER_ID))
     assert after == label, f"bogus events changed the label: {after!r}"
 
-    # 6. picking another file drops the run's results and guesses from the new file name
+    # 7. picking another file drops the run's results and guesses from the new file name
     relabelled = await page.evaluate(f"""(() => {{
         const w = window.app.graph.getNodeById({LOADER_ID}).widgets.find(w => w.name === 'membrane');
         w.value = 'mickey_mouse.safetensors';
@@ -324,7 +336,7 @@ async def drive(page: Page, url: str, workflow: dict):
     }})()""")
     assert relabelled == "erases: mickey mouse (from the file name)", relabelled
 
-    # 7. after a reload the restored workflow is labelled again, from its restored widget values
+    # 8. after a reload the restored workflow is labelled again, from its restored widget values
     await page.send("Page.reload")
     await page.wait_for(app_ready, 120, "the frontend after a reload")
     file, restored = await page.wait_for(
