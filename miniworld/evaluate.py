@@ -1,5 +1,4 @@
-"""Measures on generated pictures: what the classifier finds, per prompt, per concept, per family;
-erasure of a target and preservation of everything else."""
+"""Measures on generated pictures: what the classifier finds, per prompt, per concept, per family."""
 
 from __future__ import annotations
 
@@ -35,18 +34,6 @@ def concept_accuracy(readings: Readings, requests: Sequence[Request]) -> dict[st
 def family_accuracy(per_concept: dict[str, float]) -> dict[str, float]:
     return {family: sum(per_concept[c.name] for c in CONCEPTS if c.family == family and c.name in per_concept)
             / sum(1 for c in CONCEPTS if c.family == family and c.name in per_concept) for family in FAMILIES}
-
-
-def erasure(readings: Readings, requests: Sequence[Request], target: str) -> float:
-    """Share of generations, over prompts naming `target`, in which the classifier no longer finds it."""
-    missed = [not v.finds(target) for r in requests if target in r.concepts for v in readings[r.text]]
-    return sum(missed) / len(missed)
-
-
-def preservation(readings: Readings, requests: Sequence[Request], targets: Sequence[str]) -> float:
-    """Mean request accuracy over prompts that name none of `targets`."""
-    kept = [request_accuracy(readings[r.text], r) for r in requests if not set(targets) & set(r.concepts)]
-    return sum(kept) / len(kept)
 
 
 def wilson_interval(share: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -77,16 +77,18 @@ class Lab:
         return self._conditioning[text]
 
     @torch.no_grad()
-    def generate(self, model, text: str, count: int = 32, seed: int = 0, negative: str = "") -> torch.Tensor:
-        """`count` pictures (count, 3, 16, 16) for `text`, with the stock EmptyLatentImage and KSampler
-        (one seed per batch: the same seed gives the same starting noise for every model)."""
+    def generate(self, model, prompt: str | list, count: int = 32, seed: int = 0, negative: str = "") -> torch.Tensor:
+        """`count` pictures (count, 3, 16, 16) for `prompt` (text, or a CONDITIONING), with the stock
+        EmptyLatentImage and KSampler (one seed per batch: the same seed gives the same starting
+        noise for every model)."""
         import nodes
 
         from .model import LATENT_SCALE, model_space_to_pictures
 
         (latent,) = nodes.EmptyLatentImage().generate(PICTURE_SIDE, PICTURE_SIDE, count)
         (out,) = nodes.KSampler().sample(model, seed, SAMPLER["steps"], SAMPLER["cfg"], SAMPLER["sampler_name"],
-                                         SAMPLER["scheduler"], self.encode(text), self.encode(negative), latent)
+                                         SAMPLER["scheduler"], self.encode(prompt) if isinstance(prompt, str) else prompt,
+                                         self.encode(negative), latent)
         return model_space_to_pictures(out["samples"].float() * LATENT_SCALE)
 
     def read(self, pictures: torch.Tensor):

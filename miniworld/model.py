@@ -156,11 +156,17 @@ def encode_ids(clip, ids: torch.Tensor) -> torch.Tensor:
     The same computation as ComfyUI's CLIPTextModel_.forward (causal mask, pre-norm layers, final
     layer norm), but with out-of-place residual adds: ComfyUI's CLIPLayer adds in place, which
     autograd cannot differentiate through. A test checks both give the same output."""
+    return encode_token_embeddings(clip, text_transformer(clip).text_model.embeddings.token_embedding(ids))
+
+
+def encode_token_embeddings(clip, tokens: torch.Tensor) -> torch.Tensor:
+    """`encode_ids` from the token embeddings (B, 77, width) instead of the ids: what a textual
+    inversion embedding feeds the encoder, and what the gradient attack optimises."""
     from comfy.ldm.modules.attention import optimized_attention_for_device
 
     text = text_transformer(clip).text_model
-    x = text.embeddings(ids)
-    length = x.shape[1]
+    length = tokens.shape[1]
+    x = tokens + text.embeddings.position_embedding.weight[:length].to(tokens)
     mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)
     attention = optimized_attention_for_device(x.device, mask=True, small_input=True)
     for layer in text.encoder.layers:

@@ -35,6 +35,8 @@ class LoadSPM(io.ComfyNode):
                                tooltip="How the gate is computed per prompt. paper: the paper's formula (cosine + token "
                                        "overlap when prompts come from SPM Text Encode); cosine: embedding cosine only; "
                                        "calibrated: cosine relative to the empty prompt, unrelated prompts get exactly 0; "
+                                       "latent: calibrated, or higher when the model is about to draw the concept "
+                                       "(catches paraphrases; one extra model call per run); "
                                        "always_open: gate 1 everywhere, like a plain LoRA."),
                 io.Combo.Input("rows", options=list(ROWS_CHOICES), default=POSITIVE_ONLY,
                                tooltip="Which CFG rows the membrane acts on. 'positive and negative' gates the negative "
@@ -53,7 +55,7 @@ class LoadSPM(io.ComfyNode):
         loaded = load_membrane(paths.membrane_path(membrane))
         mode = TransportMode.named(transport)
         concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, p) for c in loaded.concepts for p in c.prompts]
-        empty = encode_empty(clip) if mode is TransportMode.CALIBRATED else None
+        empty = encode_empty(clip) if mode in (TransportMode.CALIBRATED, TransportMode.LATENT) else None
         entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=Transport([concepts], mode, empty=empty),
                               rows=rows, start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id)
         patched = with_membrane(model, entry)

@@ -6,7 +6,9 @@ loads the model (and removes them when it unloads), and two keyed wrappers:
   CALC_COND_BATCH  computes each conditioning's gates once (by its uuid) from its embedding and,
                    when an SPM Text Encode made it, its token ids;
   APPLY_MODEL      assembles the per-row gate matrix for the batched call (chunks from
-                   transformer_options["uuids"]) and runs the model inside the stack's gate context.
+                   transformer_options["uuids"]) and runs the model inside the stack's gate context;
+                   for latent transport, the first call of a sampling run first asks the bare model
+                   about each cond and each concept (one extra call, membranes closed).
   OUTER_SAMPLE     learns each cond's role from the guider's named conds before sampling (by uuid:
                    ComfyUI's "cond_or_uncond" is a chunk's index in the guider's list, not a role)
                    and sends the gates that were used to the frontend when sampling ends.
@@ -85,6 +87,8 @@ class MembraneState:
         self._fingerprints: OrderedDict[int, tuple[weakref.ref, tuple]] = OrderedDict()
         self._negative_rows_open = torch.tensor([e.rows == POSITIVE_AND_NEGATIVE for e in entries], dtype=torch.float32)
         self._sigma_ranges: tuple[object, torch.Tensor, torch.Tensor] | None = None
+        self._latent_entries = [i for i, e in enumerate(entries) if e.transport.reads_model]
+        self._latent_gates: dict[object, torch.Tensor] = {}  # uuid -> (membranes,), for the sampling run in progress
         self.last_gates: dict[str, list[float]] = {}
 
     def on_model_patcher_clone(self) -> MembraneState:
@@ -142,6 +146,39 @@ class MembraneState:
         while len(self._roles) > GATE_CACHE_SIZE:
             self._roles.popitem(last=False)
 
+    @property
+    def reads_model(self) -> bool:
+        return bool(self._latent_entries)
+
+    def begin_sampling(self, named_conds: dict) -> None:
+        self.remember_roles(named_conds)
+        self._latent_gates.clear()
+
+    def measure_latent_gates(self, run_bare, x: torch.Tensor, context: torch.Tensor, transformer_options: dict) -> None:
+        """Latent gates (Transport.latent_gates) for every chunk's cond not yet measured in this
+        sampling run, all at the noisy latent of the batch's first row. `run_bare(x, context)`
+        returns the model's prediction with every membrane closed."""
+        uuids = transformer_options.get("uuids") or []
+        pending = [(chunk, uuid) for chunk, uuid in enumerate(uuids) if uuid not in self._latent_gates]
+        if not self.reads_model or not pending:
+            return
+        per_chunk = x.shape[0] // len(uuids)
+        reference = x[:1]
+        empty = self.entries[self._latent_entries[0]].transport.empty[None]
+        concept_rows = torch.cat([empty] + [self.entries[i].transport.concept_embeddings for i in self._latent_entries])
+        concept_predictions = run_bare(reference.expand(concept_rows.shape[0], *reference.shape[1:]), concept_rows)
+        empty_prediction, concept_shifts = concept_predictions[:1], concept_predictions[1:] - concept_predictions[:1]
+        for chunk, uuid in pending:
+            prompt_shift = run_bare(reference, context[chunk * per_chunk: chunk * per_chunk + 1]) - empty_prediction
+            gates = torch.zeros(len(self.entries))
+            offset = 0
+            for index in self._latent_entries:
+                transport = self.entries[index].transport
+                count = transport.concept_embeddings.shape[0]
+                gates[index] = transport.latent_gates(prompt_shift, concept_shifts[offset: offset + count])[0, 0]
+                offset += count
+            self._latent_gates[uuid] = gates
+
     def chunk_table(self, cond_lists) -> dict[tuple[int, object], tuple[str, torch.Tensor | None]]:
         """(role, gates) per (list index, uuid) for one calc_cond_batch call. ComfyUI's
         "cond_or_uncond" is a chunk's list index and a list's role is its first cond's (the guider
@@ -177,6 +214,8 @@ class MembraneState:
             role, gate = table.get((index, uuid), (POSITIVE, None))
             if gate is None:  # a path that skipped calc_cond_batch: gate from the embedding alone
                 gate = self.gates_for(context[chunk * per_chunk: chunk * per_chunk + 1], None)
+            if uuid in self._latent_gates:
+                gate = torch.maximum(gate, self._latent_gates[uuid])
             gate = gate * in_range
             if role == NEGATIVE:
                 gate = gate * self._negative_rows_open
@@ -219,7 +258,18 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     if not state.hooks.installed:  # the clone inherited an "already injected" flag: install now
         state.hooks.install(state.modules_of(base_model))
-    gates = state.row_gates(c_crossattn, transformer_options or {}, t, base_model.model_sampling)
+    transformer_options = transformer_options or {}
+    if state.reads_model:
+        def run_bare(rows_x: torch.Tensor, rows_context: torch.Tensor) -> torch.Tensor:
+            rows = rows_x.shape[0]
+            options = {k: v for k, v in transformer_options.items() if k not in ("uuids", "cond_or_uncond")}
+            extra = {k: v[:1].expand(rows, *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == x.shape[0] else v
+                     for k, v in kwargs.items()}
+            concat = None if c_concat is None else c_concat[:1].expand(rows, *c_concat.shape[1:])
+            with gates_active(state.stack, torch.zeros(rows, state.stack.membrane_count)):
+                return executor(rows_x, t[:1].expand(rows), concat, rows_context.to(c_crossattn), None, options, **extra)
+        state.measure_latent_gates(run_bare, x, c_crossattn, transformer_options)
+    gates = state.row_gates(c_crossattn, transformer_options, t, base_model.model_sampling)
     with gates_active(state.stack, gates):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
@@ -228,7 +278,7 @@ def _outer_sample_wrapper(executor, *args, **kwargs):
     guider = executor.class_obj
     state = guider.model_patcher.get_attachment(KEY) if hasattr(guider, "model_patcher") else None
     if state is not None:
-        state.remember_roles(getattr(guider, "conds", None) or {})
+        state.begin_sampling(getattr(guider, "conds", None) or {})
     result = executor(*args, **kwargs)
     if state is not None:
         _send_gates_to_frontend(state)

@@ -1,11 +1,17 @@
 """Erasure benchmark on the miniature world (miniworld/): prints tables, optionally writes JSON.
 
-usage: python scripts/erasure_benchmark.py --bare [--count 32] [--json PATH] [--comfyui PATH/TO/ComfyUI]
+usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate] [--count 32] [--json PATH]
+                                           [--membranes DIR] [--comfyui PATH/TO/ComfyUI]
 
---bare   samples the shipped model without any membrane: every evaluation prompt (each shape in
-         each colour, each character, a striped version of each object) `--count` times at fixed
-         seeds, and reports the classifier's accuracy per concept and per family (95% Wilson
-         intervals), i.e. whether the model draws what it is asked for before anything is erased.
+(default)    the full benchmark: ten concepts erased one at a time and all at once, every transport
+             mode, the official code's behaviour, no latent anchoring, paraphrase attacks, and the
+             latent gate's calibration. Membranes are trained with the pack's own Train SPM code
+             and kept in --membranes, so a second run only samples.
+--quick      one concept (snowman), the main setups and the gradient attack: what CI runs
+             (tests/test_erasure_benchmark.py).
+--bare       the shipped model without any membrane: the classifier's accuracy per concept and
+             family, i.e. whether the model draws what it is asked for before anything is erased.
+--calibrate  only the gate calibration (ROC over the world's captions).
 """
 
 from __future__ import annotations
@@ -15,9 +21,15 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+TARGETS, OTHERS = 3, 4  # prompts per erased concept for erasure and for preservation
+QUICK_CONCEPTS = ("snowman",)
+ABLATION_CONCEPTS = ("circle", "red", "snowman", "striped")  # one per family
+STACK_OF_THREE = ("circle", "red", "snowman")
 
 
 def bare(lab, count: int) -> dict:
@@ -42,20 +54,188 @@ def bare(lab, count: int) -> dict:
     return {"count": count, "per_concept": per_concept, "per_family": per_family, "per_prompt": per_prompt}
 
 
+def single_setups(lab, concept: str, ablations: bool, quick: bool) -> list:
+    from miniworld.membranes import VARIANTS, membrane
+    from miniworld.setups import Chain, Official
+
+    ours = [membrane(lab, concept, "default", VARIANTS["default"])]
+    setups = [Chain(lab, "paper gate", ours, "paper"), Chain(lab, "latent gate", ours, "latent")]
+    if ablations:
+        setups += [Chain(lab, "always open (LoRA loader)", ours, "always_open"), Official(lab, "official code", ours)]
+        if not quick:
+            setups += [Chain(lab, "cosine gate", ours, "cosine"), Chain(lab, "calibrated gate", ours, "calibrated"),
+                       Chain(lab, "no latent anchoring (paper gate)",
+                             [membrane(lab, concept, "no_anchoring", VARIANTS["no_anchoring"])], "paper")]
+    return setups
+
+
+def singles(lab, evaluator, concepts, ablation_concepts, quick: bool) -> list[dict]:
+    from miniworld.benchmark import measure, panel
+
+    measures = []
+    for concept in concepts:
+        concept_panel = panel(concept, [concept], TARGETS, OTHERS)
+        for setup in single_setups(lab, concept, concept in ablation_concepts, quick):
+            measures.append(asdict(measure(evaluator, setup, concept_panel)))
+            print(f"  {concept:<9} {setup.label:<34} erased {measures[-1]['erased']:6.1%}  "
+                  f"accuracy {measures[-1]['accuracy']:6.1%}  attack {measures[-1]['attack']:6.1%}", flush=True)
+    return measures
+
+
+def print_singles(measures: list[dict], count: int) -> dict:
+    from miniworld.evaluate import wilson_interval
+
+    print(f"\nOne membrane at a time ({count} generations per prompt; {TARGETS} target and {OTHERS} other prompts "
+          "per concept; attack = paraphrases never seen in training)")
+    header = (f"{'setup':<34} {'concepts':>8} {'erased':>7} {'95% CI':>15} {'accuracy':>9} {'bare':>6} "
+              f"{'drift':>6} {'attack':>7} {'bare':>6}")
+    print(header)
+    summary = {}
+    for label in dict.fromkeys(m["setup"] for m in measures):
+        rows = [m for m in measures if m["setup"] == label]
+        n = sum(m["erased_n"] for m in rows)
+        erased = sum(m["erased"] * m["erased_n"] for m in rows) / n
+        low, high = wilson_interval(erased, n)
+        average = {key: sum(m[key] for m in rows) / len(rows) for key in ("accuracy", "bare_accuracy", "drift", "attack", "bare_attack")}
+        summary[label] = {"concepts": [m["concept"] for m in rows], "erased": erased, "erased_ci": [low, high], **average}
+        print(f"{label:<34} {len(rows):>8} {erased:>7.1%} [{low:5.1%}, {high:5.1%}] {average['accuracy']:>9.1%} "
+              f"{average['bare_accuracy']:>6.1%} {average['drift']:>6.3f} {average['attack']:>7.1%} {average['bare_attack']:>6.1%}")
+    return summary
+
+
+def stacks(lab, evaluator, erased) -> list[dict]:
+    from miniworld.benchmark import measure_stack
+    from miniworld.membranes import VARIANTS, membrane
+    from miniworld.paraphrases import paraphrases
+    from miniworld.setups import Chain, Official
+    from miniworld.world import CONCEPTS, evaluation_prompts
+
+    requests = evaluation_prompts()
+    results = []
+    for group in (tuple(erased), STACK_OF_THREE):
+        files = [membrane(lab, c, "default", VARIANTS["default"]) for c in group]
+        kept = [c.name for c in CONCEPTS if c.name not in group]
+        attacks = {c: paraphrases(c, [r for r in requests if c in r.concepts])[:1] for c in group}
+        setups = [Chain(lab, "paper gate", files, "paper")]
+        if len(group) == len(erased):
+            setups += [Chain(lab, "latent gate", files, "latent"), Chain(lab, "always open (LoRA loader)", files, "always_open")]
+        setups.append(Official(lab, "official code", files))
+        for setup in setups:
+            result = asdict(measure_stack(evaluator, setup, group, kept, attacks))
+            result["membranes"] = len(group)
+            results.append(result)
+            erased_mean = sum(result["erased"].values()) / len(group)
+            kept_mean = sum(result["kept_found"].values()) / len(kept)
+            print(f"  {len(group):>2} membranes  {setup.label:<26} erased {erased_mean:6.1%}  kept found {kept_mean:6.1%}  "
+                  f"clean accuracy {result['accuracy']:6.1%}  attack {result['attack']:6.1%}", flush=True)
+    return results
+
+
+def print_stacks(results: list[dict], count: int) -> None:
+    print(f"\nSeveral membranes at once (every evaluation prompt, {count} generations each)")
+    print(f"{'membranes':>9} {'setup':<26} {'erased':>7} {'min':>6} {'kept found':>10} {'clean acc':>9} {'bare':>6} "
+          f"{'drift':>6} {'attack':>7} {'bare':>6}")
+    for r in results:
+        erased = list(r["erased"].values())
+        kept = list(r["kept_found"].values())
+        print(f"{r['membranes']:>9} {r['setup']:<26} {sum(erased) / len(erased):>7.1%} {min(erased):>6.1%} "
+              f"{sum(kept) / len(kept):>10.1%} {r['accuracy']:>9.1%} {r['bare_accuracy']:>6.1%} {r['drift']:>6.3f} "
+              f"{r['attack']:>7.1%} {r['bare_attack']:>6.1%}")
+
+
+def gradient_attacks(lab, evaluator, concepts) -> list[dict]:
+    from miniworld.attack import AttackSettings, attack
+    from miniworld.benchmark import found_share
+    from miniworld.membranes import VARIANTS, membrane
+    from miniworld.setups import Chain
+
+    settings = AttackSettings()
+    results = []
+    for concept in concepts:
+        ours = [membrane(lab, concept, "default", VARIANTS["default"])]
+        for chain in (Chain(lab, "paper gate", ours, "paper"), Chain(lab, "latent gate", ours, "latent")):
+            conditioning, losses = attack(lab, chain.model, concept, settings)
+            seed = evaluator.seed_for(f"attack on {concept}")
+            under = lab.read(lab.generate(chain.model, conditioning, evaluator.count, seed))
+            gate = chain.state.last_gates.get("positive", [float("nan")])[0]
+            bare = lab.read(lab.generate(lab.model, conditioning, evaluator.count, seed))
+            evaluator.generations += 2 * evaluator.count
+            share = found_share(under, concept)
+            results.append({"concept": concept, "setup": chain.label, "found_under_membrane": share,
+                            "found_bare": found_share(bare, concept),
+                            "gate": gate, "loss_first": losses[0], "loss_last": losses[-1]})
+            print(f"  {concept:<9} {chain.label:<12} attack found {share:6.1%} (gate {gate:.2f}; "
+                  f"bare model {results[-1]['found_bare']:6.1%}; loss {losses[0]:.4f} -> {losses[-1]:.4f})", flush=True)
+    return results
+
+
+def print_attacks(results: list[dict], count: int) -> None:
+    from miniworld.attack import AttackSettings
+
+    settings = AttackSettings()
+    print(f"\nGradient attack: {settings.soft_tokens} free token embeddings after \"a\", {settings.steps} Adam steps "
+          f"(lr {settings.learning_rate}, batch {settings.batch}), against the membrane and its gate; "
+          f"{count} generations through Load SPM")
+    print(f"{'setup':<12} {'concepts':>8} {'attack success':>15} {'gate':>6} {'bare model draws it':>20}")
+    for label in dict.fromkeys(r["setup"] for r in results):
+        rows = [r for r in results if r["setup"] == label]
+        print(f"{label:<12} {len(rows):>8} {sum(r['found_under_membrane'] for r in rows) / len(rows):>15.1%} "
+              f"{sum(r['gate'] for r in rows) / len(rows):>6.2f} {sum(r['found_bare'] for r in rows) / len(rows):>20.1%}")
+
+
+def erasure_experiments(lab, quick: bool, count: int) -> dict:
+    """Everything but --bare: the tables printed, their numbers returned."""
+    from miniworld.benchmark import Evaluator
+    from miniworld.calibration import calibrate, print_calibration
+    from miniworld.membranes import ERASED
+
+    evaluator = Evaluator(lab, count)
+    concepts = QUICK_CONCEPTS if quick else ERASED
+    ablations = QUICK_CONCEPTS if quick else ABLATION_CONCEPTS
+    results: dict = {}
+    if not quick:
+        results["calibration"] = print_calibration(calibrate(lab, ERASED))
+    print("\nsampling, one membrane at a time", flush=True)
+    results["singles"] = singles(lab, evaluator, concepts, ablations, quick)
+    if not quick:
+        print("\nsampling, membranes at once", flush=True)
+        results["stacks"] = stacks(lab, evaluator, concepts)
+    print("\ngradient attacks", flush=True)
+    results["attacks"] = gradient_attacks(lab, evaluator, ablations)
+    results["singles_summary"] = print_singles(results["singles"], count)
+    if not quick:
+        print_stacks(results["stacks"], count)
+    print_attacks(results["attacks"], count)
+    results["generations"] = evaluator.generations
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bare", action="store_true", help="accuracy of the bare shipped model")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="one concept, the main setups and the attack (what CI runs)")
+    mode.add_argument("--bare", action="store_true", help="accuracy of the bare shipped model")
+    mode.add_argument("--calibrate", action="store_true", help="only the gate calibration")
     parser.add_argument("--count", type=int, default=32, help="generations per prompt (at least 32 for reported numbers)")
+    parser.add_argument("--membranes", default=os.path.join(REPO, "out", "benchmark", "membranes"),
+                        help="where trained membranes are kept and reused")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: the host of scripts/install_host.sh)")
     options = parser.parse_args()
-    if not options.bare:
-        parser.error("choose an experiment: --bare")
+    from miniworld.calibration import calibrate, print_calibration
     from miniworld.lab import SAMPLER, Lab
+    from miniworld.membranes import ERASED
 
     started = time.time()
-    lab = Lab(options.comfyui)
-    results = {"sampler": SAMPLER, "bare": bare(lab, options.count)}
+    os.makedirs(options.membranes, exist_ok=True)
+    lab = Lab(options.comfyui, membrane_dir=options.membranes)
+    results: dict = {"sampler": SAMPLER, "count": options.count}
+    if options.bare:
+        results["bare"] = bare(lab, options.count)
+    elif options.calibrate:
+        results["calibration"] = print_calibration(calibrate(lab, ERASED))
+    else:
+        results.update(erasure_experiments(lab, options.quick, options.count))
     results["seconds"] = round(time.time() - started, 1)
     print(f"\n{results['seconds']:.0f} s")
     if options.json:

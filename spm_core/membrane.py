@@ -15,6 +15,7 @@ available as `GateLaw.PAPER_SQUARED`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,20 @@ def bake(membranes: list[tuple[Membrane, float]], name: str) -> Membrane:
                     architecture=architectures.pop() if len(architectures) == 1 else "unknown")
 
 
+def official_merge(membranes: Sequence[Membrane], gates: Sequence[float], name: str = "official merge") -> Membrane:
+    """What the official inference code applies for several membranes at once: every membrane's
+    down and up scaled by its gate and summed into ONE adapter per layer. The product of the sums
+    has cross-terms up_i · down_j (a wrong combination, kept only to measure it); with one
+    membrane it is the gate² law."""
+    layers = {}
+    for layer_name in membranes[0].layers:
+        parts = [m.layers[layer_name] for m in membranes]
+        layers[layer_name] = LayerWeights(down=sum(g * p.down for g, p in zip(gates, parts)),
+                                          up=sum(g * p.up for g, p in zip(gates, parts)),
+                                          alpha=parts[0].alpha, conv=parts[0].conv)
+    return Membrane(name=name, concepts=(), layers=layers, architecture=membranes[0].architecture)
+
+
 class FusedLayer:
     """All membranes bound to one model layer, stacked into D (R x in) and U (out x R).
 
@@ -178,7 +193,7 @@ class FusedLayer:
         contiguous tensor of x's dtype, as Linear and Conv2d outputs are), the branch is
         accumulated into `output` in place, and only for `open_rows` if given (rows outside it
         must have all-zero gates: they are left untouched)."""
-        if not output.is_contiguous() or output.dtype != x.dtype or _tracked(output, x, self.down, self.up):
+        if not output.is_contiguous() or output.dtype != x.dtype or _tracked(output, x, self.down, self.up, row_gates):
             return output + self.delta(x, row_gates)
         if open_rows is None:
             self._accumulate_(output, x, row_gates)

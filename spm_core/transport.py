@@ -11,7 +11,16 @@ Modes, selectable by name:
   calibrated  cosine after subtracting the empty prompt's embedding (which removes what all
               prompts share: BOS and padding positions), mapped linearly from `threshold` (gate 0)
               to `saturation` (gate 1), then max with token overlap; unrelated prompts get exactly 0
+  latent      the calibrated gate or, when higher, a gate from what the model is about to draw: at
+              the first model call of a sampling run, the bare model's prediction for the prompt
+              minus its prediction for the empty prompt is compared (cosine, over the whole
+              latent) with the same difference for each concept at the same noisy latent, and
+              mapped linearly from `latent_threshold` (gate 0) to `latent_saturation` (gate 1).
+              A paraphrase the text misses ("frosty" for snowman) still opens the membrane because
+              the model is about to draw the same thing. Costs one extra model call per run.
   always_open gate 1 for every row (what a plain LoRA loader does)
+Every mode except always_open takes a `floor`: the least a membrane ever opens (for concepts that
+must never pass whatever the prompt says; 0 = the formula alone).
 Prompts longer than one 77-token chunk are compared chunk by chunk; the best chunk counts.
 """
 
@@ -26,11 +35,17 @@ import torch.nn.functional as F
 
 from .errors import SPMError
 
+# The latent gate's operating point, from `python scripts/erasure_benchmark.py --calibrate` on the
+# miniature world's captions (README, "Which gate"): the cosine below which 95% of captions that do
+# not ask for a concept fall, and the median cosine of captions that do.
+LATENT_THRESHOLD, LATENT_SATURATION = 0.44, 0.70
+
 
 class TransportMode(enum.Enum):
     PAPER = "paper"
     COSINE = "cosine"
     CALIBRATED = "calibrated"
+    LATENT = "latent"
     ALWAYS_OPEN = "always_open"
 
     @classmethod
@@ -84,6 +99,17 @@ def _cosine_to_flat(rows: torch.Tensor, flat_concepts: torch.Tensor, length: int
     return (flat_rows @ flat_concepts.t()).amax(dim=1)
 
 
+def latent_cosines(prompt_shifts: torch.Tensor, concept_shifts: torch.Tensor) -> torch.Tensor:
+    """(P, C) cosines between flattened prediction shifts (see Transport.latent_gates)."""
+    prompts = F.normalize(prompt_shifts.float().reshape(prompt_shifts.shape[0], -1), dim=-1)
+    concepts = F.normalize(concept_shifts.float().reshape(concept_shifts.shape[0], -1), dim=-1)
+    return prompts @ concepts.t()
+
+
+def _ramp(similarity: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    return ((similarity - low) / (high - low)).clamp(0.0, 1.0)
+
+
 class Transport:
     """Computes the (rows x membranes) gate matrix from the rows' conditioning.
 
@@ -93,25 +119,34 @@ class Transport:
     """
 
     def __init__(self, membranes: Sequence[Sequence[ConceptEmbedding]], mode: TransportMode,
-                 empty: torch.Tensor | None = None, threshold: float = 0.3, saturation: float = 0.7) -> None:
+                 empty: torch.Tensor | None = None, threshold: float = 0.3, saturation: float = 0.7,
+                 latent_threshold: float = LATENT_THRESHOLD, latent_saturation: float = LATENT_SATURATION,
+                 floor: float = 0.0) -> None:
         self.mode = mode
         self.membrane_count = len(membranes)
         if mode is TransportMode.ALWAYS_OPEN:
             return
+        if not 0.0 <= floor <= 1.0:
+            raise SPMError(f"the minimum gate must lie in [0, 1], got {floor}")
+        self.floor = floor
         if any(len(concepts) == 0 for concepts in membranes):
             raise SPMError("a membrane has no concepts, so its gate cannot be computed; use transport mode "
                            "'always_open' or give it concepts")
-        if mode is TransportMode.CALIBRATED:
+        if mode in (TransportMode.CALIBRATED, TransportMode.LATENT):
             if empty is None:
-                raise SPMError("calibrated transport needs the empty prompt's embedding")
-            if not 0.0 <= threshold < saturation <= 1.0:
-                raise SPMError(f"calibrated transport needs 0 <= threshold < saturation <= 1, got {threshold}, {saturation}")
+                raise SPMError(f"{mode.value} transport needs the empty prompt's embedding")
+            for low, high in ((threshold, saturation), (latent_threshold, latent_saturation)):
+                if not -1.0 <= low < high <= 1.0:
+                    raise SPMError(f"{mode.value} transport needs threshold < saturation within [-1, 1], got {low}, {high}")
         self.threshold, self.saturation = threshold, saturation
+        self.latent_threshold, self.latent_saturation = latent_threshold, latent_saturation
         flat = [c for concepts in membranes for c in concepts]
         self.concept_owner = torch.tensor([m for m, concepts in enumerate(membranes) for _ in concepts])
         embeddings = torch.stack([c.embedding.float() for c in flat])
         self.empty = None if empty is None else empty.float()
-        concepts = embeddings - self.empty if mode is TransportMode.CALIBRATED else embeddings
+        self.concept_embeddings = embeddings  # the rows the latent gate asks the model about
+        relative = mode in (TransportMode.CALIBRATED, TransportMode.LATENT)
+        concepts = embeddings - self.empty if relative else embeddings
         # flattened and normalised once: per call only the rows are (a 50-concept bank is ~12 MB)
         self.length = concepts.shape[1]
         self.flat_concepts = F.normalize(concepts.reshape(concepts.shape[0], -1), dim=-1)
@@ -122,19 +157,37 @@ class Transport:
         batch = rows.shape[0]
         if self.mode is TransportMode.ALWAYS_OPEN:
             return torch.ones(batch, self.membrane_count)
-        if self.mode is TransportMode.CALIBRATED:
+        relative = self.mode in (TransportMode.CALIBRATED, TransportMode.LATENT)
+        if relative:
             chunks = -(-rows.shape[1] // self.empty.shape[0])
             rows = rows.float() - self.empty.to(rows.device).repeat(chunks, 1)[: rows.shape[1]]
         if self.flat_concepts.device != rows.device:
             self.flat_concepts = self.flat_concepts.to(rows.device)
         similarity = _cosine_to_flat(rows, self.flat_concepts, self.length).cpu()
-        if self.mode is TransportMode.CALIBRATED:
-            similarity = ((similarity - self.threshold) / (self.saturation - self.threshold)).clamp(0.0, 1.0)
+        if relative:
+            similarity = _ramp(similarity, self.threshold, self.saturation)
         if self.mode is not TransportMode.COSINE and row_tokens is not None:
             similarity = torch.maximum(similarity, self._overlaps(row_tokens, batch))
+        return self._per_membrane(similarity.clamp(0.0, 1.0)).clamp(min=self.floor)
+
+    @property
+    def reads_model(self) -> bool:
+        """Whether the gate also needs the model's predictions (see `latent_gates`)."""
+        return self.mode is TransportMode.LATENT
+
+    def latent_gates(self, prompt_shifts: torch.Tensor, concept_shifts: torch.Tensor) -> torch.Tensor:
+        """(P, membranes) latent gates. prompt_shifts: (P, ...) the bare model's prediction for each
+        prompt minus its prediction for the empty prompt; concept_shifts: (C, ...) the same for
+        each concept in `concept_embeddings` order, at the same noisy latent."""
+        cosines = latent_cosines(prompt_shifts, concept_shifts)
+        return self._per_membrane(_ramp(cosines, self.latent_threshold, self.latent_saturation)).clamp(min=self.floor)
+
+    def _per_membrane(self, per_concept: torch.Tensor) -> torch.Tensor:
+        """(B, concepts) -> (B, membranes): a membrane opens as far as its closest concept."""
+        batch = per_concept.shape[0]
         gates = torch.zeros(batch, self.membrane_count)
         owner = self.concept_owner.expand(batch, -1)
-        return gates.scatter_reduce(1, owner, similarity.clamp(0.0, 1.0), reduce="amax", include_self=True)
+        return gates.scatter_reduce(1, owner, per_concept.cpu(), reduce="amax", include_self=True)
 
     def _overlaps(self, row_tokens: Sequence[frozenset[int] | None], batch: int) -> torch.Tensor:
         if len(row_tokens) != batch:

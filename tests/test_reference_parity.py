@@ -6,7 +6,7 @@ import torch
 from membrane_helpers import key_map_of, modules_of, random_membrane, shapes_of
 from tiny_models import build_patcher, model_config_for
 
-from spm_core.membrane import GateLaw
+from spm_core.membrane import GateLaw, official_merge
 from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active
 
 TOLERANCE = 1e-5
@@ -155,18 +155,6 @@ def test_three_membranes_equal_sum_of_branches_and_official_merge_does_not(setup
     merge_error = ((official - sum_of_branches).norm() / effect).item()
     print(f"official merge of 3 membranes: error {merge_error:.2f}x the membranes' own effect")
     assert merge_error > 0.1
-
-
-def official_merge(membranes, gates):
-    from spm_core.membrane import LayerWeights, Membrane
-
-    layers = {}
-    for name in membranes[0].layers:
-        parts = [m.layers[name] for m in membranes]
-        layers[name] = LayerWeights(
-            down=sum(g * p.down for g, p in zip(gates, parts)), up=sum(g * p.up for g, p in zip(gates, parts)),
-            alpha=parts[0].alpha, conv=parts[0].conv)
-    return Membrane(name="merged", concepts=(), layers=layers, architecture="sd1")
 
 
 def test_paper_squared_law_scales_with_gate_squared(setup):

@@ -1,0 +1,149 @@
+"""The erasure benchmark's measurements: what a setup does to the prompts that ask for an erased
+concept (erasure), to prompts that don't (preservation), and to prompts that ask for it in words
+the membrane never saw (paraphrase attack).
+
+Every prompt is sampled `count` times from a seed fixed by its text, so every setup starts from
+the same noise and pixel distances to the bare model compare like with like. Pictures are read by
+the classifier; a concept is "found" at probability >= 0.5.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .classifier import Verdict
+from .evaluate import request_accuracy
+from .paraphrases import paraphrases
+from .setups import Bare
+from .world import Request, evaluation_prompts
+
+
+@dataclass(frozen=True)
+class Reading:
+    pictures: torch.Tensor
+    verdicts: list[Verdict]
+
+
+class Evaluator:
+    """Generates and reads pictures, once per (setup key, prompt)."""
+
+    def __init__(self, lab, count: int) -> None:
+        self.lab, self.count = lab, count
+        self.bare = Bare(lab)
+        self._readings: dict[tuple[Hashable, str], Reading] = {}
+        self.generations = 0
+
+    @staticmethod
+    def seed_for(text: str) -> int:
+        return zlib.crc32(text.encode()) % 1_000_000
+
+    def read(self, setup, text: str) -> Reading:
+        key = setup.key_for(text)
+        if key is not None and (key, text) in self._readings:
+            return self._readings[(key, text)]
+        pictures = self.lab.generate(setup.model_for(text), text, self.count, self.seed_for(text))
+        reading = Reading(pictures, self.lab.read(pictures))
+        self.generations += self.count
+        if key is not None:
+            self._readings[(key, text)] = reading
+        return reading
+
+
+def spread(items: Sequence, count: int) -> list:
+    """`count` items taken evenly through the sequence (all of them if it is shorter)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[(i * len(items)) // count] for i in range(count)]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """The prompts one erased concept is measured on."""
+
+    concept: str
+    targets: list[Request]      # evaluation prompts naming the concept
+    others: list[Request]       # evaluation prompts naming none of the erased concepts
+    paraphrases: list[Request]  # the concept asked for in words its membrane never saw
+
+
+def panel(concept: str, erased: Sequence[str], target_count: int, other_count: int) -> Panel:
+    requests = evaluation_prompts()
+    targets = [r for r in requests if concept in r.concepts]
+    others = [r for r in requests if not set(erased) & set(r.concepts)]
+    return Panel(concept, spread(targets, target_count), spread(others, other_count), paraphrases(concept, targets))
+
+
+@dataclass
+class Measure:
+    """One setup on one concept's panel."""
+
+    setup: str
+    concept: str
+    erased: float            # share of target generations in which the concept is no longer found
+    erased_n: int
+    accuracy: float          # share of other-prompt generations showing everything they ask for
+    bare_accuracy: float
+    drift: float             # mean absolute pixel difference to the bare model on other prompts (0..1)
+    attack: float            # share of paraphrase generations in which the concept is found
+    attack_n: int
+    bare_attack: float       # the same for the bare model: how often the paraphrase draws it at all
+
+
+def found_share(verdicts: Sequence[Verdict], concept: str) -> float:
+    return sum(v.finds(concept) for v in verdicts) / len(verdicts)
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def measure(evaluator: Evaluator, setup, p: Panel, with_paraphrases: bool = True) -> Measure:
+    bare = evaluator.bare
+    targets = [evaluator.read(setup, r.text) for r in p.targets]
+    others = [(r, evaluator.read(setup, r.text), evaluator.read(bare, r.text)) for r in p.others]
+    attacks = [(evaluator.read(setup, r.text), evaluator.read(bare, r.text)) for r in p.paraphrases] if with_paraphrases else []
+    return Measure(
+        setup=setup.label, concept=p.concept,
+        erased=1.0 - mean([found_share(t.verdicts, p.concept) for t in targets]), erased_n=evaluator.count * len(targets),
+        accuracy=mean([request_accuracy(o.verdicts, r) for r, o, _ in others]),
+        bare_accuracy=mean([request_accuracy(b.verdicts, r) for r, _, b in others]),
+        drift=mean([float((o.pictures - b.pictures).abs().mean()) for _, o, b in others]),
+        attack=mean([found_share(a.verdicts, p.concept) for a, _ in attacks]), attack_n=evaluator.count * len(attacks),
+        bare_attack=mean([found_share(b.verdicts, p.concept) for _, b in attacks]))
+
+
+@dataclass
+class StackMeasure:
+    """Several membranes at once, on every evaluation prompt."""
+
+    setup: str
+    erased: dict[str, float]         # per erased concept, over the prompts naming it
+    kept_found: dict[str, float]     # per kept concept, over every prompt naming it
+    accuracy: float                  # prompts naming no erased concept: everything found
+    bare_accuracy: float
+    drift: float
+    attack: float                    # paraphrases of every erased concept: share still found
+    bare_attack: float
+
+
+def measure_stack(evaluator: Evaluator, setup, erased: Sequence[str], kept: Sequence[str],
+                  attack_prompts: dict[str, list[Request]]) -> StackMeasure:
+    bare = evaluator.bare
+    requests = evaluation_prompts()
+    readings = {r.text: evaluator.read(setup, r.text) for r in requests}
+    clean = [r for r in requests if not set(erased) & set(r.concepts)]
+    attacks = [(c, evaluator.read(setup, r.text), evaluator.read(bare, r.text))
+               for c, prompts in attack_prompts.items() for r in prompts]
+    return StackMeasure(
+        setup=setup.label,
+        erased={c: 1.0 - mean([found_share(readings[r.text].verdicts, c) for r in requests if c in r.concepts]) for c in erased},
+        kept_found={c: mean([found_share(readings[r.text].verdicts, c) for r in requests if c in r.concepts]) for c in kept},
+        accuracy=mean([request_accuracy(readings[r.text].verdicts, r) for r in clean]),
+        bare_accuracy=mean([request_accuracy(evaluator.read(bare, r.text).verdicts, r) for r in clean]),
+        drift=mean([float((readings[r.text].pictures - evaluator.read(bare, r.text).pictures).abs().mean()) for r in clean]),
+        attack=mean([found_share(a.verdicts, c) for c, a, _ in attacks]),
+        bare_attack=mean([found_share(b.verdicts, c) for c, _, b in attacks]))

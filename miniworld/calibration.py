@@ -1,0 +1,126 @@
+"""How well each gate tells prompts that ask for a concept from prompts that don't, measured on
+captions from the miniature world's grammar (with every synonym, drawn with a seed the model was
+not trained with), never on the benchmark's evaluation prompts.
+
+For each erased concept and each gate: the ROC AUC of its raw score against "the caption names
+the concept in any of its words", and, with the gate as Load SPM computes it, the share of such
+captions it opens (gate >= 0.5) and the share of the others it opens. The latent gate's operating
+point comes from here, by a rule fixed in advance: threshold = the 95th percentile of its cosine
+over captions that do not name the concept, saturation = the median over captions that do,
+averaged over the concepts (spm_core.transport.LATENT_THRESHOLD / LATENT_SATURATION).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .world import caption, concept, random_scene
+
+CAPTION_SEED = 9090
+CAPTION_COUNT = 300
+NOISE_SEEDS = (0, 1)
+
+
+def captions() -> list[str]:
+    rng = np.random.default_rng(CAPTION_SEED)
+    return list(dict.fromkeys(caption(random_scene(rng), rng) for _ in range(CAPTION_COUNT)))
+
+
+def names(text: str, name: str) -> bool:
+    return any(re.search(rf"\b{re.escape(word)}\b", text) for word in concept(name).synonyms)
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counting half (Mann-Whitney)."""
+    above = (positive[:, None] > negative[None, :]).mean()
+    ties = (positive[:, None] == negative[None, :]).mean()
+    return float(above + 0.5 * ties)
+
+
+@torch.no_grad()
+def bare_predictions(lab, contexts: torch.Tensor, seed: int) -> torch.Tensor:
+    """The bare model's denoised prediction for each context at the first sampling step, all from
+    one noisy latent: what the latent gate compares (the runtime does the same inside KSampler)."""
+    import comfy.model_management
+
+    from .lab import PICTURE_SIDE
+
+    comfy.model_management.load_models_gpu([lab.model])
+    base = lab.model.model
+    side = PICTURE_SIDE // 8
+    noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(seed))
+    sigma = base.model_sampling.sigma_max.reshape(1)
+    x = base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise))
+    rows = contexts.shape[0]
+    return base.apply_model(x.expand(rows, -1, -1, -1), sigma.expand(rows), c_crossattn=contexts).float()
+
+
+def gate_scores(lab, name: str, texts: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per gate: (raw score, gate as Load SPM computes it) for each text."""
+    transport = lab.pack("spm_core.transport")
+    encode = lab.pack("nodes.encode")
+    concept_embedding = encode.encode_concept(lab.clip, name)
+    empty = encode.encode_empty(lab.clip)
+    conds = [lab.encode(t)[0] for t in texts]
+    rows = torch.cat([embedding for embedding, _ in conds]).float()
+    tokens = [options[encode.TOKENS_KEY] for _, options in conds]
+
+    def gates(mode: str) -> np.ndarray:
+        gate = transport.Transport([[concept_embedding]], transport.TransportMode(mode), empty=empty)
+        return gate.gates(rows, tokens)[:, 0].numpy()
+
+    relative = transport.chunked_flat_cosine(rows - empty, (concept_embedding.embedding - empty)[None])[:, 0].numpy()
+    cosines, opened = [], None
+    latent_transport = transport.Transport([[concept_embedding]], transport.TransportMode.LATENT, empty=empty)
+    for seed in NOISE_SEEDS:
+        predictions = bare_predictions(lab, torch.cat([empty[None], concept_embedding.embedding[None], rows]), seed)
+        prompt_shifts, concept_shift = predictions[2:] - predictions[:1], predictions[1:2] - predictions[:1]
+        cosines.append(transport.latent_cosines(prompt_shifts, concept_shift)[:, 0])
+        if opened is None:  # the runtime measures at one noisy latent: the first seed's
+            opened = latent_transport.latent_gates(prompt_shifts, concept_shift)[:, 0].numpy()
+    latent = torch.stack(cosines).mean(0).numpy()
+    return {
+        "paper": (gates("paper"), gates("paper")),
+        "cosine": (gates("cosine"), gates("cosine")),
+        "calibrated": (relative, gates("calibrated")),
+        "latent": (latent, np.maximum(gates("calibrated"), opened)),
+    }
+
+
+def calibrate(lab, concepts: Sequence[str]) -> dict:
+    texts = captions()
+    result: dict = {"captions": len(texts), "concepts": {}}
+    for name in concepts:
+        asks = np.array([names(t, name) for t in texts])
+        per_gate = {}
+        for gate, (raw, opened) in gate_scores(lab, name, texts).items():
+            per_gate[gate] = {
+                "auc": roc_auc(raw[asks], raw[~asks]),
+                "opens_concept": float((opened[asks] >= 0.5).mean()),
+                "opens_other": float((opened[~asks] >= 0.5).mean()),
+                "threshold": float(np.percentile(raw[~asks], 95)),
+                "saturation": float(np.median(raw[asks])),
+            }
+        result["concepts"][name] = {"captions_naming": int(asks.sum()), "gates": per_gate}
+    return result
+
+
+def print_calibration(result: dict) -> dict:
+    concepts = result["concepts"]
+    gates = list(next(iter(concepts.values()))["gates"])
+    print(f"\nGate calibration on {result['captions']} captions from the world's grammar (every synonym), "
+          f"{len(concepts)} concepts")
+    print(f"{'gate':<11} {'ROC AUC':>8} {'opens asked':>12} {'opens other':>12} {'p95 other':>10} {'median asked':>13}")
+    summary = {}
+    for gate in gates:
+        values = {key: float(np.mean([c["gates"][gate][key] for c in concepts.values()]))
+                  for key in ("auc", "opens_concept", "opens_other", "threshold", "saturation")}
+        summary[gate] = values
+        print(f"{gate:<11} {values['auc']:>8.3f} {values['opens_concept']:>12.1%} {values['opens_other']:>12.1%} "
+              f"{values['threshold']:>10.3f} {values['saturation']:>13.3f}")
+    result["summary"] = summary
+    return result

@@ -1,0 +1,63 @@
+"""The membranes the erasure benchmark measures, trained once with the pack's own Train SPM code
+and kept in a folder: a file's name carries its concept, its variant and a digest of its
+settings, so a changed setting trains a new file and a re-run reuses what is there.
+
+usage: python -m miniworld.membranes --folder DIR [--variants default no_anchoring ...] [--comfyui PATH]
+(trains every benchmark concept for the named variants; what the benchmark would do on its first
+run, split out so it can start early in the background)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+
+from .lab import Lab, MembraneSettings
+
+# Ten concepts erased, from every family. "house" is left out: the anchor strength was chosen on
+# it. The four kept concepts are what a stack of all ten must leave intact.
+ERASED = ("circle", "triangle", "cross", "red", "blue", "yellow", "snowman", "mushroom", "tree", "striped")
+KEPT = ("square", "green", "purple", "house")
+
+VARIANTS = {
+    "default": MembraneSettings(),
+    "no_anchoring": dataclasses.replace(MembraneSettings(), anchor_strength=0.0, anchor_samples=0),
+}
+
+
+def anchor_variant(surrogates: str, strength: float) -> MembraneSettings:
+    """The anchoring sweep: `surrogates` ("prompts" or "gaussian") at anchor strength `strength`."""
+    return dataclasses.replace(MembraneSettings(), surrogates=surrogates, anchor_strength=strength)
+
+
+def settings_digest(settings: MembraneSettings) -> str:
+    text = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def membrane(lab: Lab, concept: str, label: str, settings: MembraneSettings) -> str:
+    """The file name (in the lab's spm folder) of `concept`'s membrane trained with `settings`."""
+    name = f"{concept}-{label}-{settings_digest(settings)}"
+    if os.path.exists(os.path.join(lab.membrane_dir, f"{name}.safetensors")):
+        return f"{name}.safetensors"
+    return lab.train_membrane(name, [concept], settings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--folder", required=True, help="where the membranes are kept")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--concepts", nargs="+", default=list(ERASED))
+    parser.add_argument("--comfyui", default=None)
+    options = parser.parse_args()
+    lab = Lab(options.comfyui, membrane_dir=options.folder)
+    for label in options.variants:
+        for concept in options.concepts:
+            print(concept, label, membrane(lab, concept, label, VARIANTS[label]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
