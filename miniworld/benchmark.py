@@ -101,8 +101,9 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def measure(evaluator: Evaluator, setup, p: Panel, with_paraphrases: bool = True) -> Measure:
-    bare = evaluator.bare
+def measure(evaluator: Evaluator, setup, p: Panel, with_paraphrases: bool = True, bare=None) -> Measure:
+    """`bare`: the setup to compare with (default: the shipped model without membranes)."""
+    bare = bare or evaluator.bare
     targets = [evaluator.read(setup, r.text) for r in p.targets]
     others = [(r, evaluator.read(setup, r.text), evaluator.read(bare, r.text)) for r in p.others]
     attacks = [(evaluator.read(setup, r.text), evaluator.read(bare, r.text)) for r in p.paraphrases] if with_paraphrases else []

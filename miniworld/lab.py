@@ -35,6 +35,7 @@ class MembraneSettings:
     rollout_steps: int = 20
     erase_guidance: float = 1.0
     seed: int = 0
+    adversaries: int = 0
 
 
 class Lab:
@@ -102,7 +103,8 @@ class Lab:
         config = self.pack("spm_core.training").TrainingConfig(
             iterations=settings.iterations, learning_rate=settings.learning_rate, anchor_strength=settings.anchor_strength,
             anchor_samples=settings.anchor_samples, surrogates=settings.surrogates, rollout_steps=settings.rollout_steps,
-            erase_guidance=settings.erase_guidance, latent_sizes=[PICTURE_SIDE // 8], seed=settings.seed)
+            erase_guidance=settings.erase_guidance, latent_sizes=[PICTURE_SIDE // 8], seed=settings.seed,
+            adversaries=settings.adversaries)
         path = os.path.join(self.membrane_dir, f"{name}.safetensors")
         request = training.TrainingRequest(list(targets), [], "", config, path, False)
         with torch.inference_mode(False):

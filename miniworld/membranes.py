@@ -25,6 +25,7 @@ KEPT = ("square", "green", "purple", "house")
 VARIANTS = {
     "default": MembraneSettings(),
     "no_anchoring": dataclasses.replace(MembraneSettings(), anchor_strength=0.0, anchor_samples=0),
+    "adversarial": dataclasses.replace(MembraneSettings(), adversaries=4),
 }
 
 

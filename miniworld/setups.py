@@ -1,7 +1,7 @@
 """How the benchmark puts membranes on the miniature model: each setup gives, for a prompt, the
 model to sample and a key that says which setups draw the same pictures for it.
 
-  Bare      the shipped model, nothing applied.
+  Bare      a model (the shipped one unless given), nothing applied.
   Chain     membranes through the pack's Load SPM nodes, one per membrane, with a transport mode:
             exactly what a ComfyUI user's graph does.
   Official  the official inference code's behaviour: the paper gate computed once per prompt and
@@ -28,16 +28,15 @@ POSITIVE_ONLY, BOTH_ROWS = "positive only", "positive and negative"
 
 
 class Bare:
-    label = "bare model"
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
+    def __init__(self, lab: Lab, model=None, label: str = "bare model") -> None:
+        self.lab, self.label = lab, label
+        self.model = model if model is not None else lab.model
 
     def model_for(self, text: str):
-        return self.lab.model
+        return self.model
 
     def key_for(self, text: str) -> Hashable:
-        return "bare"
+        return "bare" if self.model is self.lab.model else ("bare", id(self.model))
 
 
 class Chain:

@@ -1,6 +1,10 @@
 """Train the miniature text-to-image model on the procedural world (fixed seeds, resumable).
 
 usage: python -m miniworld.train_model [--steps N] [--work out/miniworld-train] [--export PATH]
+       python -m miniworld.train_model --start-from miniworld/weights/miniworld.safetensors \
+           --striped-share 0.6 --steps 400 --lr 3e-4 --seed 1 --work out/finetune --export out/finetuned.safetensors
+       (a fine-tuned copy for the benchmark's transfer test: the UNet trained further on shifted
+       data, the text encoder kept, as many community checkpoints are made)
 
 Epsilon-prediction diffusion on ComfyUI's own SD1 noise schedule, through ComfyUI's
 `BaseModel.apply_model`, so what is learnt is exactly what KSampler samples. The UNet and the text
@@ -34,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--empty-share", type=float, default=0.1)
+    parser.add_argument("--striped-share", type=float, default=0.25, help="share of striped scenes in the data")
+    parser.add_argument("--start-from", default=None, help="fine-tune these weights (text encoder kept frozen)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument("--work", default=os.path.join(REPO, "out", "miniworld-train"))
@@ -57,11 +63,11 @@ class CaptionTokens:
         return torch.tensor([self.cache[text] for text in captions])
 
 
-def batch(step: int, size: int, seed: int, empty_share: float) -> tuple[torch.Tensor, list[str]]:
+def batch(step: int, size: int, seed: int, empty_share: float, striped_share: float) -> tuple[torch.Tensor, list[str]]:
     from miniworld import world
 
     rng = np.random.default_rng([seed, step])
-    scenes = [world.random_scene(rng) for _ in range(size)]
+    scenes = [world.random_scene(rng, striped_share) for _ in range(size)]
     pictures = torch.from_numpy(np.stack([world.render(s, rng) for s in scenes]))
     captions = ["" if rng.random() < empty_share else world.caption(s, rng) for s in scenes]
     return pictures, captions
@@ -86,6 +92,7 @@ def main() -> None:
         encode_ids,
         init_for_training_,
         is_frozen,
+        load_model_state,
         model_state,
         pictures_to_model_space,
         text_transformer,
@@ -94,15 +101,20 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 2)
     os.makedirs(args.work, exist_ok=True)
     unet_model, clip = build_unet(), build_clip()
-    init_for_training_(unet_model.diffusion_model, args.seed)
-    init_for_training_(text_transformer(clip).text_model.encoder, args.seed + 1)
-    init_for_training_(text_transformer(clip).text_model.final_layer_norm, args.seed + 2)
-    init_for_training_(text_transformer(clip).text_model.embeddings.position_embedding, args.seed + 3)
+    if args.start_from:
+        load_model_state(unet_model, clip, safetensors.torch.load_file(args.start_from))
+    else:
+        init_for_training_(unet_model.diffusion_model, args.seed)
+        init_for_training_(text_transformer(clip).text_model.encoder, args.seed + 1)
+        init_for_training_(text_transformer(clip).text_model.final_layer_norm, args.seed + 2)
+        init_for_training_(text_transformer(clip).text_model.embeddings.position_embedding, args.seed + 3)
     unet_model.train()
     params = dict(unet_model.diffusion_model.named_parameters(prefix="unet"))
-    params.update({f"text.{k}": p for k, p in text_transformer(clip).named_parameters() if not is_frozen(k)})
+    train_text = not args.start_from
+    if train_text:
+        params.update({f"text.{k}": p for k, p in text_transformer(clip).named_parameters() if not is_frozen(k)})
     for name, p in text_transformer(clip).named_parameters():
-        p.requires_grad_(not is_frozen(name))
+        p.requires_grad_(train_text and not is_frozen(name))
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
     ema = {k: p.detach().clone() for k, p in params.items()}
 
@@ -130,7 +142,7 @@ def main() -> None:
     t0, running = time.time(), []
     for step in range(start, args.steps):
         generator.manual_seed(args.seed * 1_000_003 + step)
-        pictures, captions = batch(step, args.batch, args.seed, args.empty_share)
+        pictures, captions = batch(step, args.batch, args.seed, args.empty_share, args.striped_share)
         x0 = pictures_to_model_space(pictures)
         t = torch.randint(0, 1000, (args.batch,), generator=generator)
         sigma = sampling.sigmas[t].float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..spm_core.errors import SPMError
 from ..spm_core.transport import ConceptEmbedding, content_tokens
 
 TOKENS_KEY = "spm_token_ids"
@@ -22,8 +23,23 @@ def token_ids(clip, tokens: dict) -> frozenset[int]:
     return content_tokens(ids, special or {CLIP_BOS, CLIP_EOS})
 
 
-def encode_concept(clip, text: str) -> ConceptEmbedding:
+CHUNK_TOKENS = 75  # content tokens in one CLIP chunk (77 with BOS and EOS)
+
+
+def tokenize_one_chunk(clip, text: str, what: str) -> dict:
+    """`clip.tokenize(text)`, refused with a message naming the field when the text needs more
+    than one CLIP chunk: gates and training compare a concept's single (77-token) embedding."""
     tokens = clip.tokenize(text)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    if len(tokens[key]) > 1:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise SPMError(f"the {what} {shown!r} is longer than one CLIP chunk ({CHUNK_TOKENS} tokens); a membrane's "
+                       f"{what} must fit in {CHUNK_TOKENS} tokens: shorten it")
+    return tokens
+
+
+def encode_concept(clip, text: str) -> ConceptEmbedding:
+    tokens = tokenize_one_chunk(clip, text, "concept prompt")
     embedding = clip.encode_from_tokens(tokens)
     return ConceptEmbedding(embedding=embedding[0].float().cpu(), token_ids=token_ids(clip, tokens))
 

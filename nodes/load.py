@@ -37,6 +37,8 @@ class LoadSPM(io.ComfyNode):
                                        "calibrated: cosine relative to the empty prompt, unrelated prompts get exactly 0; "
                                        "latent: calibrated, or higher when the model is about to draw the concept "
                                        "(catches paraphrases; one extra model call per run); "
+                                       "official_code: what the official SPM scripts do (paper gate, squared, one gate "
+                                       "for the whole batch, a chain merged into one adapter), to reproduce them; "
                                        "always_open: gate 1 everywhere, like a plain LoRA."),
                 io.Combo.Input("rows", options=list(ROWS_CHOICES), default=POSITIVE_ONLY,
                                tooltip="Which CFG rows the membrane acts on. 'positive and negative' gates the negative "
@@ -45,18 +47,25 @@ class LoadSPM(io.ComfyNode):
                                tooltip="Fraction of sampling after which the membrane starts acting."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of sampling after which the membrane stops acting."),
+                io.Float.Input("min_gate", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="The least this membrane ever opens, whatever the prompt says (0 = the transport "
+                                       "formula alone; 1 = always fully open). For concepts that must never pass: a "
+                                       "paraphrase or an optimised prompt that fools the gate still meets this much "
+                                       "of the membrane."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the membrane added.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, clip, membrane, strength, transport, rows, start_percent, end_percent) -> io.NodeOutput:
+    def execute(cls, model, clip, membrane, strength, transport, rows, start_percent, end_percent,
+                min_gate=0.0) -> io.NodeOutput:
         loaded = load_membrane(paths.membrane_path(membrane))
         mode = TransportMode.named(transport)
         concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, p) for c in loaded.concepts for p in c.prompts]
         empty = encode_empty(clip) if mode in (TransportMode.CALIBRATED, TransportMode.LATENT) else None
-        entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=Transport([concepts], mode, empty=empty),
+        transport_rate = Transport([concepts], mode, empty=empty, floor=float(min_gate))
+        entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=transport_rate,
                               rows=rows, start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id)
         patched = with_membrane(model, entry)
         return io.NodeOutput(patched, ui={"spm_membrane": [{

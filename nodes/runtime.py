@@ -33,7 +33,7 @@ from ..spm_core.errors import SPMError, SPMModelMismatch
 from ..spm_core.file_format import is_membrane_layer
 from ..spm_core.membrane import GateLaw, Membrane
 from ..spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active, module_shape
-from ..spm_core.transport import Transport
+from ..spm_core.transport import Transport, TransportMode
 from .encode import TOKENS_KEY, TOKENS_OF_KEY, embedding_fingerprint
 
 KEY = "spm_membranes"
@@ -77,8 +77,14 @@ class MembraneState:
     """Everything one MODEL clone needs to apply its membranes. Immutable once built: chaining
     another membrane builds a new state for a new clone."""
 
-    def __init__(self, entries: tuple[MembraneEntry, ...], model, gate_law: GateLaw = GateLaw.LINEAR) -> None:
+    def __init__(self, entries: tuple[MembraneEntry, ...], model) -> None:
         self.entries = entries
+        official = [e.transport.mode is TransportMode.OFFICIAL for e in entries]
+        if any(official) and not all(official):
+            raise SPMError("transport 'official_code' reproduces the official code for a whole chain of membranes: "
+                           "set it on every Load SPM of the chain, or on none")
+        self.official = all(official)
+        gate_law = GateLaw.OFFICIAL_MERGE if self.official else GateLaw.LINEAR
         key_map, shapes = membrane_layers_of(model)
         self.stack = MembraneStack([MembraneUse(e.membrane, e.strength) for e in entries], key_map, shapes, gate_law)
         self.hooks = InstalledHooks(self.stack)
@@ -221,6 +227,11 @@ class MembraneState:
                 gate = gate * self._negative_rows_open
             self.last_gates[role] = gate.tolist()
             gates.append(gate.expand(per_chunk, -1))
+        if self.official:  # the official code: the first positive prompt's gate for every row of the batch
+            roles = [table.get((index, uuid), (POSITIVE, None))[0] for index, uuid in zip(indices, uuids)]
+            shared = gates[roles.index(POSITIVE)] if POSITIVE in roles else gates[0]
+            gates = [shared[:1].expand(per_chunk, -1)] * len(gates)
+            self.last_gates = {role: shared[0].tolist() for role in set(roles)}
         return torch.cat(gates)
 
     def _in_sampling_range(self, sigma: torch.Tensor, model_sampling) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ..spm_core.errors import SPMError
 from ..spm_core.file_format import DIFFUSERS_LAYER, load_membrane, save_membrane
 from ..spm_core.surrogates import Prompt, make_sampler, random_word_prompts
 from ..spm_core.training import ConceptPrompts, StepReport, TrainableMembrane, Trainer, TrainingConfig, training_metadata
+from .encode import tokenize_one_chunk
 from .paths import refuse_to_replace
 from .runtime import membrane_layers_of
 
@@ -75,8 +76,8 @@ def trainable_copies(module: torch.nn.Module):
             sub._parameters[name] = parameter
 
 
-def encode(clip, text: str) -> Prompt:
-    embedding, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+def encode(clip, text: str, what: str = "prompt") -> Prompt:
+    embedding, pooled = clip.encode_from_tokens(tokenize_one_chunk(clip, text, what), return_pooled=True)
     return Prompt(embedding[0].float().cpu().clone(), None if pooled is None else pooled[0].float().cpu().clone())
 
 
@@ -127,8 +128,9 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
     names = {name: key for name, key in key_map.items() if DIFFUSERS_LAYER.match(name)}
     with torch.inference_mode(False), torch.enable_grad():
         empty = encode(clip, "")
-        prompts = [ConceptPrompts(c, encode(clip, c.target), encode(clip, c.target),
-                                  encode(clip, c.surrogate) if c.surrogate else (encode(clip, c.neutral) if c.neutral else empty))
+        prompts = [ConceptPrompts(c, encode(clip, c.target, "target"), encode(clip, c.target, "target"),
+                                  encode(clip, c.surrogate, "surrogate") if c.surrogate
+                                  else (encode(clip, c.neutral, "neutral prompt") if c.neutral else empty))
                    for c in concepts]
         avoid = {w for c in concepts for w in re.findall(r"\w+", c.target.lower())}
 

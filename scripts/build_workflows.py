@@ -79,7 +79,7 @@ NOTE = ("Set up for the pack's tiny test checkpoint (random weights; bash script
 
 def spm(flow, pos, model, checkpoint, membrane, transport="paper", strength=1.0):
     """A Load SPM fed by `model` (a Load SPM or the checkpoint: MODEL is output 0 of both)."""
-    return flow.add("SPMLoader", pos, [membrane, strength, transport, "positive only", 0.0, 1.0],
+    return flow.add("SPMLoader", pos, [membrane, strength, transport, "positive only", 0.0, 1.0, 0.0],
                     model=(model, 0), clip=(checkpoint, 1))
 
 
@@ -187,7 +187,7 @@ def miniworld_erase() -> None:
     world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
     flow.add("Note", (0, 200), [MINIWORLD_NOTE + " Run miniworld_train.json first: it saves models/spm/snowman.safetensors."],
              title="About the miniature world")
-    model = flow.add("SPMLoader", (400, -250), ["snowman.safetensors", 1.0, "paper", "positive only", 0.0, 1.0],
+    model = flow.add("SPMLoader", (400, -250), ["snowman.safetensors", 1.0, "paper", "positive only", 0.0, 1.0, 0.0],
                      model=(world, 0), clip=(world, 1))
     positive = flow.add("SPMTextEncode", (400, 100), ["a striped snowman"], title="Positive (SPM Text Encode)", clip=(world, 1))
     negative = flow.add("SPMTextEncode", (400, 300), [""], title="Negative", clip=(world, 1))

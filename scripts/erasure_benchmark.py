@@ -1,17 +1,23 @@
 """Erasure benchmark on the miniature world (miniworld/): prints tables, optionally writes JSON.
 
-usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate] [--count 32] [--json PATH]
-                                           [--membranes DIR] [--comfyui PATH/TO/ComfyUI]
+usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --adversarial | --anchoring | --transfer]
+                                           [--count 32] [--json PATH] [--membranes DIR] [--comfyui PATH]
 
-(default)    the full benchmark: ten concepts erased one at a time and all at once, every transport
-             mode, the official code's behaviour, no latent anchoring, paraphrase attacks, and the
-             latent gate's calibration. Membranes are trained with the pack's own Train SPM code
-             and kept in --membranes, so a second run only samples.
---quick      one concept (snowman), the main setups and the gradient attack: what CI runs
-             (tests/test_erasure_benchmark.py).
---bare       the shipped model without any membrane: the classifier's accuracy per concept and
-             family, i.e. whether the model draws what it is asked for before anything is erased.
---calibrate  only the gate calibration (ROC over the world's captions).
+(default)      the full benchmark: the gate calibration; ten concepts erased one at a time with the
+               paper and latent gates; on one concept per family every other transport, the official
+               code's behaviour and no latent anchoring; ten and three membranes at once against the
+               official merge; paraphrase and gradient attacks; adversarially trained membranes; prompt
+               vs Gaussian anchors over anchor strength; transfer to a fine-tuned copy of the model
+               (trained by miniworld.train_model). Membranes are trained with the pack's own
+               Train SPM code and kept in --membranes, so a second run only samples.
+--quick        one concept (snowman), the main setups and the gradient attack: what CI runs
+               (tests/test_erasure_benchmark.py).
+--bare         the shipped model without any membrane: the classifier's accuracy per concept and
+               family, i.e. whether the model draws what it is asked for before anything is erased.
+--calibrate    only the gate calibration (ROC over the world's captions).
+--adversarial  only the adversarially trained membranes.
+--anchoring    only the sweep of prompt vs Gaussian anchors over anchor strength.
+--transfer     only the transfer of the default membranes to the fine-tuned copy.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ TARGETS, OTHERS = 3, 4  # prompts per erased concept for erasure and for preserv
 QUICK_CONCEPTS = ("snowman",)
 ABLATION_CONCEPTS = ("circle", "red", "snowman", "striped")  # one per family
 STACK_OF_THREE = ("circle", "red", "snowman")
+SWEEP_CONCEPTS, SWEEP_STRENGTHS = ("snowman", "red"), (1.0, 10.0, 100.0)
+FINETUNE_ARGS = ["--striped-share", "0.6", "--steps", "400", "--lr", "3e-4", "--warmup", "20", "--seed", "1"]
 
 
 def bare(lab, count: int) -> dict:
@@ -143,7 +151,92 @@ def print_stacks(results: list[dict], count: int) -> None:
               f"{r['attack']:>7.1%} {r['bare_attack']:>6.1%}")
 
 
-def gradient_attacks(lab, evaluator, concepts) -> list[dict]:
+def adversarial_training(lab, evaluator, concepts) -> dict:
+    """Membranes trained with adversarial aliases (TrainingConfig.adversaries), measured like the
+    default ones: the same panels, and the gradient attack run afresh against them."""
+    from miniworld.benchmark import measure, panel
+    from miniworld.membranes import VARIANTS, membrane
+    from miniworld.setups import Chain
+
+    measures = []
+    for concept in concepts:
+        hardened = [membrane(lab, concept, "adversarial", VARIANTS["adversarial"])]
+        for setup in (Chain(lab, "adversarial, paper gate", hardened, "paper"),
+                      Chain(lab, "adversarial, latent gate", hardened, "latent")):
+            measures.append(asdict(measure(evaluator, setup, panel(concept, [concept], TARGETS, OTHERS))))
+            print(f"  {concept:<9} {setup.label:<34} erased {measures[-1]['erased']:6.1%}  "
+                  f"accuracy {measures[-1]['accuracy']:6.1%}  attack {measures[-1]['attack']:6.1%}", flush=True)
+    return {"singles": measures, "attacks": gradient_attacks(lab, evaluator, concepts, variant="adversarial")}
+
+
+def finetuned_copy(membrane_dir: str) -> str:
+    """The shipped model fine-tuned further on shifted data (60% striped scenes, another seed; the
+    text encoder kept): a stand-in for a community checkpoint. Trained once, kept beside the
+    benchmark's membranes."""
+    import subprocess
+
+    from miniworld.model import MODEL_FILE
+
+    path = os.path.join(membrane_dir, "finetuned-miniworld.safetensors")
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, "-m", "miniworld.train_model", "--start-from", MODEL_FILE, *FINETUNE_ARGS,
+                        "--work", os.path.join(membrane_dir, "finetune-work"), "--export", path], cwd=REPO, check=True)
+    return path
+
+
+def transfer(lab, evaluator, concepts) -> list[dict]:
+    """Membranes trained on the shipped model, applied unchanged to the fine-tuned copy."""
+    from miniworld.benchmark import measure, panel
+    from miniworld.membranes import VARIANTS, membrane
+    from miniworld.model import load_world
+    from miniworld.setups import Bare, Chain
+
+    finetuned = load_world(finetuned_copy(lab.membrane_dir))[0]
+    finetuned_bare = Bare(lab, finetuned, "fine-tuned copy")
+    rows = []
+    for concept in concepts:
+        ours = [membrane(lab, concept, "default", VARIANTS["default"])]
+        concept_panel = panel(concept, [concept], TARGETS, OTHERS)
+        unchanged = measure(evaluator, finetuned_bare, concept_panel, with_paraphrases=False, bare=finetuned_bare)
+        for transport in ("paper", "latent"):
+            setup = Chain(lab, f"on the fine-tuned copy, {transport} gate", ours, transport, model=finetuned)
+            result = asdict(measure(evaluator, setup, concept_panel, with_paraphrases=False, bare=finetuned_bare))
+            rows.append({**result, "finetuned_draws_target": 1.0 - unchanged.erased})
+            print(f"  {concept:<9} {setup.label:<34} erased {result['erased']:6.1%}  accuracy {result['accuracy']:6.1%} "
+                  f"(copy without membrane {result['bare_accuracy']:6.1%}; draws the target {1.0 - unchanged.erased:6.1%})",
+                  flush=True)
+    return rows
+
+
+def anchoring_sweep(lab, evaluator) -> list[dict]:
+    """Prompt anchors (ours) against Gaussian anchors (the official sampler) over anchor strengths,
+    so the two can be compared where they erase equally."""
+    from miniworld.benchmark import measure, panel
+    from miniworld.membranes import anchor_variant, membrane
+    from miniworld.setups import Chain
+
+    rows = []
+    for concept in SWEEP_CONCEPTS:
+        for surrogates in ("prompts", "gaussian"):
+            for strength in SWEEP_STRENGTHS:
+                file = membrane(lab, concept, f"{surrogates}{strength:g}", anchor_variant(surrogates, strength))
+                setup = Chain(lab, f"{surrogates} anchors x{strength:g}", [file], "paper")
+                result = asdict(measure(evaluator, setup, panel(concept, [concept], TARGETS, OTHERS), with_paraphrases=False))
+                rows.append({**result, "surrogates": surrogates, "strength": strength})
+                print(f"  {concept:<9} {setup.label:<24} erased {result['erased']:6.1%}  accuracy {result['accuracy']:6.1%}  "
+                      f"drift {result['drift']:.3f}", flush=True)
+    return rows
+
+
+def print_sweep(rows: list[dict], count: int) -> None:
+    print(f"\nLatent anchoring: prompt vs Gaussian anchors over anchor strength (paper gate, {count} generations per prompt)")
+    print(f"{'concept':<9} {'anchors':<9} {'strength':>8} {'erased':>7} {'accuracy':>9} {'bare':>6} {'drift':>6}")
+    for r in rows:
+        print(f"{r['concept']:<9} {r['surrogates']:<9} {r['strength']:>8g} {r['erased']:>7.1%} {r['accuracy']:>9.1%} "
+              f"{r['bare_accuracy']:>6.1%} {r['drift']:>6.3f}")
+
+
+def gradient_attacks(lab, evaluator, concepts, variant: str = "default") -> list[dict]:
     from miniworld.attack import AttackSettings, attack
     from miniworld.benchmark import found_share
     from miniworld.membranes import VARIANTS, membrane
@@ -152,8 +245,9 @@ def gradient_attacks(lab, evaluator, concepts) -> list[dict]:
     settings = AttackSettings()
     results = []
     for concept in concepts:
-        ours = [membrane(lab, concept, "default", VARIANTS["default"])]
-        for chain in (Chain(lab, "paper gate", ours, "paper"), Chain(lab, "latent gate", ours, "latent")):
+        ours = [membrane(lab, concept, variant, VARIANTS[variant])]
+        prefix = "" if variant == "default" else f"{variant}, "
+        for chain in (Chain(lab, f"{prefix}paper gate", ours, "paper"), Chain(lab, f"{prefix}latent gate", ours, "latent")):
             conditioning, losses = attack(lab, chain.model, concept, settings)
             seed = evaluator.seed_for(f"attack on {concept}")
             under = lab.read(lab.generate(chain.model, conditioning, evaluator.count, seed))
@@ -164,7 +258,7 @@ def gradient_attacks(lab, evaluator, concepts) -> list[dict]:
             results.append({"concept": concept, "setup": chain.label, "found_under_membrane": share,
                             "found_bare": found_share(bare, concept),
                             "gate": gate, "loss_first": losses[0], "loss_last": losses[-1]})
-            print(f"  {concept:<9} {chain.label:<12} attack found {share:6.1%} (gate {gate:.2f}; "
+            print(f"  {concept:<9} {chain.label:<25} attack found {share:6.1%} (gate {gate:.2f}; "
                   f"bare model {results[-1]['found_bare']:6.1%}; loss {losses[0]:.4f} -> {losses[-1]:.4f})", flush=True)
     return results
 
@@ -176,10 +270,10 @@ def print_attacks(results: list[dict], count: int) -> None:
     print(f"\nGradient attack: {settings.soft_tokens} free token embeddings after \"a\", {settings.steps} Adam steps "
           f"(lr {settings.learning_rate}, batch {settings.batch}), against the membrane and its gate; "
           f"{count} generations through Load SPM")
-    print(f"{'setup':<12} {'concepts':>8} {'attack success':>15} {'gate':>6} {'bare model draws it':>20}")
+    print(f"{'setup':<25} {'concepts':>8} {'attack success':>15} {'gate':>6} {'bare model draws it':>20}")
     for label in dict.fromkeys(r["setup"] for r in results):
         rows = [r for r in results if r["setup"] == label]
-        print(f"{label:<12} {len(rows):>8} {sum(r['found_under_membrane'] for r in rows) / len(rows):>15.1%} "
+        print(f"{label:<25} {len(rows):>8} {sum(r['found_under_membrane'] for r in rows) / len(rows):>15.1%} "
               f"{sum(r['gate'] for r in rows) / len(rows):>6.2f} {sum(r['found_bare'] for r in rows) / len(rows):>20.1%}")
 
 
@@ -202,9 +296,20 @@ def erasure_experiments(lab, quick: bool, count: int) -> dict:
         results["stacks"] = stacks(lab, evaluator, concepts)
     print("\ngradient attacks", flush=True)
     results["attacks"] = gradient_attacks(lab, evaluator, ablations)
+    if not quick:
+        print("\nadversarially trained membranes", flush=True)
+        hardened = adversarial_training(lab, evaluator, ABLATION_CONCEPTS)
+        results["singles"] += hardened["singles"]
+        results["attacks"] += hardened["attacks"]
+        print("\nanchoring sweep", flush=True)
+        results["anchoring"] = anchoring_sweep(lab, evaluator)
+        print("\ntransfer to a fine-tuned copy", flush=True)
+        results["transfer"] = transfer(lab, evaluator, ABLATION_CONCEPTS)
+        results["singles"] += results["transfer"]
     results["singles_summary"] = print_singles(results["singles"], count)
     if not quick:
         print_stacks(results["stacks"], count)
+        print_sweep(results["anchoring"], count)
     print_attacks(results["attacks"], count)
     results["generations"] = evaluator.generations
     return results
@@ -216,12 +321,16 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="one concept, the main setups and the attack (what CI runs)")
     mode.add_argument("--bare", action="store_true", help="accuracy of the bare shipped model")
     mode.add_argument("--calibrate", action="store_true", help="only the gate calibration")
+    mode.add_argument("--adversarial", action="store_true", help="only the adversarially trained membranes")
+    mode.add_argument("--anchoring", action="store_true", help="only the anchoring sweep")
+    mode.add_argument("--transfer", action="store_true", help="only the transfer to a fine-tuned copy")
     parser.add_argument("--count", type=int, default=32, help="generations per prompt (at least 32 for reported numbers)")
     parser.add_argument("--membranes", default=os.path.join(REPO, "out", "benchmark", "membranes"),
                         help="where trained membranes are kept and reused")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: the host of scripts/install_host.sh)")
     options = parser.parse_args()
+    from miniworld.benchmark import Evaluator
     from miniworld.calibration import calibrate, print_calibration
     from miniworld.lab import SAMPLER, Lab
     from miniworld.membranes import ERASED
@@ -234,6 +343,17 @@ def main() -> None:
         results["bare"] = bare(lab, options.count)
     elif options.calibrate:
         results["calibration"] = print_calibration(calibrate(lab, ERASED))
+    elif options.adversarial:
+        evaluator = Evaluator(lab, options.count)
+        results["adversarial"] = adversarial_training(lab, evaluator, ABLATION_CONCEPTS)
+        results["singles_summary"] = print_singles(results["adversarial"]["singles"], options.count)
+        print_attacks(results["adversarial"]["attacks"], options.count)
+    elif options.transfer:
+        results["transfer"] = transfer(lab, Evaluator(lab, options.count), ABLATION_CONCEPTS)
+        results["singles_summary"] = print_singles(results["transfer"], options.count)
+    elif options.anchoring:
+        results["anchoring"] = anchoring_sweep(lab, Evaluator(lab, options.count))
+        print_sweep(results["anchoring"], options.count)
     else:
         results.update(erasure_experiments(lab, options.quick, options.count))
     results["seconds"] = round(time.time() - started, 1)

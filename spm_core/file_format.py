@@ -14,7 +14,7 @@ import math
 import os
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -44,6 +44,14 @@ MAX_WEIGHT_SCALE = 1e4  # bound on |up| x |down| x alpha / rank: real adapters s
 
 def is_membrane_layer(name: str) -> bool:
     return bool(DIFFUSERS_LAYER.match(name) or ORIGINAL_UNET_LAYER.match(name))
+
+
+def module_key_map(module_names: Iterable[str]) -> dict[str, str]:
+    """File layer name -> module name for a UNet whose modules are named like diffusers'
+    (`down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k`): the key map that binds
+    membrane files to it without ComfyUI."""
+    names = {PREFIX + name.replace(".", "_"): name for name in module_names}
+    return {layer: name for layer, name in names.items() if is_membrane_layer(layer)}
 
 
 def load_membrane(path: str) -> Membrane:

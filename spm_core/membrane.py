@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .concepts import Concept
+from .errors import SPMError
 
 
 class GateLaw(enum.Enum):
@@ -30,6 +31,10 @@ class GateLaw(enum.Enum):
     """strength ∝ gate: what the formula in the paper describes."""
     PAPER_SQUARED = "paper_squared"
     """strength ∝ gate²: what the official code does (it scales both lora_up and lora_down)."""
+    OFFICIAL_MERGE = "official_merge"
+    """What the official code does with a whole chain: every membrane's down and up scaled by its
+    gate and summed into one adapter per layer (`official_merge`): gate² for one membrane,
+    cross-terms up_i · down_j for several. Rank-1 membranes (what SPM trains)."""
 
     def apply(self, gates: torch.Tensor) -> torch.Tensor:
         return gates * gates if self is GateLaw.PAPER_SQUARED else gates
@@ -186,6 +191,22 @@ class FusedLayer:
             return torch.matmul(up, h).reshape(rows, self.out_features, *x.shape[2:])
         h = torch.matmul(x.reshape(rows, -1, self.in_features), down.t()) * gates.unsqueeze(1)  # rows x N x R
         return torch.matmul(h, up.t()).reshape(*x.shape[:-1], self.out_features)
+
+    def merged_delta(self, x: torch.Tensor, gates: torch.Tensor, strengths: torch.Tensor) -> torch.Tensor:
+        """GateLaw.OFFICIAL_MERGE's branch: per row, (Σ s_i g_i up_i)(Σ g_i down_i) x, from the raw
+        gates (rows, membranes) and strengths (membranes,). Rank-1 membranes only."""
+        down, up, owner = self.weights_on(x.device, x.dtype)
+        if owner.shape[0] != owner.unique().shape[0]:
+            raise SPMError("the official code's merge is defined for rank-1 membranes only")
+        gates = gates.to(device=x.device, dtype=x.dtype)
+        merged_down = self._column_gates(gates, owner) @ down  # rows x in
+        merged_up = self._column_gates(gates * strengths.to(gates), owner) @ up.t()  # rows x out
+        rows = x.shape[0]
+        if self.conv:
+            h = torch.einsum("ri,rip->rp", merged_down, x.reshape(rows, self.in_features, -1))
+            return (merged_up[:, :, None] * h[:, None, :]).reshape(rows, self.out_features, *x.shape[2:])
+        h = (x.reshape(rows, -1, self.in_features) * merged_down[:, None, :]).sum(-1)  # rows x N
+        return (h[:, :, None] * merged_up[:, None, :]).reshape(*x.shape[:-1], self.out_features)
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor, row_gates: torch.Tensor,
                open_rows: slice | None = None) -> torch.Tensor:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SPMModelMismatch
+from .errors import SPMError, SPMModelMismatch
+from .file_format import module_key_map
 from .membrane import FusedLayer, GateLaw, LayerWeights, Membrane
 
 
@@ -70,8 +71,24 @@ class MembraneStack:
         the price is one new copy of every adapted weight (SD1.5: ~267M values, ~1 GB fp32)."""
         if gates.shape != (self.membrane_count,):
             raise ValueError(f"gates must be ({self.membrane_count},), got {tuple(gates.shape)}")
+        if self.gate_law is GateLaw.OFFICIAL_MERGE:
+            raise SPMError("the official code's merge is applied by hooks only; fold with the linear or squared law")
         effective = self.row_gates(gates.unsqueeze(0))[0]
         return {key: layer.folded_weight(weights[key], effective) for key, layer in self.layers.items()}
+
+
+def apply_membranes(model: torch.nn.Module, uses: Sequence[MembraneUse],
+                    key_map: Mapping[str, str] | None = None) -> tuple[MembraneStack, InstalledHooks]:
+    """Bind membranes to a torch UNet and install their hooks, without ComfyUI: `key_map` maps file
+    layer names to module names (default: diffusers naming, `file_format.module_key_map`). The
+    hooks act only inside `gates_active(stack, gates)`; `hooks.remove()` takes them off."""
+    key_map = dict(key_map) if key_map is not None else module_key_map(name for name, _ in model.named_modules())
+    wanted = {key_map[name] for use in uses for name in use.membrane.layers if name in key_map}
+    modules = {key: model.get_submodule(key) for key in wanted}
+    stack = MembraneStack(uses, key_map, {key: module_shape(module) for key, module in modules.items()})
+    hooks = InstalledHooks(stack)
+    hooks.install(modules)
+    return stack, hooks
 
 
 def bind_membrane(membrane: Membrane, key_map: Mapping[str, str],
@@ -106,8 +123,9 @@ class _CallGates:
     over and over, so the row expansion, the device copy and the search for open rows happen
     once per call instead of once per layer."""
 
-    def __init__(self, row_gates: torch.Tensor) -> None:
+    def __init__(self, row_gates: torch.Tensor, gates: torch.Tensor) -> None:
         self.row_gates = row_gates
+        self.gates = gates  # before the gate law and strengths: what the official merge needs
         self._prepared: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, slice | None]] = {}
 
     def prepared(self, rows: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, slice | None]:
@@ -147,7 +165,7 @@ def gates_active(stack: MembraneStack, gates: torch.Tensor) -> Iterator[None]:
     previous = _context.active.get(key)
     row_gates = stack.row_gates(gates)
     if bool(row_gates.any()):
-        _context.active[key] = _CallGates(row_gates)
+        _context.active[key] = _CallGates(row_gates, gates.to(torch.float32))
     else:
         _context.active.pop(key, None)  # all gates closed: hooks exit at once
     try:
@@ -202,6 +220,8 @@ class InstalledHooks:
             if call is None:
                 return None
             x = inputs[0]
+            if self.stack.gate_law is GateLaw.OFFICIAL_MERGE:
+                return output + layer.merged_delta(x, _expand_rows(call.gates, x.shape[0]), self.stack.strengths)
             gates, open_rows = call.prepared(x.shape[0], x.device, x.dtype)
             return layer.add_to(output, x, gates, open_rows)
 

@@ -9,6 +9,11 @@ Per iteration, for one of the membrane's concepts:
      every batch's uncond row, is always one of the anchors);
   3. membrane ON, one batched call with gradients: e_tar and every anchor's prediction;
   4. loss = ||e_tar - (e_neu - g (e_pos - e_neu))||² + lambda · mean ||anchor_on - anchor_off||².
+With `adversaries` > 0, every `adversary_every` iterations a conditioning is searched (from a
+surrogate prompt, by gradient descent on the embedding) that makes the model draw the concept
+*with the membrane on*; the last `adversaries` such aliases are erased beside the target, so the
+membrane learns to close the holes an optimised prompt would find (adversarial training in the
+spirit of AdvUnlearn, in conditioning space so it needs nothing from the text encoder).
 An iteration whose gradients are not finite (an fp16/bf16 model overflowing) changes nothing and
 is reported as skipped; non-finite weights are never saved. No UNet row is evaluated and thrown
 away (the official loop computes unconditional halves it discards). The model adapter turns its
@@ -47,6 +52,10 @@ class TrainingConfig:
     grad_clip: float = 1.0
     seed: int = 0
     surrogates: str = "prompts"
+    adversaries: int = 0
+    adversary_every: int = 20
+    adversary_steps: int = 20
+    adversary_learning_rate: float = 0.1
 
     def check(self) -> TrainingConfig:
         problems = []
@@ -62,6 +71,8 @@ class TrainingConfig:
             problems.append("anchor samples and anchor strength cannot be negative")
         if self.rollout_steps < 2:
             problems.append("rollout steps must be at least 2")
+        if self.adversaries < 0 or self.adversary_every < 1 or self.adversary_steps < 1:
+            problems.append("adversaries cannot be negative; adversary interval and steps must be at least 1")
         if not self.latent_sizes or any(s < 8 or s % 8 for s in self.latent_sizes):
             problems.append("latent sizes must be multiples of 8")
         if problems:
@@ -189,6 +200,7 @@ class Trainer:
         self.history: list[StepReport] = []
         self.unet_rows = 0  # noise predictions computed, counted per batch row
         self.skipped_steps = 0
+        self.aliases: list[tuple[int, Prompt]] = []  # (concept index, adversarial conditioning)
 
     def run(self, start: int = 0, callback: Callable[[StepReport], None] | None = None) -> list[StepReport]:
         for _ in range(start):
@@ -203,7 +215,8 @@ class Trainer:
     def step(self, iteration: int) -> StepReport:
         config = self.config
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + iteration)
-        concept = self.concepts[int(torch.randint(len(self.concepts), (), generator=generator))]
+        concept_index = int(torch.randint(len(self.concepts), (), generator=generator))
+        concept = self.concepts[concept_index]
         size = config.latent_sizes[int(torch.randint(len(config.latent_sizes), (), generator=generator))]
         k = int(torch.randint(1, config.rollout_steps, (), generator=generator))
         x, sigma = self._rollout(concept.target, size, k, generator)
@@ -215,14 +228,18 @@ class Trainer:
             off = self._eps(x, sigma, [concept.positive, concept.neutral, *anchors])
         e_pos, e_neu, anchors_off = off[:1], off[1:2], off[2:]
         target = e_neu - config.erase_guidance * (e_pos - e_neu)
+        if config.adversaries and iteration % config.adversary_every == 0:
+            self._add_alias(concept_index, x, sigma, e_pos, generator)
+        erased = [concept.target, *(alias for index, alias in self.aliases if index == concept_index)]
 
         self.membrane.enabled = True
         try:
-            on = self._eps(x, sigma, [concept.target, *anchors])
+            on = self._eps(x, sigma, [*erased, *anchors])
         finally:
             self.membrane.enabled = False
-        erase_loss = torch.nn.functional.mse_loss(on[:1].float(), target.float())
-        anchor_loss = torch.nn.functional.mse_loss(on[1:].float(), anchors_off.float()) if anchors else torch.zeros(())
+        count = len(erased)
+        erase_loss = torch.nn.functional.mse_loss(on[:count].float(), target.float().expand(count, -1, -1, -1))
+        anchor_loss = torch.nn.functional.mse_loss(on[count:].float(), anchors_off.float()) if anchors else torch.zeros(())
         loss = erase_loss + config.anchor_strength * anchor_loss
         if not torch.isfinite(loss):
             raise SPMError(f"training diverged at iteration {iteration} (loss {loss.item()}); lower the learning rate")
@@ -244,6 +261,28 @@ class Trainer:
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         return StepReport(iteration, loss.item(), erase_loss.item(), anchor_loss.item(), learning_rate, skipped)
+
+    def _add_alias(self, concept_index: int, x: torch.Tensor, sigma: torch.Tensor, e_pos: torch.Tensor,
+                   generator: torch.Generator) -> None:
+        """Search a conditioning that, through the membrane, predicts what the bare model predicts
+        for the concept (e_pos): a prompt the membrane fails to erase. Starts from a surrogate."""
+        config = self.config
+        start = self.surrogates.sample(1, generator)[0]
+        scale = float(start.embedding.float().std())
+        shift = torch.zeros_like(start.embedding, dtype=torch.float32, requires_grad=True)
+        optimizer = torch.optim.Adam([shift], lr=config.adversary_learning_rate * scale)
+        self.membrane.enabled = True
+        try:
+            with torch.enable_grad():
+                for _ in range(config.adversary_steps):
+                    alias = Prompt(start.embedding.float() + shift, start.pooled)
+                    loss = torch.nn.functional.mse_loss(self._eps(x, sigma, [alias]).float(), e_pos.float())
+                    (shift.grad,) = torch.autograd.grad(loss, [shift])
+                    optimizer.step()
+        finally:
+            self.membrane.enabled = False
+        alias = Prompt((start.embedding.float() + shift).detach().to(start.embedding.dtype), start.pooled)
+        self.aliases = [*self.aliases, (concept_index, alias)][-config.adversaries:]
 
     def _eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[Prompt]) -> torch.Tensor:
         rows = len(prompts)

@@ -18,6 +18,10 @@ Modes, selectable by name:
               mapped linearly from `latent_threshold` (gate 0) to `latent_saturation` (gate 1).
               A paraphrase the text misses ("frosty" for snowman) still opens the membrane because
               the model is about to draw the same thing. Costs one extra model call per run.
+  official_code  the paper gate applied as the official inference code applies it: one gate per
+              prompt for the whole CFG batch (the negative row too), gate² for one membrane and
+              the merged adapter of a whole chain (spm_core.membrane.GateLaw.OFFICIAL_MERGE), to
+              reproduce its outputs; not our default, which gates each row by its own prompt
   always_open gate 1 for every row (what a plain LoRA loader does)
 Every mode except always_open takes a `floor`: the least a membrane ever opens (for concepts that
 must never pass whatever the prompt says; 0 = the formula alone).
@@ -46,6 +50,7 @@ class TransportMode(enum.Enum):
     COSINE = "cosine"
     CALIBRATED = "calibrated"
     LATENT = "latent"
+    OFFICIAL = "official_code"
     ALWAYS_OPEN = "always_open"
 
     @classmethod
@@ -142,6 +147,9 @@ class Transport:
         self.latent_threshold, self.latent_saturation = latent_threshold, latent_saturation
         flat = [c for concepts in membranes for c in concepts]
         self.concept_owner = torch.tensor([m for m, concepts in enumerate(membranes) for _ in concepts])
+        if len({tuple(c.embedding.shape) for c in flat}) > 1:
+            raise SPMError("concept embeddings differ in length: every concept prompt must fit in one text-encoder "
+                           "chunk (75 CLIP tokens)")
         embeddings = torch.stack([c.embedding.float() for c in flat])
         self.empty = None if empty is None else empty.float()
         self.concept_embeddings = embeddings  # the rows the latent gate asks the model about

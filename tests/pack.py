@@ -24,8 +24,9 @@ def node(name, unique_id="1"):
     return nodes.NODE_CLASS_MAPPINGS[name].PREPARE_CLASS_CLONE({io.Hidden.unique_id: unique_id})
 
 
-def load_spm(model, clip, membrane, transport="calibrated", rows="positive only", strength=1.0, start=0.0, end=1.0, uid="1"):
-    return node("SPMLoader", uid).execute(model, clip, membrane, strength, transport, rows, start, end).result[0]
+def load_spm(model, clip, membrane, transport="calibrated", rows="positive only", strength=1.0, start=0.0, end=1.0, uid="1",
+             min_gate=0.0):
+    return node("SPMLoader", uid).execute(model, clip, membrane, strength, transport, rows, start, end, min_gate).result[0]
 
 
 def encode(clip, text):

@@ -35,11 +35,11 @@ class RowSpy:
         return executor(*args, **kwargs)
 
 
-def spied_model(spm_world, rows):
+def spied_model(spm_world, rows, transport="calibrated"):
     from comfy.patcher_extension import WrappersMP
 
     patcher, clip, _ = spm_world
-    model = load_spm(patcher, clip, "snoopy.safetensors", transport="calibrated", rows=rows)
+    model = load_spm(patcher, clip, "snoopy.safetensors", transport=transport, rows=rows)
     spy = RowSpy(model.get_attachment(pack_module("nodes.runtime").KEY).stack)
     model = model.clone()
     model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "row_spy", spy)
@@ -125,3 +125,22 @@ def test_every_row_gets_its_own_conds_gate(spm_world, kind, rows):
             seen.add(name)
             assert gates[row, 0].item() == pytest.approx(gate, abs=1e-6), f"{kind}: row {row} ({name}) got {gates[row, 0].item()}"
     assert seen == set(texts), f"{kind}: rows of {set(texts) - seen} never seen"
+
+
+def test_official_code_gates_the_whole_batch_by_the_positive_prompt(spm_world):
+    """transport 'official_code': the positive prompt's gate on every row, the negative row too
+    (by default that row is closed, or gated by its own prompt)."""
+    _, clip, _ = spm_world
+    model, spy = spied_model(spm_world, "positive only", transport="official_code")
+    run_guider("KSampler", model, {"positive": encode(clip, "snoopy on a skateboard"), "negative": encode(clip, "a bowl of fruit")})
+    assert spy.calls
+    for gates, _ in spy.calls:
+        assert gates[:, 0].tolist() == [1.0] * gates.shape[0]
+
+
+def test_official_code_cannot_be_mixed_with_other_transports_in_a_chain(spm_world):
+    patcher, clip, _ = spm_world
+    errors = pack_module("spm_core.errors")
+    official = load_spm(patcher, clip, "snoopy.safetensors", transport="official_code")
+    with pytest.raises(errors.SPMError, match="on every Load SPM of the chain"):
+        load_spm(official, clip, "snoopy.safetensors", transport="paper", uid="2")

@@ -2,6 +2,7 @@
 branches without membranes, chaining, inspector and export, and hundreds of runs without leaks."""
 
 import gc
+import json
 import os
 import resource
 
@@ -109,6 +110,9 @@ def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(spm_world):
         metadata = handle.metadata()
     safetensors.torch.save_file({k: v if k.endswith(".alpha") else v * 1e15 for k, v in tensors.items()},
                                 str(folder / "huge.safetensors"), metadata=metadata)
+    long_concept = " ".join(["lighthouse"] * 90)  # 450 characters, within the text limit, over one CLIP chunk
+    safetensors.torch.save_file(tensors, str(folder / "long_concept.safetensors"), metadata={
+        **metadata, "concepts": json.dumps([{"target": long_concept}]), "prompts": long_concept})
     before = (dict(patcher.attachments), {k: dict(v) for k, v in patcher.wrappers.items()}, dict(patcher.injections))
     cases = [
         (dict(membrane="truncated.safetensors"), errors.SPMFileError, "truncated"),
@@ -119,6 +123,8 @@ def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(spm_world):
         (dict(membrane="snoopy.safetensors", transport="fuzzy"), errors.SPMError, "unknown transport mode"),
         (dict(membrane="snoopy.safetensors", rows="sideways"), errors.SPMError, "rows is 'sideways'; choose one of"),
         (dict(membrane="huge.safetensors"), errors.SPMFileError, "so the file is damaged or was scaled by mistake"),
+        (dict(membrane="long_concept.safetensors"), errors.SPMError, "is longer than one CLIP chunk (75 tokens)"),
+        (dict(membrane="snoopy.safetensors", min_gate=1.5), errors.SPMError, "minimum gate must lie in [0, 1]"),
     ]
     for kwargs, error_type, phrase in cases:
         with pytest.raises(error_type) as caught:
@@ -223,3 +229,13 @@ def test_sampling_range_switches_the_membrane_on_and_off(spm_world):
     whole, second_half = with_range(0.0, 1.0), with_range(0.5, 1.0)
     assert torch.equal(never, bare)
     assert not torch.equal(whole, bare) and not torch.equal(second_half, bare) and not torch.equal(second_half, whole)
+
+
+def test_spm_core_has_one_identity_inside_and_outside_the_pack(spm_world):
+    """The pack's modules and `import spm_core` are the same objects: one gate context, one set of
+    exceptions (a second copy silently did nothing: hooks of one never saw gates of the other)."""
+    import importlib
+
+    for name in ("stack", "errors", "transport", "membrane", "file_format", "training"):
+        assert pack_module(f"spm_core.{name}") is importlib.import_module(f"spm_core.{name}"), name
+    assert pack_module("nodes.runtime").SPMError is importlib.import_module("spm_core.errors").SPMError

@@ -162,3 +162,48 @@ def test_paper_squared_law_scales_with_gate_squared(setup):
     squared = run_with_membranes(patcher, key_map, modules, membranes[:1], [0.5], law=GateLaw.PAPER_SQUARED, inputs=inputs)
     linear_quarter = run_with_membranes(patcher, key_map, modules, membranes[:1], [0.25], inputs=inputs)
     assert (squared - linear_quarter).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("count, gates", [(1, [0.6]), (3, [1.0, 0.6, 0.3])])
+def test_official_merge_law_reproduces_the_official_code(setup, count, gates):
+    """transport 'official_code': our hooks with GateLaw.OFFICIAL_MERGE against the reference with
+    the official code's merged adapter (downs and ups scaled by their gates and summed)."""
+    patcher, key_map, modules, membranes, inputs, unet = setup
+    ours = run_with_membranes(patcher, key_map, modules, membranes[:count], gates, law=GateLaw.OFFICIAL_MERGE, inputs=inputs)
+    handles = reference_spm(unet, [official_merge(membranes[:count], gates)], [1.0])
+    try:
+        official = diffusers_eps(unet, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert (ours - official).abs().max() <= TOLERANCE
+    linear = run_with_membranes(patcher, key_map, modules, membranes[:count], gates, inputs=inputs)
+    assert (ours - linear).abs().max() > 100 * TOLERANCE, "the official law differs from ours at these gates"
+
+
+def test_spm_core_alone_applies_a_membrane_file_to_a_diffusers_unet(setup, tmp_path):
+    """The README's ten lines: a membrane file on a diffusers UNet with spm_core only (no ComfyUI
+    key map), equal to the reference at the same gate; nothing changes once the hooks are off."""
+    from spm_core.file_format import load_membrane, save_membrane
+    from spm_core.stack import apply_membranes
+
+    _, _, _, membranes, inputs, unet = setup
+    save_membrane(str(tmp_path / "concept.safetensors"), membranes[0])
+    bare = diffusers_eps(unet, inputs)
+    handles = reference_spm(unet, membranes[:1], [0.37])
+    try:
+        reference = diffusers_eps(unet, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    stack, hooks = apply_membranes(unet, [MembraneUse(load_membrane(str(tmp_path / "concept.safetensors")))])
+    try:
+        with gates_active(stack, torch.full((inputs[0].shape[0], 1), 0.37)):
+            ours = diffusers_eps(unet, inputs)
+        outside = diffusers_eps(unet, inputs)
+    finally:
+        hooks.remove()
+    assert len(stack.layers) == len(membranes[0].layers)
+    assert (ours - reference).abs().max() <= TOLERANCE
+    assert torch.equal(outside, bare)

@@ -85,6 +85,32 @@ def test_always_open_and_bad_configurations():
         Transport([[ConceptEmbedding(CONCEPT)]], TransportMode.COSINE).gates(torch.zeros(1, 2, 3))
 
 
+def test_latent_gate_ramps_the_cosine_of_prediction_shifts_and_keeps_the_closest_concept():
+    empty = embedding([0, 0], [0, 0])
+    transport = Transport([[ConceptEmbedding(CONCEPT), ConceptEmbedding(PROMPT_A)], [ConceptEmbedding(PROMPT_B)]],
+                          TransportMode.LATENT, empty=empty, latent_threshold=0.2, latent_saturation=0.6)
+    concept_shifts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # one shift per concept, in order
+    prompt_shifts = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    gates = transport.latent_gates(prompt_shifts, concept_shifts)
+    # prompt 0 points along concept 0 (membrane 0: gate 1) and against membrane 1's concept (cos -1: gate 0)
+    assert gates[0].tolist() == [1.0, 0.0]
+    # prompt 1 is at 45 degrees to concepts 0 and 1: cos 0.707 >= saturation -> 1; to membrane 1: -0.707 -> 0
+    assert gates[1].tolist() == [1.0, 0.0]
+    halfway = transport.latent_gates(torch.tensor([[0.4, math.sqrt(1 - 0.16)]]), torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.0, -1.0]]))
+    assert halfway[0, 0].item() == pytest.approx(0.5, abs=1e-6), "cos 0.4 lies halfway between 0.2 and 0.6"
+    assert transport.reads_model and not Transport([[ConceptEmbedding(CONCEPT)]], TransportMode.PAPER).reads_model
+
+
+def test_minimum_gate_is_the_least_a_membrane_opens():
+    transport = Transport([[ConceptEmbedding(CONCEPT)]], TransportMode.COSINE, floor=0.4)
+    gates = transport.gates(torch.stack([PROMPT_B, PROMPT_A, PROMPT_C]))[:, 0]
+    assert gates.tolist() == pytest.approx([0.4, 0.5, 1.0])
+    with pytest.raises(SPMError, match="minimum gate"):
+        Transport([[ConceptEmbedding(CONCEPT)]], TransportMode.COSINE, floor=1.5)
+    with pytest.raises(SPMError, match="latent transport needs the empty prompt's embedding"):
+        Transport([[ConceptEmbedding(CONCEPT)]], TransportMode.LATENT)
+
+
 def clip_token_ids(text):
     """Token ids from ComfyUI's bundled SD1 CLIP tokenizer (the real BPE vocabulary)."""
     from comfy.sd1_clip import SDTokenizer
