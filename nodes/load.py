@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..spm_core.errors import SPMError
 from ..spm_core.file_format import load_membrane
 from ..spm_core.transport import Transport, TransportMode
 from . import paths
@@ -64,7 +65,10 @@ class LoadSPM(io.ComfyNode):
         mode = TransportMode.named(transport)
         concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, p) for c in loaded.concepts for p in c.prompts]
         empty = encode_empty(clip) if mode in (TransportMode.CALIBRATED, TransportMode.LATENT) else None
-        transport_rate = Transport([concepts], mode, empty=empty, floor=float(min_gate))
+        try:
+            transport_rate = Transport([concepts], mode, empty=empty, floor=float(min_gate))
+        except SPMError as error:
+            raise SPMError(f"{membrane}: {error}") from None
         entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=transport_rate,
                               rows=rows, start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id)
         patched = with_membrane(model, entry)

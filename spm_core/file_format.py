@@ -208,10 +208,12 @@ def _concepts_from_metadata(path: str, metadata: dict[str, str]) -> tuple[Concep
             concepts = check_concept_count(tuple(concept_from_json(e) for e in entries))
             if "prompts" in metadata:
                 listed = [unicodedata.normalize("NFC", p).strip() for p in metadata["prompts"].split(",") if p.strip()]
-                if any(c.target not in listed for c in concepts if "," not in c.target):
+                if any(c.target not in listed for c in concepts if "," not in c.target) or (listed and not concepts):
                     raise SPMError(f"metadata 'prompts' ({metadata['prompts']!r}) contradicts 'concepts'")
             return concepts
         return parse_concept_list(metadata.get("prompts", ""))
+    except SPMFileError:
+        raise  # already names the file
     except SPMError as error:
         raise SPMFileError(path, str(error)) from None
 

@@ -110,6 +110,8 @@ def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(spm_world):
         metadata = handle.metadata()
     safetensors.torch.save_file({k: v if k.endswith(".alpha") else v * 1e15 for k, v in tensors.items()},
                                 str(folder / "huge.safetensors"), metadata=metadata)
+    safetensors.torch.save_file(tensors, str(folder / "no_concepts.safetensors"),
+                                metadata={**metadata, "concepts": "[]", "prompts": ""})
     long_concept = " ".join(["lighthouse"] * 90)  # 450 characters, within the text limit, over one CLIP chunk
     safetensors.torch.save_file(tensors, str(folder / "long_concept.safetensors"), metadata={
         **metadata, "concepts": json.dumps([{"target": long_concept}]), "prompts": long_concept})
@@ -125,6 +127,8 @@ def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(spm_world):
         (dict(membrane="huge.safetensors"), errors.SPMFileError, "so the file is damaged or was scaled by mistake"),
         (dict(membrane="long_concept.safetensors"), errors.SPMError, "is longer than one CLIP chunk (75 tokens)"),
         (dict(membrane="snoopy.safetensors", min_gate=1.5), errors.SPMError, "minimum gate must lie in [0, 1]"),
+        (dict(membrane="no_concepts.safetensors", transport="paper"), errors.SPMError,
+         "no_concepts.safetensors: a membrane has no concepts"),
     ]
     for kwargs, error_type, phrase in cases:
         with pytest.raises(error_type) as caught:
