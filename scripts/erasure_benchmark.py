@@ -1,6 +1,7 @@
 """Erasure benchmark on the miniature world (miniworld/): prints tables, optionally writes JSON.
 
-usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --adversarial | --anchoring | --transfer]
+usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --adversarial | --anchoring | --transfer
+                                           | --report JSON ...]
                                            [--count 32] [--json PATH] [--membranes DIR] [--comfyui PATH]
 
 (default)      the full benchmark: the gate calibration; ten concepts erased one at a time with the
@@ -18,6 +19,7 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --a
 --adversarial  only the adversarially trained membranes.
 --anchoring    only the sweep of prompt vs Gaussian anchors over anchor strength.
 --transfer     only the transfer of the default membranes to the fine-tuned copy.
+--report       the tables of earlier runs' --json files, merged, without sampling.
 """
 
 from __future__ import annotations
@@ -91,10 +93,20 @@ def singles(lab, evaluator, concepts, ablation_concepts, quick: bool) -> list[di
 
 
 def print_singles(measures: list[dict], count: int) -> dict:
+    """The per-setup table over each setup's concepts, then, where setups cover different concepts,
+    the same table over the concepts every setup has (a like-for-like comparison)."""
+    summary = _print_singles_table(measures, count, "")
+    shared = set.intersection(*({m["concept"] for m in measures if m["setup"] == label} for label in summary))
+    if any(set(row["concepts"]) != shared for row in summary.values()):
+        _print_singles_table([m for m in measures if m["concept"] in shared], count, f" -- only {', '.join(sorted(shared))}")
+    return summary
+
+
+def _print_singles_table(measures: list[dict], count: int, subset: str) -> dict:
     from miniworld.evaluate import wilson_interval
 
     print(f"\nOne membrane at a time ({count} generations per prompt; {TARGETS} target and {OTHERS} other prompts "
-          "per concept; attack = paraphrases never seen in training)")
+          f"per concept; attack = paraphrases never seen in training){subset}")
     header = (f"{'setup':<34} {'concepts':>8} {'erased':>7} {'95% CI':>15} {'accuracy':>9} {'bare':>6} "
               f"{'drift':>6} {'attack':>7} {'bare':>6}")
     print(header)
@@ -109,6 +121,45 @@ def print_singles(measures: list[dict], count: int) -> dict:
         print(f"{label:<34} {len(rows):>8} {erased:>7.1%} [{low:5.1%}, {high:5.1%}] {average['accuracy']:>9.1%} "
               f"{average['bare_accuracy']:>6.1%} {average['drift']:>6.3f} {average['attack']:>7.1%} {average['bare_attack']:>6.1%}")
     return summary
+
+
+def print_per_concept(measures: list[dict], setup: str) -> None:
+    rows = [m for m in measures if m["setup"] == setup]
+    print(f"\nPer concept, {setup}")
+    print(f"{'concept':<9} {'erased':>7} {'accuracy':>9} {'drift':>6} {'attack':>7} {'bare':>6}")
+    for m in rows:
+        print(f"{m['concept']:<9} {m['erased']:>7.1%} {m['accuracy']:>9.1%} {m['drift']:>6.3f} {m['attack']:>7.1%} "
+              f"{m['bare_attack']:>6.1%}")
+
+
+def report(paths: list[str]) -> None:
+    """The tables of earlier runs (their --json files) together, without sampling."""
+    from miniworld.calibration import print_calibration
+
+    merged: dict = {"singles": [], "stacks": [], "attacks": [], "anchoring": [], "seconds": 0.0}
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            run = json.load(handle)
+        merged["count"] = run["count"]
+        merged["seconds"] += run.get("seconds", 0.0)
+        for part in (run, run.get("adversarial", {})):
+            for key in ("singles", "stacks", "attacks", "anchoring"):
+                merged[key] += part.get(key, [])
+        merged["singles"] += run.get("transfer", [])
+        if "calibration" in run:
+            merged["calibration"] = run["calibration"]
+    if "calibration" in merged:
+        print_calibration(merged["calibration"])
+    if merged["singles"]:
+        print_singles(merged["singles"], merged["count"])
+        print_per_concept(merged["singles"], "paper gate")
+    if merged["stacks"]:
+        print_stacks(merged["stacks"], merged["count"])
+    if merged["anchoring"]:
+        print_sweep(merged["anchoring"], merged["count"])
+    if merged["attacks"]:
+        print_attacks(merged["attacks"], merged["count"])
+    print(f"\n{merged['seconds'] / 60:.0f} minutes of sampling and training in these runs")
 
 
 def stacks(lab, evaluator, erased) -> list[dict]:
@@ -324,12 +375,16 @@ def main() -> None:
     mode.add_argument("--adversarial", action="store_true", help="only the adversarially trained membranes")
     mode.add_argument("--anchoring", action="store_true", help="only the anchoring sweep")
     mode.add_argument("--transfer", action="store_true", help="only the transfer to a fine-tuned copy")
+    mode.add_argument("--report", nargs="+", metavar="JSON", help="print the tables of earlier runs (no sampling)")
     parser.add_argument("--count", type=int, default=32, help="generations per prompt (at least 32 for reported numbers)")
     parser.add_argument("--membranes", default=os.path.join(REPO, "out", "benchmark", "membranes"),
                         help="where trained membranes are kept and reused")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: the host of scripts/install_host.sh)")
     options = parser.parse_args()
+    if options.report:
+        report(options.report)
+        return
     from miniworld.benchmark import Evaluator
     from miniworld.calibration import calibrate, print_calibration
     from miniworld.lab import SAMPLER, Lab
