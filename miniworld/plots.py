@@ -41,37 +41,46 @@ def loss_curve(csv_path: str, png_path: str) -> None:
 
 
 def benchmark_figure(json_path: str, png_path: str) -> None:
-    """Each single-membrane setup (mean over its concepts) and each stack of membranes as a point:
-    share of target generations erased (up is better) against the mean pixel drift from the bare
-    model on prompts without the target (left is better)."""
+    """Each single-membrane setup (mean over the concepts every setup was run on) and each stack of
+    membranes as a numbered point: share of target generations erased (up is better) against the
+    mean pixel drift from the bare model on prompts without the target (left is better)."""
     with open(json_path, encoding="utf-8") as handle:
         results = json.load(handle)
-    points = [(label, row["drift"], row["erased"], (30, 90, 200)) for label, row in results["singles_summary"].items()]
+    singles = results["singles"]
+    labels = list(dict.fromkeys(m["setup"] for m in singles))
+    shared = set.intersection(*({m["concept"] for m in singles if m["setup"] == label} for label in labels))
+    points = []
+    for label in labels:
+        rows = [m for m in singles if m["setup"] == label and m["concept"] in shared]
+        points.append((label, sum(m["drift"] for m in rows) / len(rows), sum(m["erased"] for m in rows) / len(rows),
+                       (30, 90, 200)))
     for stack in results.get("stacks", []):
         erased = sum(stack["erased"].values()) / len(stack["erased"])
         points.append((f"{stack['membranes']} at once: {stack['setup']}", stack["drift"], erased, (200, 60, 30)))
-    width, height, margin = 760, 460, 60
+    width, height, margin, plot_width = 900, 420, 60, 480
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     high_drift = max(d for _, d, _, _ in points) * 1.1
-    low_erased = min(0.5, min(e for _, _, e, _ in points) - 0.05)
+    low_erased = max(0.0, min(e for _, _, e, _ in points) - 0.05)
 
     def xy(drift, erased):
-        return (margin + (width - 2 * margin) * drift / high_drift,
+        return (margin + plot_width * drift / high_drift,
                 height - margin - (height - 2 * margin) * (erased - low_erased) / (1 - low_erased))
 
-    draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
+    draw.line([(margin, margin), (margin, height - margin), (margin + plot_width, height - margin)], fill="black")
     for value in (low_erased, (low_erased + 1) / 2, 1.0):
         draw.text((8, xy(0, value)[1] - 6), f"{value:.0%}", fill="black")
-    draw.text((width - margin - 60, height - margin + 10), f"{high_drift:.3f}", fill="black")
+    draw.text((margin + plot_width - 30, height - margin + 8), f"{high_drift:.3f}", fill="black")
     draw.text((margin, height - margin + 24), "mean pixel drift from the bare model on other prompts (left is better)",
               fill="black")
-    draw.text((margin, 12), "miniature world: share of target generations erased (up is better); blue: one membrane "
-                            "(mean over concepts), red: several at once", fill="black")
-    for label, drift, erased, colour in points:
+    draw.text((margin, 12), f"miniature world: share of target generations erased (up is better). Blue: one membrane, "
+                            f"mean over {', '.join(sorted(shared))}; red: several at once", fill="black")
+    for number, (label, drift, erased, colour) in enumerate(points, start=1):
         x, y = xy(drift, erased)
         draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
-        draw.text((x + 7, y - 6), label, fill=colour)
+        draw.text((x + 6, y - 12), str(number), fill=colour)
+        draw.text((margin + plot_width + 20, margin + 18 * (number - 1)),
+                  f"{number:>2}. {label}: {erased:.1%}, {drift:.3f}", fill=colour)
     image.save(png_path)
 
 

@@ -36,6 +36,15 @@ def test_pack_nodes_are_served_with_tooltips(object_info):
     assert "nudity.pt" not in choices, "pickled files are never offered"
 
 
+def test_every_node_has_a_help_page_served_to_the_frontend(comfy_server, object_info):
+    """The frontend's node help panel fetches /extensions/<pack>/docs/<node id>.md."""
+    ours = [name for name, info in object_info.items() if info.get("python_module", "").endswith("comfyui_spm")]
+    assert set(OUR_NODES) <= set(ours)
+    for name in ours:
+        text = comfy_server.get(f"/extensions/comfyui_spm/docs/{name}.md").decode()
+        assert text.startswith("# "), f"{name}: {text[:80]!r}"
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[os.path.basename(p) for p in WORKFLOWS])
 def test_shipped_workflow_runs(comfy_server, object_info, path):
     prompt = workflow_to_api(load_workflow(path), object_info)
