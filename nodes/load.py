@@ -37,7 +37,7 @@ class LoadSPM(io.ComfyNode):
                                        "overlap when prompts come from SPM Text Encode); cosine: embedding cosine only; "
                                        "calibrated: cosine relative to the empty prompt, unrelated prompts get exactly 0; "
                                        "latent: calibrated, or higher when the model is about to draw the concept "
-                                       "(catches paraphrases; one extra model call per run); "
+                                       "(whatever the words; one extra model call per run); "
                                        "official_code: what the official SPM scripts do (paper gate, squared, one gate "
                                        "for the whole batch, a chain merged into one adapter), to reproduce them; "
                                        "always_open: gate 1 everywhere, like a plain LoRA."),

@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import asdict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+if REPO not in sys.path:  # run as a script; appended, so that ComfyUI's `nodes` still wins over the pack's
+    sys.path.append(REPO)
 
 TARGETS, OTHERS = 3, 4  # prompts per erased concept for erasure and for preservation
 QUICK_CONCEPTS = ("snowman",)
@@ -118,8 +120,10 @@ def _print_singles_table(measures: list[dict], count: int, subset: str) -> dict:
         low, high = wilson_interval(erased, n)
         average = {key: sum(m[key] for m in rows) / len(rows) for key in ("accuracy", "bare_accuracy", "drift", "attack", "bare_attack")}
         summary[label] = {"concepts": [m["concept"] for m in rows], "erased": erased, "erased_ci": [low, high], **average}
+        attack = "-" if math.isnan(average["attack"]) else f"{average['attack']:.1%}"
+        bare_attack = "-" if math.isnan(average["bare_attack"]) else f"{average['bare_attack']:.1%}"
         print(f"{label:<34} {len(rows):>8} {erased:>7.1%} [{low:5.1%}, {high:5.1%}] {average['accuracy']:>9.1%} "
-              f"{average['bare_accuracy']:>6.1%} {average['drift']:>6.3f} {average['attack']:>7.1%} {average['bare_attack']:>6.1%}")
+              f"{average['bare_accuracy']:>6.1%} {average['drift']:>6.3f} {attack:>7} {bare_attack:>6}")
     return summary
 
 

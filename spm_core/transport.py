@@ -16,8 +16,9 @@ Modes, selectable by name:
               minus its prediction for the empty prompt is compared (cosine, over the whole
               latent) with the same difference for each concept at the same noisy latent, and
               mapped linearly from `latent_threshold` (gate 0) to `latent_saturation` (gate 1).
-              A paraphrase the text misses ("frosty" for snowman) still opens the membrane because
-              the model is about to draw the same thing. Costs one extra model call per run.
+              A prompt that draws the concept in words or embeddings the text gate does not match
+              still opens the membrane (in the erasure benchmark it opened fully on optimised
+              prompts the text gates left at 0.7-0.9). Costs one extra model call per run.
   official_code  the paper gate applied as the official inference code applies it: one gate per
               prompt for the whole CFG batch (the negative row too), gate² for one membrane and
               the merged adapter of a whole chain (spm_core.membrane.GateLaw.OFFICIAL_MERGE), to
