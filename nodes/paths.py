@@ -37,14 +37,23 @@ def _header_metadata(path: str) -> dict:
         return {}
 
 
+PARTIAL_SUFFIX = ".partial.safetensors"  # what an interrupted Train SPM leaves behind
+
+
 def membrane_choices() -> list[str]:
-    """Files of `models/spm`, then `models/loras` files whose metadata marks them as SPM membranes."""
-    choices = [name for name in folder_paths.get_filename_list(FOLDER) if name.lower().endswith(".safetensors")]
+    """Files of `models/spm`, then `models/loras` files whose metadata marks them as SPM membranes;
+    never a training run's unfinished `.partial.safetensors` (Train SPM resumes it by name)."""
+    choices = [name for name in folder_paths.get_filename_list(FOLDER) if _offered(name)]
     for name in folder_paths.get_filename_list("loras"):
         path = folder_paths.get_full_path("loras", name)
-        if name.lower().endswith(".safetensors") and path and any(k in _header_metadata(path) for k in SPM_METADATA_KEYS):
+        if _offered(name) and path and any(k in _header_metadata(path) for k in SPM_METADATA_KEYS):
             choices.append(LORA_PREFIX + name)
     return choices
+
+
+def _offered(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(".safetensors") and not lower.endswith(PARTIAL_SUFFIX)
 
 
 def membrane_path(choice: str) -> str:

@@ -20,7 +20,7 @@ from ..spm_core.file_format import DIFFUSERS_LAYER, load_membrane, save_membrane
 from ..spm_core.surrogates import Prompt, make_sampler, random_word_prompts
 from ..spm_core.training import ConceptPrompts, StepReport, TrainableMembrane, Trainer, TrainingConfig, training_metadata
 from .encode import tokenize_one_chunk
-from .paths import refuse_to_replace
+from .paths import PARTIAL_SUFFIX, refuse_to_replace
 from .runtime import membrane_layers_of
 
 SURROGATE_POOL = 256
@@ -105,7 +105,7 @@ def parse_lines(text: str, what: str) -> list[str]:
 
 
 def partial_path(path: str) -> str:
-    return path[: -len(".safetensors")] + ".partial.safetensors"
+    return path[: -len(".safetensors")] + PARTIAL_SUFFIX
 
 
 def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport], None] | None = None):

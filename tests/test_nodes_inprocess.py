@@ -243,3 +243,15 @@ def test_spm_core_has_one_identity_inside_and_outside_the_pack(spm_world):
     for name in ("stack", "errors", "transport", "membrane", "file_format", "training"):
         assert pack_module(f"spm_core.{name}") is importlib.import_module(f"spm_core.{name}"), name
     assert pack_module("nodes.runtime").SPMError is importlib.import_module("spm_core.errors").SPMError
+
+
+def test_unfinished_training_files_are_not_offered_as_membranes(spm_world):
+    _, _, folder = spm_world
+    paths = pack_module("nodes.paths")
+    (folder / "snoopy_retrain.partial.safetensors").write_bytes((folder / "snoopy.safetensors").read_bytes())
+    try:
+        choices = paths.membrane_choices()
+    finally:
+        (folder / "snoopy_retrain.partial.safetensors").unlink()
+    assert "snoopy.safetensors" in choices
+    assert not any(name.endswith(".partial.safetensors") for name in choices), choices
