@@ -249,6 +249,12 @@ async def drive(page: Page, url: str, workflow: dict):
     fetched = [p["response"] for m, p in page.events if m == "Network.responseReceived" and p["response"]["url"].endswith(SCRIPT_URL)]
     assert fetched and fetched[-1]["status"] == 200, f"{SCRIPT_URL} was not fetched: {fetched}"
 
+    # 1b. a Train SPM added by hand keeps its seed ("randomize" would retrain on every queue)
+    control = await page.evaluate("(() => { const n = window.LiteGraph.createNode('SPMTrain'); window.app.graph.add(n);"
+                                  " const v = n.widgets.find(w => w.name === 'seed').linkedWidgets[0].value;"
+                                  " window.app.graph.remove(n); return v; })()")
+    assert control == "fixed", f"a new Train SPM's seed control is {control!r}"
+
     # 2. every shipped workflow loads exactly: each node's widgets read back as the file holds them
     for path in sorted(glob.glob(os.path.join(REPO, "workflows", "*.json"))):
         shipped = load_workflow(path)

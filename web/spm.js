@@ -9,6 +9,7 @@ import { api } from "../../scripts/api.js";
 
 const EXTENSION = "comfyui_spm.membrane_info";
 const LOADER = "SPMLoader";
+const TRAINER = "SPMTrain";
 const WIDGET = "spm_info";
 const FONT = "12px Arial, sans-serif";
 const LINE_HEIGHT = 16;
@@ -155,6 +156,13 @@ app.registerExtension({
   },
 
   nodeCreated(node) {
+    if ((node.comfyClass ?? node.type) === TRAINER) {
+      // a new Train SPM keeps its seed: "randomize" would retrain (and refuse to overwrite) on every
+      // queue. A workflow's own setting is restored after this, so saved graphs keep theirs.
+      const control = node.widgets?.find((w) => w.name === "seed")?.linkedWidgets?.[0];
+      if (control) control.value = "fixed";
+      return;
+    }
     if ((node.comfyClass ?? node.type) !== LOADER || node.widgets?.some((w) => w.name === WIDGET)) return;
     node.addCustomWidget(infoWidget(node));
     const membrane = node.widgets.find((w) => w.name === "membrane");
