@@ -31,28 +31,20 @@ class AttackSettings:
 
 
 def _gates(state, conditioning: torch.Tensor, base, generator: torch.Generator) -> torch.Tensor:
-    """(membranes,) gates for the attacker's conditioning (1, 77, D), differentiable, as the runtime
-    computes them: each entry's text gate, and for latent transport the latent gate too."""
-    gates = torch.cat([entry.transport.gates(conditioning, None)[0] for entry in state.entries])
+    """(membranes,) gates for the attacker's conditioning (1, 77, D), differentiable, computed by the
+    runtime's own code: the text gates and, for latent transport, the latent gate at a fresh noise."""
+    gates = state.gates_for(conditioning, None)
     if not state.reads_model:
         return gates
     side = PICTURE_SIDE // 8
     noise = torch.randn(1, 4, side, side, generator=generator)
     sigma = base.model_sampling.sigma_max.reshape(1)
     x = base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise))
-    latent = []
-    for entry in state.entries:
-        transport = entry.transport
-        if not transport.reads_model:
-            latent.append(torch.zeros(1))
-            continue
-        contexts = torch.cat([transport.empty[None], transport.concept_embeddings]).to(conditioning)
-        with torch.no_grad():
-            fixed = base.apply_model(x.expand(contexts.shape[0], -1, -1, -1), sigma.expand(contexts.shape[0]),
-                                     c_crossattn=contexts).float()
-        prompt = base.apply_model(x, sigma, c_crossattn=conditioning).float()
-        latent.append(transport.latent_gates(prompt - fixed[:1], fixed[1:] - fixed[:1])[0])
-    return torch.maximum(gates, torch.cat(latent))
+
+    def run_bare(rows_x: torch.Tensor, rows_context: torch.Tensor) -> torch.Tensor:
+        return base.apply_model(rows_x, sigma.expand(rows_x.shape[0]), c_crossattn=rows_context.to(conditioning)).float()
+
+    return torch.maximum(gates, state.latent_gates(run_bare, x, conditioning)[0])
 
 
 def with_soft_tokens(template: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 
 from .lab import Lab
 
-POSITIVE_ONLY, BOTH_ROWS = "positive only", "positive and negative"
+BOTH_ROWS = "positive and negative"
 
 
 class Bare:
@@ -84,9 +84,7 @@ class Official:
         return name
 
     def model_for(self, text: str):
-        merged = self._merged_file(self.paper.gates(text))
-        return self.lab.node("SPMLoader").execute(self.lab.model, self.lab.clip, merged, 1.0, "always_open",
-                                                  BOTH_ROWS, 0.0, 1.0).result[0]
+        return self.lab.apply(self.lab.model, self._merged_file(self.paper.gates(text)), "always_open", rows=BOTH_ROWS)
 
     def key_for(self, text: str) -> Hashable:
         gates = self.paper.gates(text)

@@ -161,29 +161,36 @@ class MembraneState:
         self._latent_gates.clear()
 
     def measure_latent_gates(self, run_bare, x: torch.Tensor, context: torch.Tensor, transformer_options: dict) -> None:
-        """Latent gates (Transport.latent_gates) for every chunk's cond not yet measured in this
-        sampling run, all at the noisy latent of the batch's first row. `run_bare(x, context)`
-        returns the model's prediction with every membrane closed."""
+        """Latent gates for every chunk's cond not yet measured in this sampling run, all at the
+        noisy latent of the batch's first row."""
         uuids = transformer_options.get("uuids") or []
         pending = [(chunk, uuid) for chunk, uuid in enumerate(uuids) if uuid not in self._latent_gates]
         if not self.reads_model or not pending:
             return
         per_chunk = x.shape[0] // len(uuids)
-        reference = x[:1]
+        contexts = torch.cat([context[chunk * per_chunk: chunk * per_chunk + 1] for chunk, _ in pending])
+        for gates, (_, uuid) in zip(self.latent_gates(run_bare, x[:1], contexts), pending):
+            self._latent_gates[uuid] = gates
+
+    def latent_gates(self, run_bare, reference: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """(P, membranes) latent gates (Transport.latent_gates) of contexts (P, N, D) at the noisy
+        latent `reference` (1, ...); 0 for membranes gated by text alone. `run_bare(x, context)`
+        returns the model's prediction with every membrane closed."""
         empty = self.entries[self._latent_entries[0]].transport.empty[None]
         concept_rows = torch.cat([empty] + [self.entries[i].transport.concept_embeddings for i in self._latent_entries])
         concept_predictions = run_bare(reference.expand(concept_rows.shape[0], *reference.shape[1:]), concept_rows)
-        empty_prediction, concept_shifts = concept_predictions[:1], concept_predictions[1:] - concept_predictions[:1]
-        for chunk, uuid in pending:
-            prompt_shift = run_bare(reference, context[chunk * per_chunk: chunk * per_chunk + 1]) - empty_prediction
-            gates = torch.zeros(len(self.entries))
-            offset = 0
-            for index in self._latent_entries:
-                transport = self.entries[index].transport
-                count = transport.concept_embeddings.shape[0]
-                gates[index] = transport.latent_gates(prompt_shift, concept_shifts[offset: offset + count])[0, 0]
-                offset += count
-            self._latent_gates[uuid] = gates
+        empty_prediction = concept_predictions[:1]
+        prompt_shifts = run_bare(reference.expand(contexts.shape[0], *reference.shape[1:]), contexts) - empty_prediction
+        columns, offset = [], 1
+        for index, entry in enumerate(self.entries):
+            if index not in self._latent_entries:
+                columns.append(torch.zeros(contexts.shape[0]))
+                continue
+            count = entry.transport.concept_embeddings.shape[0]
+            concept_shifts = concept_predictions[offset: offset + count] - empty_prediction
+            columns.append(entry.transport.latent_gates(prompt_shifts, concept_shifts)[:, 0])
+            offset += count
+        return torch.stack(columns, dim=1)
 
     def chunk_table(self, cond_lists) -> dict[tuple[int, object], tuple[str, torch.Tensor | None]]:
         """(role, gates) per (list index, uuid) for one calc_cond_batch call. ComfyUI's

@@ -91,6 +91,16 @@ def diffusers_eps(unet, inputs):
     return unet(x, t, encoder_hidden_states=context).sample
 
 
+def reference_eps(unet, membranes, gates, inputs):
+    """The diffusers UNet's prediction with the reference SPM hooks on, which are then taken off."""
+    handles = reference_spm(unet, membranes, gates)
+    try:
+        return diffusers_eps(unet, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_with_membranes(patcher, key_map, modules, membranes, gates, law=GateLaw.LINEAR, inputs=None):
     stack = MembraneStack([MembraneUse(m) for m in membranes], key_map, shapes_of(modules), gate_law=law)
     hooks = InstalledHooks(stack)
@@ -111,12 +121,7 @@ def test_bare_models_agree(setup):
 def test_one_membrane_matches_reference(setup, gate):
     patcher, key_map, modules, membranes, inputs, unet = setup
     ours = run_with_membranes(patcher, key_map, modules, membranes[:1], [gate], inputs=inputs)
-    handles = reference_spm(unet, membranes[:1], [gate])
-    try:
-        reference = diffusers_eps(unet, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    reference = reference_eps(unet, membranes[:1], [gate], inputs)
     assert (ours - reference).abs().max() <= TOLERANCE
     if gate:
         assert (ours - comfy_eps(patcher, inputs)).abs().max() > 100 * TOLERANCE, "the membrane must change the output"
@@ -126,29 +131,14 @@ def test_three_membranes_equal_sum_of_branches_and_official_merge_does_not(setup
     patcher, key_map, modules, membranes, inputs, unet = setup
     gates = [1.0, 0.6, 0.3]
     ours = run_with_membranes(patcher, key_map, modules, membranes, gates, inputs=inputs)
-    handles = reference_spm(unet, membranes, gates)
-    try:
-        reference = diffusers_eps(unet, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    reference = reference_eps(unet, membranes, gates, inputs)
     assert (ours - reference).abs().max() <= TOLERANCE
 
     # The official merge sums the ups and the downs of all membranes into ONE rank-1 adapter,
     # which adds cross-terms up_i · down_j. Compared at gate 1, where both gate laws agree.
     ones = [1.0, 1.0, 1.0]
-    handles = reference_spm(unet, membranes, ones)
-    try:
-        sum_of_branches = diffusers_eps(unet, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    handles = reference_spm(unet, [official_merge(membranes, ones)], [1.0])
-    try:
-        official = diffusers_eps(unet, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    sum_of_branches = reference_eps(unet, membranes, ones, inputs)
+    official = reference_eps(unet, [official_merge(membranes, ones)], [1.0], inputs)
     ours_at_one = run_with_membranes(patcher, key_map, modules, membranes, ones, inputs=inputs)
     assert (ours_at_one - sum_of_branches).abs().max() <= TOLERANCE
     effect = (sum_of_branches - diffusers_eps(unet, inputs)).norm()
@@ -170,12 +160,7 @@ def test_official_merge_law_reproduces_the_official_code(setup, count, gates):
     the official code's merged adapter (downs and ups scaled by their gates and summed)."""
     patcher, key_map, modules, membranes, inputs, unet = setup
     ours = run_with_membranes(patcher, key_map, modules, membranes[:count], gates, law=GateLaw.OFFICIAL_MERGE, inputs=inputs)
-    handles = reference_spm(unet, [official_merge(membranes[:count], gates)], [1.0])
-    try:
-        official = diffusers_eps(unet, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    official = reference_eps(unet, [official_merge(membranes[:count], gates)], [1.0], inputs)
     assert (ours - official).abs().max() <= TOLERANCE
     linear = run_with_membranes(patcher, key_map, modules, membranes[:count], gates, inputs=inputs)
     assert (ours - linear).abs().max() > 100 * TOLERANCE, "the official law differs from ours at these gates"
@@ -190,12 +175,7 @@ def test_spm_core_alone_applies_a_membrane_file_to_a_diffusers_unet(setup, tmp_p
     _, _, _, membranes, inputs, unet = setup
     save_membrane(str(tmp_path / "concept.safetensors"), membranes[0])
     bare = diffusers_eps(unet, inputs)
-    handles = reference_spm(unet, membranes[:1], [0.37])
-    try:
-        reference = diffusers_eps(unet, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    reference = reference_eps(unet, membranes[:1], [0.37], inputs)
 
     stack, hooks = apply_membranes(unet, [MembraneUse(load_membrane(str(tmp_path / "concept.safetensors")))])
     try:
