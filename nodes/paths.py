@@ -39,16 +39,33 @@ def _header_metadata(path: str) -> dict:
 
 PARTIAL_SUFFIX = ".partial.safetensors"  # what an interrupted Train SPM leaves behind
 
+# path -> ((size, mtime_ns), is an SPM file): /object_info lists the membranes on every call, and
+# reading a thousand LoRA headers each time took a second; a stat per file is what stays.
+_tagged_cache: dict[str, tuple[tuple[int, int], bool]] = {}
+
 
 def membrane_choices() -> list[str]:
     """Files of `models/spm`, then `models/loras` files whose metadata marks them as SPM membranes;
     never a training run's unfinished `.partial.safetensors` (Train SPM resumes it by name)."""
     choices = [name for name in folder_paths.get_filename_list(FOLDER) if _offered(name)]
     for name in folder_paths.get_filename_list("loras"):
-        path = folder_paths.get_full_path("loras", name)
-        if _offered(name) and path and any(k in _header_metadata(path) for k in SPM_METADATA_KEYS):
+        if _offered(name) and _tagged_as_spm(folder_paths.get_full_path("loras", name)):
             choices.append(LORA_PREFIX + name)
     return choices
+
+
+def _tagged_as_spm(path: str | None) -> bool:
+    """Whether a LoRA file's metadata marks it as an SPM membrane; read again only when the file's
+    size or modification time changed."""
+    try:
+        stat = os.stat(path)
+    except (OSError, TypeError):
+        return False
+    version = (stat.st_size, stat.st_mtime_ns)
+    cached = _tagged_cache.get(path)
+    if cached is None or cached[0] != version:
+        cached = _tagged_cache[path] = (version, any(k in _header_metadata(path) for k in SPM_METADATA_KEYS))
+    return cached[1]
 
 
 def _offered(name: str) -> bool:

@@ -1,34 +1,51 @@
-"""Writes the UI-format workflows in workflows/ (what a user drags into ComfyUI).
+"""Writes the UI-format workflows in workflows/ (what a user drags into ComfyUI, and what the
+template browser lists with the file name as its title and `<name>.jpg` as its thumbnail).
 
-The JSON files are the product; this script only keeps their layout consistent. Run it after
-changing a node's inputs: python scripts/build_workflows.py
+The JSON files are the product; this script keeps their widget slots, sizes and layout right.
+Run it after changing a node's inputs: python scripts/build_workflows.py
+
+The SD1.5 workflows name the checkpoint ComfyUI's own SD1.5 templates use (with its download
+address, so the frontend offers it when missing); the tests swap in their tiny checkpoint
+(scripts/comfy_server.py: for_test_models).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(os.path.dirname(HERE), "workflows")
+REPO = os.path.dirname(HERE)
+OUT = os.path.join(REPO, "workflows")
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its position
+GAP = 40
 
-# type -> (linked inputs [(name, type)], outputs [(name, type)])
-SOCKETS = {
-    "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
-    "SPMLoader": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL")]),
-    "SPMTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
-    "EmptyLatentImage": ([], [("LATENT", "LATENT")]),
+with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as _handle:
+    _project = dict(re.findall(r'^(name|version) = "([^"]+)"$', _handle.read(), re.MULTILINE))
+PACK = {"cnr_id": _project["name"], "ver": _project["version"]}  # the registry id the Manager installs from
+CORE = {"cnr_id": "comfy-core", "ver": "0.3.75"}
+OURS = {"SPMLoader", "SPMTextEncode", "SPMTransportInspector", "SPMSaveAsLoRA", "SPMMergeIntoModel", "SPMTrain",
+        "SPMExampleLoadMiniatureWorld"}
+
+# type -> (linked inputs [(name, type)], outputs [(name, type)], size [w, h] at least the frontend's computeSize)
+NODES = {
+    "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 98]),
+    "SPMLoader": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL")], [320, 300]),
+    "SPMTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")], [400, 150]),
+    "EmptyLatentImage": ([], [("LATENT", "LATENT")], [320, 106]),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                  ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
-    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
-    "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
-    "SaveImage": ([("images", "IMAGE")], []),
-    "PreviewImage": ([("images", "IMAGE")], []),
+                  ("latent_image", "LATENT")], [("LATENT", "LATENT")], [320, 262]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")], [210, 46]),
+    "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")], [210, 46]),
+    "SaveImage": ([("images", "IMAGE")], [], [400, 420]),
+    "PreviewImage": ([("images", "IMAGE")], [], [400, 300]),
     "SPMTransportInspector": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
-                              [("table", "STRING"), ("image", "IMAGE")]),
-    "SPMTrain": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("loss", "IMAGE"), ("path", "STRING")]),
-    "SPMExampleLoadMiniatureWorld": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
-    "Note": ([], []),
+                              [("table", "STRING"), ("image", "IMAGE")], [320, 66]),
+    "SPMTrain": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("loss", "IMAGE"), ("path", "STRING")],
+                 [360, 600]),
+    "SPMExampleLoadMiniatureWorld": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 66]),
+    "MarkdownNote": ([], [], [400, 260]),
 }
 
 
@@ -36,15 +53,20 @@ class Workflow:
     def __init__(self) -> None:
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.models: list[dict] = []
 
-    def add(self, node_type: str, pos: tuple[int, int], widgets: list, title: str | None = None, **inputs) -> int:
+    def add(self, node_type: str, pos: tuple[int, int], widgets: list, title: str | None = None,
+            height: int | None = None, **inputs) -> int:
         node_id = len(self.nodes) + 1
-        sockets, outputs = SOCKETS[node_type]
+        sockets, outputs, size = NODES[node_type]
+        properties = {"Node name for S&R": node_type, **(PACK if node_type in OURS else CORE)}
+        if node_type == "MarkdownNote":
+            properties = {}
         node = {
-            "id": node_id, "type": node_type, "pos": list(pos), "size": [320, 130], "flags": {}, "order": node_id - 1,
-            "mode": 0, "inputs": [], "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
-                                                for i, (n, t) in enumerate(outputs)],
-            "properties": {"Node name for S&R": node_type}, "widgets_values": widgets,
+            "id": node_id, "type": node_type, "pos": list(pos), "size": [size[0], height or size[1]], "flags": {},
+            "order": node_id - 1, "mode": 0, "inputs": [],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": properties, "widgets_values": widgets,
         }
         if title:
             node["title"] = title
@@ -60,112 +82,164 @@ class Workflow:
         self.nodes.append(node)
         return node_id
 
+    def below(self, node_id: int) -> int:
+        """The y where a node placed under `node_id` starts (title bar and a gap included)."""
+        node = self.nodes[node_id - 1]
+        return node["pos"][1] + node["size"][1] + TITLE_HEIGHT + GAP
+
     def save(self, name: str) -> None:
+        check_layout(name, self.nodes)
         document = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-                    "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+                    "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [40, 80]}},
                     "version": 0.4}
-        with open(os.path.join(OUT, name), "w", encoding="utf-8") as handle:
+        if self.models:
+            document["models"] = self.models
+        with open(os.path.join(OUT, name + ".json"), "w", encoding="utf-8") as handle:
             json.dump(document, handle, indent=1, ensure_ascii=False)
             handle.write("\n")
 
 
-CHECKPOINT = "tiny-sd15.safetensors"
-SAMPLER = ["euler", "normal", 1.0]
-NOTE = ("Set up for the pack's tiny test checkpoint (random weights; bash scripts/demo.sh makes it). "
-        "With a real SD1.5 checkpoint use 512x512 and 20-30 steps, and pick your own membranes in Load SPM. "
-        "SPM Text Encode records token ids so the paper's token-overlap gate works; "
-        "plain CLIP Text Encode also works (cosine gate only).")
+def check_layout(name: str, nodes: list[dict]) -> None:
+    """No two nodes (title bars included) may overlap."""
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in nodes]
+    for index, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for b, bx0, by0, bx1, by1 in boxes[index + 1:]:
+            if ax0 < bx1 and bx0 < ax1 and ay0 < by1 and by0 < ay1:
+                raise ValueError(f"{name}: nodes {a} and {b} overlap")
 
 
-def spm(flow, pos, model, checkpoint, membrane, transport="paper", strength=1.0):
-    """A Load SPM fed by `model` (a Load SPM or the checkpoint: MODEL is output 0 of both)."""
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SD15_MODEL = {"name": SD15, "directory": "checkpoints",
+              "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                     "v1-5-pruned-emaonly-fp16.safetensors?download=true"}
+SD15_SAMPLER = ["dpmpp_2m", "karras", 1.0]
+SD15_NOTE = (f"## {{title}}\n\n{{what}}\n\n**Checkpoint:** Stable Diffusion 1.5 (`{SD15}` in `models/checkpoints`; "
+             "any SD1.5 fine-tune works too: membranes transfer without retraining). 512x512, 25 steps.\n\n"
+             "**Membranes:** put SPM files in `models/spm` (or SPM-tagged files in `models/loras`) and pick them in "
+             "Load SPM; the names here are examples.\n\n"
+             "**No checkpoint at hand?** Open *SPM - Miniature world* from the templates: it runs on the small model "
+             "shipped with the pack. Or swap Load Checkpoint for *Load Miniature World (SPM example)*, set the latent "
+             "to 128x128 and use its concepts (snowman, circle, red, striped, ...).")
+
+
+def spm(flow, pos, model, clip, membrane, transport="paper", strength=1.0):
+    """A Load SPM fed by `model` (a Load SPM or a loader: MODEL is output 0 of both)."""
     return flow.add("SPMLoader", pos, [membrane, strength, transport, "positive only", 0.0, 1.0, 0.0],
-                    model=(model, 0), clip=(checkpoint, 1))
+                    model=(model, 0), clip=(clip, 1))
 
 
-def sampler(flow, pos, model, positive, negative, latent, seed=42, title=None):
-    return flow.add("KSampler", pos, [seed, "fixed", 6, 6.0, *SAMPLER], title=title, model=(model, 0),
-                    positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
+def sampler(flow, pos, model, positive, negative, latent, widgets, title=None):
+    return flow.add("KSampler", pos, widgets, title=title, model=(model, 0), positive=(positive, 0),
+                    negative=(negative, 0), latent_image=(latent, 0))
 
 
-def base(flow, prompt):
-    checkpoint = flow.add("CheckpointLoaderSimple", (0, 0), [CHECKPOINT])
-    positive = flow.add("SPMTextEncode", (400, 300), [prompt], title="Positive (SPM Text Encode)", clip=(checkpoint, 1))
-    negative = flow.add("SPMTextEncode", (400, 500), ["blurry, low quality"], title="Negative", clip=(checkpoint, 1))
-    latent = flow.add("EmptyLatentImage", (400, 700), [256, 256, 1])
-    flow.add("Note", (0, 300), [NOTE], title="About this workflow")
+def sd15_base(flow, title, what, prompt, x=400, y=400, with_latent=True):
+    """Load Checkpoint and its note in the first column; prompts and the latent in the column at x, from y."""
+    flow.models.append(SD15_MODEL)
+    checkpoint = flow.add("CheckpointLoaderSimple", (0, 0), [SD15])
+    flow.nodes[-1]["properties"]["models"] = [SD15_MODEL]
+    flow.add("MarkdownNote", (0, flow.below(checkpoint)), [SD15_NOTE.format(title=title, what=what)],
+             title="About this workflow", height=420)
+    positive = flow.add("SPMTextEncode", (x, y), [prompt], title="Positive (SPM Text Encode)", clip=(checkpoint, 1))
+    negative = flow.add("SPMTextEncode", (x, flow.below(positive)), ["blurry, low quality"], title="Negative",
+                        clip=(checkpoint, 1))
+    latent = flow.add("EmptyLatentImage", (x, flow.below(negative)), [512, 512, 1]) if with_latent else None
     return checkpoint, positive, negative, latent
+
+
+def sd15_sampler(seed=42):
+    return [seed, "fixed", 25, 7.0, *SD15_SAMPLER]
 
 
 def erase_one_concept() -> None:
     flow = Workflow()
-    checkpoint, positive, negative, latent = base(flow, "snoopy sitting on a red doghouse")
+    title = "SPM - Erase one concept (SD1.5)"
+    checkpoint, positive, negative, latent = sd15_base(
+        flow, title, "One membrane erases its concept: prompts near it come out without it, other prompts are "
+                     "untouched (the gate stays closed).", "snoopy sitting on a red doghouse")
     model = spm(flow, (400, 0), checkpoint, checkpoint, "snoopy.safetensors")
-    samples = sampler(flow, (800, 0), model, positive, negative, latent)
+    samples = sampler(flow, (840, 0), model, positive, negative, latent, sd15_sampler())
     image = flow.add("VAEDecode", (1200, 0), [], samples=(samples, 0), vae=(checkpoint, 2))
-    flow.add("SaveImage", (1500, 0), ["spm_erase_one"], images=(image, 0))
-    flow.save("erase_one_concept.json")
+    flow.add("SaveImage", (1200, flow.below(image)), ["spm_erase_one"], images=(image, 0))
+    flow.save(title)
 
 
 def chain_three_membranes() -> None:
     flow = Workflow()
-    checkpoint, positive, negative, latent = base(flow, "mickey mouse and snoopy in a van gogh painting")
+    title = "SPM - Chain three membranes (SD1.5)"
+    checkpoint, positive, negative, latent = sd15_base(
+        flow, title, "Three Load SPM in a chain erase three concepts at once; each opens only for prompts near its "
+                     "own concept.", "mickey mouse and snoopy in a van gogh painting", x=1160)
     model = checkpoint
     for index, membrane in enumerate(("snoopy.safetensors", "mickey_mouse.safetensors", "van_gogh.safetensors")):
-        model = spm(flow, (400 + 360 * index, -200), model, checkpoint, membrane)
-    samples = sampler(flow, (1500, 0), model, positive, negative, latent)
-    image = flow.add("VAEDecode", (1900, 0), [], samples=(samples, 0), vae=(checkpoint, 2))
-    flow.add("SaveImage", (2200, 0), ["spm_chain_three"], images=(image, 0))
-    flow.save("chain_three_membranes.json")
+        model = spm(flow, (400 + 380 * index, 0), model, checkpoint, membrane)
+    samples = sampler(flow, (1600, 0), model, positive, negative, latent, sd15_sampler())
+    image = flow.add("VAEDecode", (1960, 0), [], samples=(samples, 0), vae=(checkpoint, 2))
+    flow.add("SaveImage", (1960, flow.below(image)), ["spm_chain_three"], images=(image, 0))
+    flow.save(title)
 
 
 def before_after() -> None:
     flow = Workflow()
-    checkpoint, positive, negative, latent = base(flow, "snoopy sitting on a red doghouse")
-    model = spm(flow, (400, -200), checkpoint, checkpoint, "snoopy.safetensors")
-    before = sampler(flow, (800, 200), checkpoint, positive, negative, latent, title="Before (no membrane)")
-    after = sampler(flow, (800, -200), model, positive, negative, latent, title="After (same seed, membrane)")
-    before_image = flow.add("VAEDecode", (1200, 200), [], samples=(before, 0), vae=(checkpoint, 2))
-    after_image = flow.add("VAEDecode", (1200, -200), [], samples=(after, 0), vae=(checkpoint, 2))
-    pair = flow.add("ImageBatch", (1500, 0), [], image1=(before_image, 0), image2=(after_image, 0))
-    flow.add("SaveImage", (1800, 0), ["spm_before_after"], images=(pair, 0))
-    flow.save("before_after.json")
+    title = "SPM - Before and after with the same seed (SD1.5)"
+    checkpoint, positive, negative, latent = sd15_base(
+        flow, title, "The same prompt and seed without and with the membrane, side by side.",
+        "snoopy sitting on a red doghouse")
+    model = spm(flow, (400, 0), checkpoint, checkpoint, "snoopy.safetensors")
+    after = sampler(flow, (840, 0), model, positive, negative, latent, sd15_sampler(), title="After (membrane)")
+    before = sampler(flow, (840, flow.below(after)), checkpoint, positive, negative, latent, sd15_sampler(),
+                     title="Before (no membrane, same seed)")
+    after_image = flow.add("VAEDecode", (1200, 0), [], samples=(after, 0), vae=(checkpoint, 2))
+    before_image = flow.add("VAEDecode", (1200, flow.below(after_image)), [], samples=(before, 0), vae=(checkpoint, 2))
+    pair = flow.add("ImageBatch", (1200, flow.below(before_image)), [], title="Before, after",
+                    image1=(before_image, 0), image2=(after_image, 0))
+    flow.add("SaveImage", (1200, flow.below(pair)), ["spm_before_after"], images=(pair, 0))
+    flow.save(title)
 
 
 def inspector() -> None:
     flow = Workflow()
-    checkpoint, positive, negative, _ = base(flow, "snoopy sitting on a red doghouse")
-    model = spm(flow, (400, -200), checkpoint, checkpoint, "snoopy.safetensors")
-    model = spm(flow, (760, -200), model, checkpoint, "van_gogh.safetensors", transport="calibrated")
-    table = flow.add("SPMTransportInspector", (1150, 0), [], model=(model, 0), positive=(positive, 0),
+    title = "SPM - Inspect the gates (SD1.5)"
+    checkpoint, positive, negative, _ = sd15_base(
+        flow, title, "SPM Transport Inspector shows how far each membrane of a chain opens for the prompts, without "
+                     "sampling.", "snoopy sitting on a red doghouse", with_latent=False)
+    model = spm(flow, (400, 0), checkpoint, checkpoint, "snoopy.safetensors")
+    model = spm(flow, (780, 0), model, checkpoint, "van_gogh.safetensors", transport="calibrated")
+    table = flow.add("SPMTransportInspector", (1160, 0), [], model=(model, 0), positive=(positive, 0),
                      negative=(negative, 0))
-    flow.add("PreviewImage", (1500, 0), [], images=(table, 1))
-    flow.save("inspector.json")
+    flow.add("PreviewImage", (1160, flow.below(table)), [], title="Gate table", images=(table, 1))
+    flow.save(title)
 
 
 def train_then_apply() -> None:
     flow = Workflow()
-    checkpoint, positive, negative, latent = base(flow, "snoopy sitting on a red doghouse")
-    flow.add("Note", (0, 560), ["Training settings are sized for the tiny test checkpoint on a CPU. For a real "
-                                "checkpoint: 500-3000 iterations, rollout_steps 30, latent_size 64 (SD1.5) / 96 (SD2) / 128 (SDXL)."],
-             title="Training settings")
-    trained = flow.add("SPMTrain", (400, -420), ["snoopy", "", "", 8, 1e-3, 1, 1.0, 1000.0, 2, "prompts", 1.0, 4, 8, 0,
-                                                 "fixed", "snoopy_trained", False, False],
+    title = "SPM - Train a membrane, then apply it (SD1.5)"
+    checkpoint, positive, negative, latent = sd15_base(
+        flow, title, "Train SPM erases a concept from this checkpoint (Latent Anchoring keeps the rest), saves "
+                     "`models/spm/snoopy_trained.safetensors` and hands the model on with the new membrane. 500 "
+                     "iterations take roughly 10-20 minutes on a recent GPU; the paper trains 3000. A queue with "
+                     "unchanged settings does not retrain; an existing file is kept unless *overwrite* is on.",
+        "snoopy sitting on a red doghouse", x=400, y=700)
+    trained = flow.add("SPMTrain", (400, 0), ["snoopy", "", "", 500, 1e-4, 1, 1.0, 1000.0, 2, "prompts", 1.0, 30, 64, 0,
+                                              "fixed", "snoopy_trained", False, False],
                        model=(checkpoint, 0), clip=(checkpoint, 1))
-    flow.add("PreviewImage", (800, -420), [], title="Loss curve", images=(trained, 1))
-    before = sampler(flow, (800, 200), checkpoint, positive, negative, latent, title="Before (no membrane)")
-    after = sampler(flow, (800, -200), trained, positive, negative, latent, title="After (trained membrane)")
-    before_image = flow.add("VAEDecode", (1200, 200), [], samples=(before, 0), vae=(checkpoint, 2))
-    after_image = flow.add("VAEDecode", (1200, -200), [], samples=(after, 0), vae=(checkpoint, 2))
-    pair = flow.add("ImageBatch", (1500, 0), [], image1=(before_image, 0), image2=(after_image, 0))
-    flow.add("SaveImage", (1800, 0), ["spm_train_then_apply"], images=(pair, 0))
-    flow.save("train_then_apply.json")
+    after = sampler(flow, (840, 0), trained, positive, negative, latent, sd15_sampler(), title="After (trained membrane)")
+    before = sampler(flow, (840, flow.below(after)), checkpoint, positive, negative, latent, sd15_sampler(),
+                     title="Before (no membrane, same seed)")
+    flow.add("PreviewImage", (840, flow.below(before)), [], title="Loss curve", images=(trained, 1))
+    after_image = flow.add("VAEDecode", (1300, 0), [], samples=(after, 0), vae=(checkpoint, 2))
+    before_image = flow.add("VAEDecode", (1300, flow.below(after_image)), [], samples=(before, 0), vae=(checkpoint, 2))
+    pair = flow.add("ImageBatch", (1300, flow.below(before_image)), [], title="Before, after",
+                    image1=(before_image, 0), image2=(after_image, 0))
+    flow.add("SaveImage", (1300, flow.below(pair)), ["spm_train_then_apply"], images=(pair, 0))
+    flow.save(title)
 
 
-MINIWORLD_NOTE = ("The miniature world shipped with the pack: a small SD1-class model trained on drawn shapes (circle, "
-                  "square, triangle, cross), colours (red, green, blue, yellow, purple), characters (snowman, house, tree, "
-                  "mushroom) and stripes. Pictures are 16x16, shown at 128x128. Try prompts such as 'a red circle', "
-                  "'a striped snowman', 'a frosty' (a synonym).")
+MINIWORLD_NOTE = ("## {title}\n\n{what}\n\nThe miniature world ships with the pack: a small SD1-class model trained "
+                  "on drawn shapes (circle, square, triangle, cross), colours (red, green, blue, yellow, purple), "
+                  "characters (snowman, house, tree, mushroom) and stripes. Pictures are 16x16, shown at 128x128. "
+                  "Try prompts such as *a red circle*, *a striped snowman*, *a frosty* (a synonym).")
 MINIWORLD_SAMPLER = [1, "fixed", 20, 5.0, "euler", "normal", 1.0]
 
 
@@ -173,34 +247,40 @@ def miniworld_train() -> None:
     """Train SPM on the miniature model: a snowman membrane in about a minute and a half on a CPU
     (settings of miniworld.lab.MembraneSettings)."""
     flow = Workflow()
+    title = "SPM - Miniature world 1 - train a snowman membrane"
     world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
-    flow.add("Note", (0, 200), [MINIWORLD_NOTE], title="About the miniature world")
-    trained = flow.add("SPMTrain", (400, 0), ["snowman", "", "", 200, 1e-2, 1, 1.0, 10.0, 2, "prompts", 1.0, 20, 16, 0,
+    flow.add("MarkdownNote", (0, flow.below(world)), [MINIWORLD_NOTE.format(
+        title=title, what="Train SPM erases *snowman* from the miniature model in about a minute and a half on a CPU "
+                          "and saves `models/spm/snowman.safetensors`; then open *Miniature world 2*.")],
+        title="About the miniature world")
+    trained = flow.add("SPMTrain", (440, 0), ["snowman", "", "", 200, 1e-2, 1, 1.0, 10.0, 2, "prompts", 1.0, 20, 16, 0,
                                               "fixed", "snowman", False, False], model=(world, 0), clip=(world, 1))
-    flow.add("PreviewImage", (800, 0), [], title="Loss curve", images=(trained, 1))
-    flow.save("miniworld_train.json")
+    flow.add("PreviewImage", (880, 0), [], title="Loss curve", images=(trained, 1))
+    flow.save(title)
 
 
 def miniworld_erase() -> None:
-    """Before / after on the miniature model with the membrane miniworld_train.json saved."""
+    """Before / after on the miniature model with the membrane the training workflow saved."""
     flow = Workflow()
+    title = "SPM - Miniature world 2 - erase the snowman"
     world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
-    flow.add("Note", (0, 200), [MINIWORLD_NOTE + " Run miniworld_train.json first: it saves models/spm/snowman.safetensors."],
-             title="About the miniature world")
-    model = flow.add("SPMLoader", (400, -250), ["snowman.safetensors", 1.0, "paper", "positive only", 0.0, 1.0, 0.0],
-                     model=(world, 0), clip=(world, 1))
-    positive = flow.add("SPMTextEncode", (400, 100), ["a striped snowman"], title="Positive (SPM Text Encode)", clip=(world, 1))
-    negative = flow.add("SPMTextEncode", (400, 300), [""], title="Negative", clip=(world, 1))
-    latent = flow.add("EmptyLatentImage", (400, 500), [128, 128, 4])
-    after = flow.add("KSampler", (800, -250), MINIWORLD_SAMPLER, title="After (membrane)", model=(model, 0),
-                     positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
-    before = flow.add("KSampler", (800, 250), MINIWORLD_SAMPLER, title="Before (no membrane, same seed)", model=(world, 0),
-                      positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
-    after_image = flow.add("VAEDecode", (1200, -250), [], samples=(after, 0), vae=(world, 2))
-    before_image = flow.add("VAEDecode", (1200, 250), [], samples=(before, 0), vae=(world, 2))
-    flow.add("SaveImage", (1500, -250), ["miniworld_after"], images=(after_image, 0))
-    flow.add("SaveImage", (1500, 250), ["miniworld_before"], images=(before_image, 0))
-    flow.save("miniworld_erase.json")
+    flow.add("MarkdownNote", (0, flow.below(world)), [MINIWORLD_NOTE.format(
+        title=title, what="The same prompt and seeds without and with the snowman membrane: the snowman goes, the "
+                          "stripes stay. Run *Miniature world 1* first: it saves `models/spm/snowman.safetensors`.")],
+        title="About the miniature world")
+    model = spm(flow, (440, 0), world, world, "snowman.safetensors")
+    positive = flow.add("SPMTextEncode", (440, flow.below(model)), ["a striped snowman"],
+                        title="Positive (SPM Text Encode)", clip=(world, 1))
+    negative = flow.add("SPMTextEncode", (440, flow.below(positive)), [""], title="Negative", clip=(world, 1))
+    latent = flow.add("EmptyLatentImage", (440, flow.below(negative)), [128, 128, 4])
+    after = sampler(flow, (880, 0), model, positive, negative, latent, MINIWORLD_SAMPLER, title="After (membrane)")
+    before = sampler(flow, (880, flow.below(after)), world, positive, negative, latent, MINIWORLD_SAMPLER,
+                     title="Before (no membrane, same seed)")
+    after_image = flow.add("VAEDecode", (1240, 0), [], samples=(after, 0), vae=(world, 2))
+    before_image = flow.add("VAEDecode", (1240, flow.below(after_image)), [], samples=(before, 0), vae=(world, 2))
+    saved = flow.add("SaveImage", (1500, 0), ["miniworld_after"], title="After", images=(after_image, 0))
+    flow.add("SaveImage", (1500, flow.below(saved)), ["miniworld_before"], title="Before", images=(before_image, 0))
+    flow.save(title)
 
 
 if __name__ == "__main__":

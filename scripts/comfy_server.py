@@ -190,3 +190,39 @@ def _widget_converted(node: dict, name: str) -> bool:
 def load_workflow(path: str) -> dict:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+WORKFLOWS = os.path.join(REPO, "workflows")
+SHIPPED = {  # what the tests and the demo call the shipped workflows (the file names are their titles)
+    "erase": "SPM - Erase one concept (SD1.5).json",
+    "chain": "SPM - Chain three membranes (SD1.5).json",
+    "before_after": "SPM - Before and after with the same seed (SD1.5).json",
+    "inspector": "SPM - Inspect the gates (SD1.5).json",
+    "train_then_apply": "SPM - Train a membrane, then apply it (SD1.5).json",
+    "miniworld_train": "SPM - Miniature world 1 - train a snowman membrane.json",
+    "miniworld_erase": "SPM - Miniature world 2 - erase the snowman.json",
+}
+SD15_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+
+
+def shipped_workflow(key: str) -> dict:
+    return load_workflow(os.path.join(WORKFLOWS, SHIPPED[key]))
+
+
+def for_test_models(workflow: dict, checkpoint: str = "tiny-sd15.safetensors") -> dict:
+    """A shipped SD1.5 workflow on the tests' tiny checkpoint: 256 px, 6 steps, Train SPM sized for a
+    CPU. Workflows on the miniature model are returned as they are. Changes `workflow` in place."""
+    nodes = workflow["nodes"]
+    if not any(n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] == SD15_CHECKPOINT for n in nodes):
+        return workflow
+    for node in nodes:
+        values = node.get("widgets_values")
+        if node["type"] == "CheckpointLoaderSimple":
+            values[0] = checkpoint
+        elif node["type"] == "EmptyLatentImage":
+            values[:2] = [256, 256]
+        elif node["type"] == "KSampler":
+            values[2] = 6
+        elif node["type"] == "SPMTrain":  # iterations, learning_rate ... rollout_steps, latent_size
+            values[3], values[4], values[11], values[12] = 8, 1e-3, 4, 8
+    return workflow

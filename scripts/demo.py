@@ -1,7 +1,7 @@
 """The demo: erase "snowman" from the shipped miniature model through a real ComfyUI server.
 
-Starts ComfyUI with this pack, runs workflows/miniworld_train.json (Train SPM on the miniature
-model: models/spm/snowman.safetensors), then workflows/miniworld_erase.json (Load SPM, before and
+Starts ComfyUI with this pack, runs the workflow 'SPM - Miniature world 1' (Train SPM on the miniature
+model: models/spm/snowman.safetensors), then 'SPM - Miniature world 2' (Load SPM, before and
 after at the same seeds) for five prompts: the target, a synonym, two unrelated prompts and one
 that combines the target with another concept. Writes to OUT_DIR (default out/demo/):
   miniworld_grid.png  rows = prompts; left: before, right: after, each with the classifier's
@@ -25,9 +25,9 @@ PER_ROW = 4
 
 
 def run_workflow(server, name: str, info: dict, edit=None):
-    from scripts.comfy_server import load_workflow, workflow_to_api
+    from scripts.comfy_server import shipped_workflow, workflow_to_api
 
-    prompt = workflow_to_api(load_workflow(os.path.join(REPO, "workflows", name)), info)
+    prompt = workflow_to_api(shipped_workflow(name), info)
     if edit:
         edit(prompt)
     entry, events = server.run_with_events(prompt, timeout=900)
@@ -50,12 +50,12 @@ def main(comfy_root: str, out_dir: str) -> None:
     base = tempfile.mkdtemp(prefix="spm-demo-")
     print("starting ComfyUI ...", flush=True)
     with ComfyServer(comfy_root, base) as server:
-        print("training the snowman membrane with Train SPM (workflows/miniworld_train.json) ...", flush=True)
-        run_workflow(server, "miniworld_train.json", server.object_info())
+        print("training the snowman membrane with Train SPM (workflow 'SPM - Miniature world 1') ...", flush=True)
+        run_workflow(server, "miniworld_train", server.object_info())
         info = server.object_info()  # now lists models/spm/snowman.safetensors
         rows = []
         for text, role in ROWS:
-            print(f"sampling '{text}' before and after (workflows/miniworld_erase.json) ...", flush=True)
+            print(f"sampling '{text}' before and after (workflow 'SPM - Miniature world 2') ...", flush=True)
 
             def edit(prompt, text=text):
                 for node in prompt.values():
@@ -64,7 +64,7 @@ def main(comfy_root: str, out_dir: str) -> None:
                     if node["class_type"] == "EmptyLatentImage":
                         node["inputs"]["batch_size"] = PER_ROW
 
-            entry, events = run_workflow(server, "miniworld_erase.json", info, edit)
+            entry, events = run_workflow(server, "miniworld_erase", info, edit)
             images = {}
             for output in entry["outputs"].values():
                 for image in output.get("images", []):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import glob
 import io
 import json
 import os
@@ -29,7 +28,8 @@ import uuid
 import aiohttp
 import pytest
 
-from scripts.comfy_server import load_workflow
+from scripts.comfy_server import PACK_NAME as PACK
+from scripts.comfy_server import SHIPPED, WORKFLOWS, for_test_models, shipped_workflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = os.environ.get("SPM_CHROMIUM", "/usr/bin/chromium")
@@ -37,10 +37,27 @@ EXTENSION = "comfyui_spm.membrane_info"
 SCRIPT_URL = "/extensions/comfyui_spm/spm.js"
 OURS = ("spm.js", "comfyui_spm", EXTENSION)
 VIEWPORT = (1280, 800)
-SCREENSHOT = os.path.join(REPO, "out", "browser", "load_spm.png")
-FAILED_SCREENSHOT = os.path.join(REPO, "out", "browser", "load_spm_failed.png")
+SHOTS = os.path.join(REPO, "out", "browser")
+SCREENSHOT = os.path.join(SHOTS, "load_spm.png")
+FAILED_SCREENSHOT = os.path.join(SHOTS, "failed.png")
+THUMBNAIL = (512, 320)
 DOCS_SCREENSHOT = os.path.join(REPO, "docs", "images", "browser_load_spm.png")
 LOADER_ID = 6  # the Load SPM node in workflows/erase_one_concept.json
+# sizes against the frontend's own computeSize, and overlaps with title bars counted
+LAYOUT_PROBLEMS = """(() => {
+    const title = window.LiteGraph.NODE_TITLE_HEIGHT, nodes = window.app.graph.nodes, problems = [];
+    const box = n => [n.pos[0], n.pos[1] - title, n.pos[0] + n.size[0], n.pos[1] + n.size[1]];
+    for (const n of nodes) {
+        const need = n.computeSize();
+        if (n.size[0] + 0.5 < need[0] || n.size[1] + 0.5 < need[1])
+            problems.push(`#${n.id} ${n.type} is ${n.size.join('x')} but needs ${need.join('x')}`);
+    }
+    nodes.forEach((a, i) => nodes.slice(i + 1).forEach(b => {
+        const [p, q] = [box(a), box(b)];
+        if (p[0] < q[2] && q[0] < p[2] && p[1] < q[3] && q[1] < p[3]) problems.push(`#${a.id} ${a.type} overlaps #${b.id} ${b.type}`);
+    }));
+    return problems;
+})()"""
 LABEL = "(window.app.graph.getNodeById({id})?.widgets ?? []).find(w => w.name === 'spm_info')?.value ?? null"
 
 
@@ -186,7 +203,7 @@ def save(path: str, data: bytes) -> None:
 
 
 def small_run(workflow: dict) -> dict:
-    """The shipped workflow, made quick for the CPU host, with a fresh seed so nothing is cached."""
+    """The erase workflow on the test checkpoint, made quicker, with a fresh seed so nothing is cached."""
     for node in workflow["nodes"]:
         if node["type"] == "KSampler":
             node["widgets_values"][0] = uuid.uuid4().int % 2**32
@@ -212,12 +229,51 @@ def png_checks(png: bytes, box: dict) -> None:
     assert bright > 150, f"no text visible where the SPM label should be ({box}); {bright} light pixels"
 
 
-async def browse(url: str, workflow: dict) -> tuple[bytes, dict, list[tuple[str, dict]]]:
+async def load(page: Page, workflow: dict, key: str) -> None:
+    """As the template browser loads shipped workflow `key` (named by its title), without the
+    missing-models dialog (the SD1.5 checkpoint is not on the test server)."""
+    title = SHIPPED[key].removesuffix(".json")
+    await page.evaluate(f"window.app.loadGraphData({json.dumps(workflow)}, true, true, {json.dumps(title)},"
+                        " {showMissingModelsDialog: false}).then(() => true)")
+
+
+async def fitted_screenshot(page: Page) -> bytes:
+    """The whole graph in view (like the frontend's fit view), below the tab bar and the Run
+    button and right of the side bar, as PNG bytes of that part of the window."""
+    await page.evaluate("""(async () => {
+        const app = window.app, title = window.LiteGraph.NODE_TITLE_HEIGHT, nodes = app.graph.nodes;
+        const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
+        const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+        const rect = app.canvas.canvas.getBoundingClientRect(), view = {left: 80, top: 100, right: 1260, bottom: 780};
+        const width = view.right - view.left, height = view.bottom - view.top;
+        const scale = Math.min(1, width / (x1 - x0), height / (y1 - y0));
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset = [(view.left - rect.left + (width - (x1 - x0) * scale) / 2) / scale - x0,
+                                (view.top - rect.top + (height - (y1 - y0) * scale) / 2) / scale - y0];
+        app.canvas.setDirty(true, true);
+        const frame = () => new Promise(r => requestAnimationFrame(r));
+        await frame(); await frame(); await frame();
+        return true;
+    })()""")
+    shot = await page.send("Page.captureScreenshot", format="png", clip=dict(x=60, y=40, width=1220, height=760, scale=1))
+    return base64.b64decode(shot["data"])
+
+
+def write_thumbnails(shots: dict[str, bytes]) -> None:
+    """workflows/<title>.jpg: what the template browser shows for each workflow."""
+    from PIL import Image
+
+    for key, png in shots.items():
+        image = Image.open(io.BytesIO(png)).convert("RGB").resize(THUMBNAIL, Image.LANCZOS)
+        image.save(os.path.join(WORKFLOWS, SHIPPED[key].removesuffix(".json") + ".jpg"), quality=80, optimize=True)
+
+
+async def browse(url: str, workflow: dict, output_dir: str) -> tuple[bytes, dict, list[tuple[str, dict]]]:
     with Chromium() as browser:
         async with aiohttp.ClientSession() as session:
             page = await Page.open(session, browser.port)
             try:
-                return await drive(page, url, workflow)
+                return await drive(page, url, workflow, output_dir)
             except BaseException:  # keep what the page looked like and said, then fail
                 try:
                     shot = await page.send("Page.captureScreenshot", timeout=10, format="png")
@@ -231,7 +287,8 @@ async def browse(url: str, workflow: dict) -> tuple[bytes, dict, list[tuple[str,
                 await page.close()
 
 
-async def drive(page: Page, url: str, workflow: dict):
+async def drive(page: Page, url: str, workflow: dict, output_dir: str):
+    shots: dict[str, bytes] = {}
     for domain in ("Runtime", "Log", "Page", "Network"):
         await page.send(f"{domain}.enable")
     await page.send("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0], height=VIEWPORT[1],
@@ -255,19 +312,35 @@ async def drive(page: Page, url: str, workflow: dict):
                                   " window.app.graph.remove(n); return v; })()")
     assert control == "fixed", f"a new Train SPM's seed control is {control!r}"
 
-    # 2. every shipped workflow loads exactly: each node's widgets read back as the file holds them
-    for path in sorted(glob.glob(os.path.join(REPO, "workflows", "*.json"))):
-        shipped = load_workflow(path)
-        await page.evaluate(f"window.app.loadGraphData({json.dumps(shipped)}, true, true, 'check').then(() => true)")
+    # 2. every shipped workflow loads exactly (each node's widgets read back as the file holds them),
+    # its nodes are at least as big as the frontend needs and none overlaps another; screenshots
+    for key, file_name in SHIPPED.items():
+        shipped = shipped_workflow(key)
+        await load(page, shipped, key)
         loaded = await page.evaluate("Object.fromEntries(window.app.graph.nodes.map(n => "
                                      "[n.id, n.serialize().widgets_values || []]))")  # what the page would save
         for node in shipped["nodes"]:
             expected = node.get("widgets_values") or []
             assert loaded[str(node["id"])] == expected, \
-                f"{os.path.basename(path)}: {node['type']} #{node['id']} loads as {loaded[str(node['id'])]}, file has {expected}"
+                f"{file_name}: {node['type']} #{node['id']} loads as {loaded[str(node['id'])]}, file has {expected}"
+        problems = await page.evaluate(LAYOUT_PROBLEMS)
+        assert not problems, f"{file_name}: " + "; ".join(problems)
+        shots[key] = await fitted_screenshot(page)
+        save(os.path.join(SHOTS, file_name.removesuffix(".json") + ".png"), shots[key])
+    if os.environ.get("SPM_UPDATE_DOCS") == "1":
+        write_thumbnails(shots)
+
+    # 2b. the template browser's sources: the listing names every workflow, each with its thumbnail
+    listing = await page.evaluate("fetch('/api/workflow_templates').then(r => r.json())")
+    titles = sorted(name.removesuffix(".json") for name in SHIPPED.values())
+    assert sorted(listing.get(PACK, [])) == titles, listing.get(PACK)
+    for title in titles:  # the URL as the frontend builds it (not encoded by hand)
+        status, kind = await page.evaluate(f"fetch('/api/workflow_templates/{PACK}/' + {json.dumps(title)} + '.jpg')"
+                                           ".then(r => [r.status, r.headers.get('content-type')])")
+        assert (status, kind) == (200, "image/jpeg"), f"thumbnail of {title!r}: {status} {kind}"
 
     # 3. the workflow renders, with the concept label derived from the file name
-    await page.evaluate(f"window.app.loadGraphData({json.dumps(workflow)}, true, true, 'erase_one_concept').then(() => true)")
+    await load(page, workflow, "erase")
     label = await page.wait_for(LABEL.format(id=LOADER_ID), 20, "the Load SPM label")
     assert label == "erases: snoopy (from the file name)", label
 
@@ -351,20 +424,84 @@ async def drive(page: Page, url: str, workflow: dict):
     # (whether the last programmatic edit was persisted before the reload is up to the frontend)
     assert file in ("snoopy.safetensors", "mickey_mouse.safetensors"), file
     assert restored == f"erases: {file.removesuffix('.safetensors').replace('_', ' ')} (from the file name)", restored
+
+    # 9. the miniature world from the page: train a membrane (few iterations), refresh, apply it
+    await miniworld_from_the_page(page, output_dir)
     return png, box, page.events
+
+
+NODE = "window.app.graph.nodes.find(n => n.comfyClass === {type!r})"
+WIDGET = "{node}.widgets.find(w => w.name === {name!r})"
+
+
+async def queue_and_wait(page: Page, what: str, timeout: float = 300) -> None:
+    """Queues the graph in the page as the Queue button does and waits for its end."""
+    await page.evaluate("""(api => {
+        window.__spmEnded = null;
+        for (const end of ['execution_success', 'execution_error', 'execution_interrupted'])
+            api.addEventListener(end, e => { window.__spmEnded = `${end} ${e.detail?.exception_message ?? ''}`.trim() });
+        return true;
+    })(window.comfyAPI.api.api)""")
+    await page.evaluate("window.app.queuePrompt(0).then(() => true)")
+    ended = await page.wait_for("window.__spmEnded", timeout, f"{what} queued from the page to end")
+    assert ended == "execution_success", f"{what}: {ended}"
+
+
+async def node_images(page: Page, node_type: str, title: str | None = None) -> list[dict]:
+    """The images the page shows on a node after a run (what ComfyUI sent for it)."""
+    title = json.dumps(title)
+    find = f"window.app.graph.nodes.find(n => n.comfyClass === {node_type!r} && ({title} === null || n.title === {title}))"
+    return await page.wait_for(f"(n => n && window.app.nodeOutputs[String(n.id)]?.images?.length && "
+                               f"window.app.nodeOutputs[String(n.id)].images)({find})", 20, f"images on {node_type} {title}")
+
+
+async def miniworld_from_the_page(page: Page, output_dir: str) -> None:
+    from PIL import Image, ImageChops
+
+    membrane = f"snowman_browser_{uuid.uuid4().hex[:8]}"
+    await load(page, shipped_workflow("miniworld_train"), "miniworld_train")
+    trainer = NODE.format(type="SPMTrain")
+    await page.evaluate(f"(() => {{ {WIDGET.format(node=trainer, name='iterations')}.value = 10;"
+                        f" {WIDGET.format(node=trainer, name='name')}.value = {membrane!r}; return true; }})()")
+    await queue_and_wait(page, "Miniature world 1 (training)")
+    (loss,) = await node_images(page, "PreviewImage")
+    assert loss["type"] == "temp", loss
+    saved = await page.evaluate(f"window.app.nodeOutputs[String({trainer}.id)]?.text?.[0] ?? null")
+    assert saved and f"{membrane}.safetensors after 10 iterations" in saved, saved
+    save(os.path.join(SHOTS, "run_miniworld_train.png"), await fitted_screenshot(page))
+
+    await load(page, shipped_workflow("miniworld_erase"), "miniworld_erase")
+    await page.evaluate("window.app.refreshComboInNodes().then(() => true)")  # the Refresh button
+    loader = NODE.format(type="SPMLoader")
+    options = await page.evaluate(f"{WIDGET.format(node=loader, name='membrane')}.options.values")
+    assert f"{membrane}.safetensors" in options, f"the new membrane is not offered after a refresh: {options}"
+    await page.evaluate(f"(w => {{ w.value = {membrane + '.safetensors'!r}; w.callback?.(w.value); return true; }})"
+                        f"({WIDGET.format(node=loader, name='membrane')})")
+    await queue_and_wait(page, "Miniature world 2 (erase)")
+    after, before = await node_images(page, "SaveImage", "After"), await node_images(page, "SaveImage", "Before")
+    assert len(after) == len(before) == 4, (after, before)
+    label = await page.wait_for(f"(l => l && l.includes('gate last step') && l)({LABEL.format(id=f'{loader}.id')})",
+                                10, "the gates of the miniature run on Load SPM")
+    assert label.startswith("erases: snowman\n") and "positive 1.00" in label, label
+    pictures = [[Image.open(os.path.join(output_dir, i["subfolder"], i["filename"])).convert("RGB") for i in side]
+                for side in (before, after)]
+    changed = [ImageChops.difference(b, a).getbbox() is not None for b, a in zip(*pictures)]
+    assert all(changed), f"the membrane left some 'a striped snowman' pictures unchanged: {changed}"
+    save(os.path.join(SHOTS, "run_miniworld_erase.png"), await fitted_screenshot(page))
 
 
 def test_frontend_shows_membrane_and_gates(comfy_server):
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"no Chromium at {CHROMIUM}: run scripts/install_browser.sh (scripts/test.sh does)")
     status, _ = comfy_server.post("/settings", {"Comfy.TutorialCompleted": True, "Comfy.Graph.CanvasInfo": False,
-                                                "Comfy.Minimap.Visible": False})
+                                                "Comfy.Minimap.Visible": False,
+                                                "LiteGraph.Canvas.MinFontSizeForLOD": 0})  # text at any zoom
     assert status == 200, status
     # drop the server's node cache (other tests ran this workflow), so Load SPM executes and sends its ui payload
     assert comfy_server.post("/free", {"free_memory": True})[0] == 200
-    workflow = small_run(load_workflow(os.path.join(REPO, "workflows", "erase_one_concept.json")))
+    workflow = small_run(for_test_models(shipped_workflow("erase")))
     start = time.monotonic()
-    png, box, events = asyncio.run(asyncio.wait_for(browse(comfy_server.url, workflow), 600))
+    png, box, events = asyncio.run(asyncio.wait_for(browse(comfy_server.url, workflow, os.path.join(comfy_server.base_dir, "output")), 900))
     print(f"\nbrowser test drove the page in {time.monotonic() - start:.1f} s")
 
     save(SCREENSHOT, png)

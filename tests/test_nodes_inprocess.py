@@ -255,3 +255,22 @@ def test_unfinished_training_files_are_not_offered_as_membranes(spm_world):
         (folder / "snoopy_retrain.partial.safetensors").unlink()
     assert "snoopy.safetensors" in choices
     assert not any(name.endswith(".partial.safetensors") for name in choices), choices
+
+
+def test_lora_folder_listing_follows_changed_files(spm_world, tmp_path):
+    """The SPM tags of models/loras files are cached by size and modification time: a LoRA that
+    becomes a membrane (or stops being one) is listed (or dropped) on the next refresh."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    _, _, folder = spm_world
+    paths = pack_module("nodes.paths")
+    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
+    lora = tmp_path / "style.safetensors"
+    weights = {"lora_unet_x.lora_down.weight": torch.zeros(1, 4)}
+    save_file(weights, str(lora), metadata={"ss_network_module": "networks.lora"})
+    assert "loras/style.safetensors" not in paths.membrane_choices()
+    lora.write_bytes((folder / "snoopy.safetensors").read_bytes())
+    assert "loras/style.safetensors" in paths.membrane_choices()
+    save_file(weights, str(lora), metadata={"ss_network_module": "networks.lora"})
+    assert "loras/style.safetensors" not in paths.membrane_choices()

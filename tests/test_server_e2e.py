@@ -9,11 +9,10 @@ import uuid
 
 import pytest
 
-from scripts.comfy_server import load_workflow, workflow_to_api
+from scripts.comfy_server import SHIPPED, WORKFLOWS, for_test_models, load_workflow, shipped_workflow, workflow_to_api
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Training workflows first: miniworld_erase.json applies the membrane miniworld_train.json saves.
-WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "workflows", "*.json")), key=lambda p: ("train" not in os.path.basename(p), p))
+# Training workflows first: "Miniature world 2" applies the membrane "Miniature world 1" saves.
+SHIPPED_PATHS = sorted(glob.glob(os.path.join(WORKFLOWS, "*.json")), key=lambda p: ("train" not in os.path.basename(p).lower(), p))
 TEST_ITERATIONS = 20  # the quality test (tests/test_miniworld_quality.py) trains for real
 OUR_NODES = ["SPMLoader", "SPMTextEncode", "SPMTransportInspector", "SPMSaveAsLoRA", "SPMMergeIntoModel"]
 
@@ -45,9 +44,14 @@ def test_every_node_has_a_help_page_served_to_the_frontend(comfy_server, object_
         assert text.startswith("# "), f"{name}: {text[:80]!r}"
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[os.path.basename(p) for p in WORKFLOWS])
+def test_every_shipped_workflow_is_tested():
+    assert sorted(SHIPPED.values()) == sorted(os.path.basename(p) for p in SHIPPED_PATHS)
+
+
+@pytest.mark.parametrize("path", SHIPPED_PATHS, ids=[os.path.basename(p) for p in SHIPPED_PATHS])
 def test_shipped_workflow_runs(comfy_server, object_info, path):
-    prompt = workflow_to_api(load_workflow(path), object_info)
+    """Each workflow as shipped, the SD1.5 ones on the tiny checkpoint (for_test_models)."""
+    prompt = workflow_to_api(for_test_models(load_workflow(path)), object_info)
     assert any(node["class_type"] in ("SPMLoader", "SPMTrain") for node in prompt.values())
     for node in prompt.values():
         if node["class_type"] == "SPMTrain":
@@ -59,13 +63,13 @@ def test_shipped_workflow_runs(comfy_server, object_info, path):
     for image in images:
         if image["type"] == "output":
             assert os.path.getsize(os.path.join(comfy_server.base_dir, "output", image["subfolder"], image["filename"])) > 0
-    if os.path.basename(path) == "inspector.json":
+    if os.path.basename(path) == SHIPPED["inspector"]:
         table = next(output["text"][0] for output in entry["outputs"].values() if "text" in output)
         assert "snoopy" in table and "van_gogh" in table
 
 
 def erase_prompt(object_info, **loader_inputs):
-    prompt = workflow_to_api(load_workflow(os.path.join(REPO, "workflows", "erase_one_concept.json")), object_info)
+    prompt = workflow_to_api(for_test_models(shipped_workflow("erase")), object_info)
     loader = next(node for node in prompt.values() if node["class_type"] == "SPMLoader")
     loader["inputs"].update(loader_inputs)
     for node in prompt.values():
@@ -125,7 +129,7 @@ def test_interrupting_training_keeps_a_valid_partial_file_and_the_server_serves(
 
     from spm_core.file_format import load_membrane
 
-    prompt = workflow_to_api(load_workflow(os.path.join(REPO, "workflows", "train_then_apply.json")), object_info)
+    prompt = workflow_to_api(for_test_models(shipped_workflow("train_then_apply")), object_info)
     trainer = next(node for node in prompt.values() if node["class_type"] == "SPMTrain")
     name = f"cancelled_{uuid.uuid4().hex[:8]}"
     trainer["inputs"].update(iterations=100000, name=name, latent_size=8)
