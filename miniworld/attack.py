@@ -4,9 +4,9 @@ The attacker writes "a" followed by a few free token embeddings (what a textual-
 gives a ComfyUI user) and optimises those embeddings so that the model *with the membrane and its
 gate* reproduces pictures of the erased concept: the diffusion loss against the bare model's own
 pictures of "a <concept>", at random noise levels. The gate is computed from the attacker's
-conditioning exactly as Load SPM computes it (text gates from the embedding; the latent gate from
+conditioning exactly as SPM Load Membrane computes it (text gates from the embedding; the latent gate from
 the bare model's prediction at the first step), and differentiated through, so the attack adapts
-to the gate. The result is then sampled through the real Load SPM runtime and read by the
+to the gate. The result is then sampled through the real SPM Load Membrane runtime and read by the
 classifier.
 """
 
@@ -55,7 +55,7 @@ def with_soft_tokens(template: torch.Tensor, soft: torch.Tensor) -> torch.Tensor
 
 
 def attack(lab, model, concept: str, settings: AttackSettings = AttackSettings()) -> tuple[list, list[float]]:
-    """(CONDITIONING for the optimised prompt, loss per step) against `model`, a Load SPM output."""
+    """(CONDITIONING for the optimised prompt, loss per step) against `model`, a SPM Load Membrane output."""
     import comfy.model_management
 
     stack_module = lab.pack("spm_core.stack")

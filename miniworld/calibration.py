@@ -3,7 +3,7 @@ captions from the miniature world's grammar (with every synonym, drawn with a se
 not trained with), never on the benchmark's evaluation prompts.
 
 For each erased concept and each gate: the ROC AUC of its raw score against "the caption names
-the concept in any of its words", and, with the gate as Load SPM computes it, the share of such
+the concept in any of its words", and, with the gate as SPM Load Membrane computes it, the share of such
 captions it opens (gate >= 0.5) and the share of the others it opens. The latent gate's operating
 point comes from here, by a rule fixed in advance: threshold = the 95th percentile of its cosine
 over captions that do not name the concept, saturation = the median over captions that do,
@@ -60,7 +60,7 @@ def bare_predictions(lab, contexts: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def gate_scores(lab, name: str, texts: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per gate: (raw score, gate as Load SPM computes it) for each text."""
+    """Per gate: (raw score, gate as SPM Load Membrane computes it) for each text."""
     transport = lab.pack("spm_core.transport")
     encode = lab.pack("nodes.encode")
     concept_embedding = encode.encode_concept(lab.clip, name)

@@ -13,12 +13,12 @@ class LoadMiniatureWorld(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SPMExampleLoadMiniatureWorld",
-            display_name="Load Miniature World (SPM example)",
+            display_name="SPM Example: Load Miniature World",
             category="SPM examples",
             description="The small SD1-class text-to-image model shipped with the SPM pack, trained on drawn shapes, "
                         "colours, characters and stripes (16x16 pictures shown at 128x128). Use EmptyLatentImage "
-                        "128x128, KSampler (euler, 20 steps, cfg 5) and VAE Decode with the VAE it returns. Load SPM, "
-                        "Train SPM (latent_size 16) and the Inspector work on it as on Stable Diffusion 1.5.",
+                        "128x128, KSampler (euler, 20 steps, cfg 5) and VAE Decode with the VAE it returns. SPM Load Membrane, "
+                        "SPM Train Membrane (latent_size 16) and the Inspector work on it as on Stable Diffusion 1.5.",
             inputs=[],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The miniature UNet (ComfyUI SD15 class)."),

@@ -21,7 +21,7 @@ PICTURE_SIDE = 128  # EmptyLatentImage size: a 16 x 16 latent
 
 @dataclass(frozen=True)
 class MembraneSettings:
-    """Train SPM settings for the miniature world (its latent is 16 x 16). The paper's anchor
+    """SPM Train Membrane settings for the miniature world (its latent is 16 x 16). The paper's anchor
     strength (1000, for SD1.4) stopped all erasure here: this world's erase loss is ~0.003 per
     iteration, so 1000x the anchor loss drowned it (snowman: 0% erased at lr 1e-3 to 3e-2). The
     strength was chosen on "house" (10 and 1 both erased 100% of 16 generations with the others
@@ -98,7 +98,7 @@ class Lab:
         return classify(self.classifier, pictures)
 
     def train_membrane(self, name: str, targets: Sequence[str], settings: MembraneSettings = MembraneSettings()) -> str:
-        """Trains a membrane with the pack's own Train SPM code; returns its file name in the spm folder."""
+        """Trains a membrane with the pack's own SPM Train Membrane code; returns its file name in the spm folder."""
         training = self.pack("nodes.training")
         config = self.pack("spm_core.training").TrainingConfig(
             iterations=settings.iterations, learning_rate=settings.learning_rate, anchor_strength=settings.anchor_strength,
@@ -112,5 +112,6 @@ class Lab:
         return os.path.basename(path)
 
     def apply(self, model, membrane: str, transport: str = "paper", strength: float = 1.0, rows: str = "positive only"):
-        """Load SPM on `model` (which is not changed)."""
-        return self.node("SPMLoader").execute(model, self.clip, membrane, strength, transport, rows, 0.0, 1.0).result[0]
+        """SPM Load Membrane on `model` (which is not changed)."""
+        return self.node("SPMLoader").execute(model=model, clip=self.clip, membrane=membrane, strength=strength,
+                                              transport=transport, rows=rows, start_percent=0.0, end_percent=1.0).result[0]

@@ -1,4 +1,4 @@
-"""The membranes the erasure benchmark measures, trained once with the pack's own Train SPM code
+"""The membranes the erasure benchmark measures, trained once with the pack's own SPM Train Membrane code
 and kept in a folder: a file's name carries its concept, its variant and a digest of its
 settings, so a changed setting trains a new file and a re-run reuses what is there.
 

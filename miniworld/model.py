@@ -17,7 +17,7 @@
   pixels only); started from zero-mean noise alone, the model painted every picture in the colour
   cast of its noise.
 
-Because it is an ordinary SD15 model to ComfyUI, Load SPM, Train SPM and the Inspector bind to it
+Because it is an ordinary SD15 model to ComfyUI, SPM Load Membrane, SPM Train Membrane and the Inspector bind to it
 through ComfyUI's own LoRA key map exactly as they do to Stable Diffusion 1.5.
 """
 

@@ -2,12 +2,12 @@
 model to sample and a key that says which setups draw the same pictures for it.
 
   Bare      a model (the shipped one unless given), nothing applied.
-  Chain     membranes through the pack's Load SPM nodes, one per membrane, with a transport mode:
+  Chain     membranes through the pack's SPM Load Membrane nodes, one per membrane, with a transport mode:
             exactly what a ComfyUI user's graph does.
   Official  the official inference code's behaviour: the paper gate computed once per prompt and
             used for the whole CFG batch (the negative row too), every membrane's down and up
             scaled by it and summed into one adapter (spm_core.membrane.official_merge), i.e.
-            gate² for one membrane and cross-terms for several. Applied through Load SPM as an
+            gate² for one membrane and cross-terms for several. Applied through SPM Load Membrane as an
             always-open merged file built for that prompt's gates.
 Keys: a text-gated chain whose gates for a prompt are all 0 draws what the bare model draws; two
 setups with the same membranes and the same gates draw the same pictures. Latent gates are known
@@ -49,7 +49,7 @@ class Chain:
         self.state = lab.pack("nodes.runtime").state_of(self.model)
 
     def gates(self, text: str) -> torch.Tensor:
-        """The text gates (membranes,) Load SPM's runtime computes for this prompt's positive row."""
+        """The text gates (membranes,) SPM Load Membrane's runtime computes for this prompt's positive row."""
         encode = self.lab.pack("nodes.encode")
         embedding, options = self.lab.encode(text)[0]
         return self.state.gates_for(embedding[:1], options.get(encode.TOKENS_KEY))

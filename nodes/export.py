@@ -1,4 +1,4 @@
-"""Save SPM as LoRA and Merge membranes into model: the membranes at a fixed strength, no gating."""
+"""SPM Save as LoRA and SPM Merge into Model: the membranes at a fixed strength, no gating."""
 
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ class SaveSPMAsLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SPMSaveAsLoRA",
-            display_name="Save SPM as LoRA",
-            category="loaders/spm",
+            display_name="SPM Save as LoRA",
+            category="advanced/model_merging",
             description="Writes the model's membranes, at their strengths, as one plain LoRA file for A1111/Forge and "
                         "stock loaders (no Facilitated Transport: always open).",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="A model with membranes (from Load SPM)."),
+                io.Model.Input("model", tooltip="A model with membranes (from SPM Load Membrane)."),
                 io.String.Input("filename", default="spm_baked",
                                 tooltip="File name under models/loras (letters, digits, - and _; .safetensors is added)."),
                 io.Boolean.Input("overwrite", default=False,
@@ -56,11 +56,11 @@ class MergeSPMIntoModel(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SPMMergeIntoModel",
-            display_name="Merge membranes into model",
-            category="loaders/spm",
+            display_name="SPM Merge into Model",
+            category="advanced/model_merging",
             description="Patches the membranes into the weights at their strengths (always open, no per-prompt gate). "
                         "Useful before saving a checkpoint.",
-            inputs=[io.Model.Input("model", tooltip="A model with membranes (from Load SPM).")],
+            inputs=[io.Model.Input("model", tooltip="A model with membranes (from SPM Load Membrane).")],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the membranes merged into its weights.")],
         )
 

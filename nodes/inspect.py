@@ -55,11 +55,11 @@ class SPMTransportInspector(io.ComfyNode):
         return io.Schema(
             node_id="SPMTransportInspector",
             display_name="SPM Transport Inspector",
-            category="loaders/spm",
+            category="conditioning/spm",
             description="Shows how far each membrane opens for the given prompts.",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="A model with membranes (from Load SPM)."),
+                io.Model.Input("model", tooltip="A model with membranes (from SPM Load Membrane)."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt conditioning."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt conditioning (optional)."),
             ],

@@ -1,4 +1,4 @@
-"""Load SPM and SPM Text Encode."""
+"""SPM Load Membrane and SPM Text Encode."""
 
 from __future__ import annotations
 
@@ -19,19 +19,22 @@ class LoadSPM(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SPMLoader",
-            display_name="Load SPM",
+            display_name="SPM Load Membrane (Concept Eraser)",
             category="loaders/spm",
             description="Adds a concept membrane to the model. Chain several to erase several concepts; "
                         "each opens only for prompts near its concept (Facilitated Transport).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to add the membrane to. It is not changed; "
                                                 "a copy with the membrane comes out."),
-                io.Clip.Input("clip", tooltip="The text encoder your prompts use (with the same CLIP skip). "
-                                              "It encodes the membrane's concepts for the gate."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The text encoder your prompts use (with the same CLIP skip). It encodes the "
+                                      "membrane's concepts for the gate; not needed with transport always_open."),
                 io.Combo.Input("membrane", options=paths.membrane_choices(),
                                tooltip="Membrane file from models/spm (or an SPM file in models/loras)."),
-                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
-                               tooltip="How strongly the membrane acts when fully open. 1 = as trained, 0 = off."),
+                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.05,
+                               tooltip="How strongly the membrane acts on the positive rows when fully open. 1 = as "
+                                       "trained, 0 = off; beyond ±2 images usually break down, negative values push "
+                                       "toward the concept."),
                 io.Combo.Input("transport", options=TRANSPORT_MODES, default=TransportMode.PAPER.value,
                                tooltip="How the gate is computed per prompt. paper: the paper's formula (cosine + token "
                                        "overlap when prompts come from SPM Text Encode); cosine: embedding cosine only; "
@@ -42,8 +45,9 @@ class LoadSPM(io.ComfyNode):
                                        "for the whole batch, a chain merged into one adapter), to reproduce them; "
                                        "always_open: gate 1 everywhere, like a plain LoRA."),
                 io.Combo.Input("rows", options=list(ROWS_CHOICES), default=POSITIVE_ONLY,
-                               tooltip="Which CFG rows the membrane acts on. 'positive and negative' gates the negative "
-                                       "prompt by its own similarity too."),
+                               tooltip="Which CFG rows the membrane acts on: the positive prompt's (the paper), the "
+                                       "negative prompt's, or both. Negative rows are gated by the negative prompt's own "
+                                       "similarity to the concept, at negative_strength."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of sampling after which the membrane starts acting."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -53,16 +57,32 @@ class LoadSPM(io.ComfyNode):
                                        "formula alone; 1 = always fully open). For concepts that must never pass: a "
                                        "paraphrase or an optimised prompt that fools the gate still meets this much "
                                        "of the membrane."),
+                io.Float.Input("negative_strength", default=1.0, min=-100.0, max=100.0, step=0.05,
+                               tooltip="Strength on the negative rows, when rows include them (official_code: strength "
+                                       "everywhere)."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the membrane added.")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, clip, membrane, strength, transport, rows, start_percent, end_percent,
-                min_gate=0.0) -> io.NodeOutput:
+    def validate_inputs(cls, membrane) -> bool | str:
+        """A membrane file that is not there is reported when the prompt is queued, before anything runs."""
+        if isinstance(membrane, str):
+            try:
+                paths.membrane_path(membrane)
+            except FileNotFoundError as error:
+                return str(error)
+        return True
+
+    @classmethod
+    def execute(cls, model, membrane, strength, transport, rows, start_percent, end_percent, min_gate=0.0,
+                negative_strength=1.0, clip=None) -> io.NodeOutput:
         loaded = load_membrane(paths.membrane_path(membrane))
         mode = TransportMode.named(transport)
+        if clip is None and mode is not TransportMode.ALWAYS_OPEN:
+            raise SPMError(f"{membrane}: transport {mode.value!r} compares prompts with the membrane's concepts and "
+                           "needs the clip input: connect the text encoder your prompts use, or choose always_open")
         concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, p) for c in loaded.concepts for p in c.prompts]
         empty = encode_empty(clip) if mode in (TransportMode.CALIBRATED, TransportMode.LATENT) else None
         try:
@@ -70,7 +90,8 @@ class LoadSPM(io.ComfyNode):
         except SPMError as error:
             raise SPMError(f"{membrane}: {error}") from None
         entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=transport_rate,
-                              rows=rows, start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id)
+                              rows=rows, start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id,
+                              negative_strength=float(negative_strength))
         patched = with_membrane(model, entry)
         return io.NodeOutput(patched, ui={"spm_membrane": [{
             "name": loaded.name, "concepts": loaded.concept_labels, "architecture": loaded.architecture,

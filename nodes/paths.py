@@ -37,7 +37,7 @@ def _header_metadata(path: str) -> dict:
         return {}
 
 
-PARTIAL_SUFFIX = ".partial.safetensors"  # what an interrupted Train SPM leaves behind
+PARTIAL_SUFFIX = ".partial.safetensors"  # what an interrupted SPM Train Membrane leaves behind
 
 # path -> ((size, mtime_ns), is an SPM file): /object_info lists the membranes on every call, and
 # reading a thousand LoRA headers each time took a second; a stat per file is what stays.
@@ -46,7 +46,7 @@ _tagged_cache: dict[str, tuple[tuple[int, int], bool]] = {}
 
 def membrane_choices() -> list[str]:
     """Files of `models/spm`, then `models/loras` files whose metadata marks them as SPM membranes;
-    never a training run's unfinished `.partial.safetensors` (Train SPM resumes it by name)."""
+    never a training run's unfinished `.partial.safetensors` (SPM Train Membrane resumes it by name)."""
     choices = [name for name in folder_paths.get_filename_list(FOLDER) if _offered(name)]
     for name in folder_paths.get_filename_list("loras"):
         if _offered(name) and _tagged_as_spm(folder_paths.get_full_path("loras", name)):

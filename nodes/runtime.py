@@ -1,6 +1,6 @@
 """How membranes ride on a ComfyUI MODEL: the one place that touches ModelPatcher.
 
-A Load SPM node returns a clone that carries a `MembraneState` attachment (every membrane of the
+A SPM Load Membrane node returns a clone that carries a `MembraneState` attachment (every membrane of the
 chain, fused into one stack), an injection that installs the stack's forward hooks when ComfyUI
 loads the model (and removes them when it unloads), and two keyed wrappers:
   CALC_COND_BATCH  computes each conditioning's gates once (by its uuid) from its embedding and,
@@ -37,8 +37,9 @@ from ..spm_core.transport import Transport, TransportMode
 from .encode import TOKENS_KEY, TOKENS_OF_KEY, embedding_fingerprint
 
 KEY = "spm_membranes"
-POSITIVE_ONLY, POSITIVE_AND_NEGATIVE = "positive only", "positive and negative"
-ROWS_CHOICES = (POSITIVE_ONLY, POSITIVE_AND_NEGATIVE)
+POSITIVE_ONLY, NEGATIVE_ONLY, POSITIVE_AND_NEGATIVE = "positive only", "negative only", "positive and negative"
+ROWS_CHOICES = (POSITIVE_ONLY, NEGATIVE_ONLY, POSITIVE_AND_NEGATIVE)
+MAX_STRENGTH = 1e4
 GATE_CACHE_SIZE = 512
 POSITIVE, NEGATIVE = "positive", "negative"
 NEGATIVE_COND_NAMES = frozenset({"negative", "empty_negative_prompt"})  # guider names of negative-role conds
@@ -47,7 +48,7 @@ _call = threading.local()  # the chunk table of the calc_cond_batch call in prog
 
 @dataclass(frozen=True)
 class MembraneEntry:
-    """One Load SPM node's contribution: a membrane and how it is gated."""
+    """One SPM Load Membrane node's contribution: a membrane and how it is gated."""
 
     membrane: Membrane
     strength: float
@@ -56,6 +57,15 @@ class MembraneEntry:
     start_percent: float = 0.0
     end_percent: float = 1.0
     node_id: str | None = None
+    negative_strength: float | None = None  # on negative rows; None: the same as `strength`
+
+    def acts_on(self, role: str) -> bool:
+        return self.rows == POSITIVE_AND_NEGATIVE or self.rows == (NEGATIVE_ONLY if role == NEGATIVE else POSITIVE_ONLY)
+
+    def strength_on(self, role: str) -> float:
+        if role == NEGATIVE and self.negative_strength is not None:
+            return self.negative_strength
+        return self.strength
 
     @property
     def label(self) -> str:
@@ -82,7 +92,7 @@ class MembraneState:
         official = [e.transport.mode is TransportMode.OFFICIAL for e in entries]
         if any(official) and not all(official):
             raise SPMError("transport 'official_code' reproduces the official code for a whole chain of membranes: "
-                           "set it on every Load SPM of the chain, or on none")
+                           "set it on every SPM Load Membrane of the chain, or on none")
         self.official = all(official)
         gate_law = GateLaw.OFFICIAL_MERGE if self.official else GateLaw.LINEAR
         key_map, shapes = membrane_layers_of(model)
@@ -91,7 +101,10 @@ class MembraneState:
         self._gates: OrderedDict[object, tuple[weakref.ref, torch.Tensor]] = OrderedDict()
         self._roles: OrderedDict[object, str] = OrderedDict()
         self._fingerprints: OrderedDict[int, tuple[weakref.ref, tuple]] = OrderedDict()
-        self._negative_rows_open = torch.tensor([e.rows == POSITIVE_AND_NEGATIVE for e in entries], dtype=torch.float32)
+        # per role, (membranes,): which membranes act on such rows, and at what strength
+        self._acting = {role: torch.tensor([e.acts_on(role) for e in entries], dtype=torch.float32) for role in (POSITIVE, NEGATIVE)}
+        self._strengths = {role: torch.tensor([e.strength_on(role) for e in entries], dtype=torch.float32)
+                           for role in (POSITIVE, NEGATIVE)}
         self._sigma_ranges: tuple[object, torch.Tensor, torch.Tensor] | None = None
         self._latent_entries = [i for i, e in enumerate(entries) if e.transport.reads_model]
         self._latent_gates: dict[object, torch.Tensor] = {}  # uuid -> (membranes,), for the sampling run in progress
@@ -210,36 +223,38 @@ class MembraneState:
                 table[(index, cond.get("uuid"))] = (role, self.cond_gates(cond, tokens_by_embedding))
         return table
 
-    def row_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
-        """(rows, membranes) gates for one batched model call."""
+    def row_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor,
+                  model_sampling) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, membranes) gates for one batched model call, and the strengths of those rows."""
         rows = context.shape[0]
         uuids = transformer_options.get("uuids")
         in_range = self._in_sampling_range(sigma, model_sampling)
-        if not uuids:  # a call that bypassed the guider: each row gated by its own embedding
+        if not uuids:  # a call that bypassed the guider: each row gated by its own embedding, as a positive
             gates = torch.stack([self.gates_for(context[r: r + 1], None) for r in range(rows)]) * in_range
+            gates = gates * self._acting[POSITIVE]
             self.last_gates[POSITIVE] = gates[-1].tolist()
-            return gates
+            return gates, self._strengths[POSITIVE].expand(rows, -1)
         indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
         table = getattr(_call, "chunks", None) or {}
         per_chunk = rows // len(uuids)
-        gates = []
+        gates, strengths = [], []
         for chunk, (index, uuid) in enumerate(zip(indices, uuids)):
             role, gate = table.get((index, uuid), (POSITIVE, None))
             if gate is None:  # a path that skipped calc_cond_batch: gate from the embedding alone
                 gate = self.gates_for(context[chunk * per_chunk: chunk * per_chunk + 1], None)
             if uuid in self._latent_gates:
                 gate = torch.maximum(gate, self._latent_gates[uuid])
-            gate = gate * in_range
-            if role == NEGATIVE:
-                gate = gate * self._negative_rows_open
+            gate = gate * in_range * self._acting[role]
             self.last_gates[role] = gate.tolist()
             gates.append(gate.expand(per_chunk, -1))
+            strengths.append(self._strengths[role].expand(per_chunk, -1))
         if self.official:  # the official code: the first positive prompt's gate for every row of the batch
             roles = [table.get((index, uuid), (POSITIVE, None))[0] for index, uuid in zip(indices, uuids)]
             shared = gates[roles.index(POSITIVE)] if POSITIVE in roles else gates[0]
             gates = [shared[:1].expand(per_chunk, -1)] * len(gates)
             self.last_gates = {role: shared[0].tolist() for role in set(roles)}
-        return torch.cat(gates)
+            return torch.cat(gates), self.stack.strengths.expand(rows, -1)
+        return torch.cat(gates), torch.cat(strengths)
 
     def _in_sampling_range(self, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
         """1 for membranes whose start..end range covers this step's sigma, else 0. The sigma
@@ -287,8 +302,8 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
             with gates_active(state.stack, torch.zeros(rows, state.stack.membrane_count)):
                 return executor(rows_x, t[:1].expand(rows), concat, rows_context.to(c_crossattn), None, options, **extra)
         state.measure_latent_gates(run_bare, x, c_crossattn, transformer_options)
-    gates = state.row_gates(c_crossattn, transformer_options, t, base_model.model_sampling)
-    with gates_active(state.stack, gates):
+    gates, strengths = state.row_gates(c_crossattn, transformer_options, t, base_model.model_sampling)
+    with gates_active(state.stack, gates, strengths):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
@@ -334,8 +349,10 @@ def with_membrane(model, entry: MembraneEntry):
     everything that can fail is checked before the clone is made."""
     if entry.rows not in ROWS_CHOICES:
         raise SPMError(f"rows is {entry.rows!r}; choose one of {', '.join(repr(r) for r in ROWS_CHOICES)}")
-    if not math.isfinite(entry.strength):
-        raise SPMError(f"strength is {entry.strength}; give a finite number (1.0 = as trained, 0 = off)")
+    for name, value in (("strength", entry.strength), ("negative_strength", entry.negative_strength)):
+        if value is not None and not (math.isfinite(value) and abs(value) <= MAX_STRENGTH):
+            raise SPMError(f"{name} is {value}; give a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g} "
+                           "(1.0 = as trained, 0 = off)")
     if not 0.0 <= entry.start_percent <= entry.end_percent <= 1.0:
         raise SPMError(f"sampling range {entry.start_percent}..{entry.end_percent} is invalid; need 0 <= start <= end <= 1")
     previous = model.get_attachment(KEY)
@@ -364,6 +381,6 @@ def without_membranes(model):
 def state_of(model) -> MembraneState:
     state = model.get_attachment(KEY)
     if state is None:
-        raise SPMError("this MODEL carries no membranes: connect it through a Load SPM node first")
+        raise SPMError("this MODEL carries no membranes: connect it through a SPM Load Membrane node first")
     return state
 

@@ -1,4 +1,4 @@
-"""Train SPM: Latent Anchoring training as a node (progress bar with ETA, cancel, resume)."""
+"""SPM Train Membrane: Latent Anchoring training as a node (progress bar with ETA, cancel, resume)."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ class TrainSPM(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SPMTrain",
-            display_name="Train SPM",
-            category="loaders/spm",
+            display_name="SPM Train Membrane (Concept Eraser)",
+            category="training",
             description="Trains a membrane that erases the target concept(s) from this model (Latent Anchoring), "
-                        "saves it to models/spm/<name>.safetensors and returns the model with it applied.",
+                        "saves it in models/spm under the given name and returns the model with it applied.",
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The model to erase the concept from (it is not changed)."),
@@ -86,9 +86,9 @@ class TrainSPM(io.ComfyNode):
                              tooltip="Seed: the same seed gives the same membrane."),
                 io.String.Input("name", default="my_membrane", tooltip="File name in models/spm (without extension)."),
                 io.Boolean.Input("resume", default=False, tooltip="Continue a cancelled run of the same name "
-                                                                  "(<name>.partial.safetensors) instead of starting over."),
+                                                                  "(the .partial.safetensors file of that name) instead of starting over."),
                 io.Boolean.Input("overwrite", default=False,
-                                 tooltip="Replace models/spm/<name>.safetensors if it exists. Off: an existing membrane is "
+                                 tooltip="Replace the membrane of that name in models/spm if it exists. Off: an existing membrane is "
                                          "never replaced (training stops with a message before it starts)."),
             ],
             outputs=[

@@ -1,4 +1,4 @@
-"""Train SPM inside ComfyUI (node) and headless (scripts/train_spm.py): the ComfyUI side of
+"""SPM Train Membrane inside ComfyUI (node) and headless (scripts/train_spm.py): the ComfyUI side of
 spm_core.training — the model adapter, prompt encoding, progress, cancel and files."""
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Starts a real ComfyUI server whose models/loras holds N kohya-style LoRA files (tiny tensors,
 realistic metadata) plus one SPM membrane, and prints the time of GET /object_info and of
-GET /object_info/<node> for Load SPM and the stock LoraLoader: the first call (every LoRA header
-read once) and the median of the following ones (Load SPM's list comes from its cache, a stat per
+GET /object_info/<node> for SPM Load Membrane and the stock LoraLoader: the first call (every LoRA header
+read once) and the median of the following ones (SPM Load Membrane's list comes from its cache, a stat per
 file). Run ComfyUI's own node list beside it for scale.
 
     python scripts/benchmark_object_info.py              # 1,000 LoRAs, 10 repeats
@@ -70,8 +70,8 @@ def main() -> None:
         listed = server.get("/object_info/SPMLoader")["SPMLoader"]["input"]["required"]["membrane"]
         choices = listed[1]["options"] if isinstance(listed[0], str) else listed[0]
         if choices != ["loras/zz_membrane.safetensors"]:
-            raise SystemExit(f"Load SPM lists {choices[:5]}, not the one membrane among the LoRAs")
-    print("\n'first' for Load SPM includes reading every header once (the server's first listing after a start);"
+            raise SystemExit(f"SPM Load Membrane lists {choices[:5]}, not the one membrane among the LoRAs")
+    print("\n'first' for SPM Load Membrane includes reading every header once (the server's first listing after a start);"
           "\nLoraLoader's list is cached by ComfyUI by folder modification time.")
 
 

@@ -31,7 +31,7 @@ OURS = {"SPMLoader", "SPMTextEncode", "SPMTransportInspector", "SPMSaveAsLoRA", 
 # type -> (linked inputs [(name, type)], outputs [(name, type)], size [w, h] at least the frontend's computeSize)
 NODES = {
     "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 98]),
-    "SPMLoader": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL")], [320, 300]),
+    "SPMLoader": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL")], [320, 340]),
     "SPMTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")], [400, 150]),
     "EmptyLatentImage": ([], [("LATENT", "LATENT")], [320, 106]),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -117,15 +117,15 @@ SD15_SAMPLER = ["dpmpp_2m", "karras", 1.0]
 SD15_NOTE = (f"## {{title}}\n\n{{what}}\n\n**Checkpoint:** Stable Diffusion 1.5 (`{SD15}` in `models/checkpoints`; "
              "any SD1.5 fine-tune works too: membranes transfer without retraining). 512x512, 25 steps.\n\n"
              "**Membranes:** put SPM files in `models/spm` (or SPM-tagged files in `models/loras`) and pick them in "
-             "Load SPM; the names here are examples.\n\n"
+             "SPM Load Membrane; the names here are examples.\n\n"
              "**No checkpoint at hand?** Open *SPM - Miniature world* from the templates: it runs on the small model "
-             "shipped with the pack. Or swap Load Checkpoint for *Load Miniature World (SPM example)*, set the latent "
+             "shipped with the pack. Or swap Load Checkpoint for *SPM Example: Load Miniature World*, set the latent "
              "to 128x128 and use its concepts (snowman, circle, red, striped, ...).")
 
 
 def spm(flow, pos, model, clip, membrane, transport="paper", strength=1.0):
-    """A Load SPM fed by `model` (a Load SPM or a loader: MODEL is output 0 of both)."""
-    return flow.add("SPMLoader", pos, [membrane, strength, transport, "positive only", 0.0, 1.0, 0.0],
+    """A SPM Load Membrane fed by `model` (a SPM Load Membrane or a loader: MODEL is output 0 of both)."""
+    return flow.add("SPMLoader", pos, [membrane, strength, transport, "positive only", 0.0, 1.0, 0.0, 1.0],
                     model=(model, 0), clip=(clip, 1))
 
 
@@ -169,7 +169,7 @@ def chain_three_membranes() -> None:
     flow = Workflow()
     title = "SPM - Chain three membranes (SD1.5)"
     checkpoint, positive, negative, latent = sd15_base(
-        flow, title, "Three Load SPM in a chain erase three concepts at once; each opens only for prompts near its "
+        flow, title, "Three SPM Load Membrane in a chain erase three concepts at once; each opens only for prompts near its "
                      "own concept.", "mickey mouse and snoopy in a van gogh painting", x=1160)
     model = checkpoint
     for index, membrane in enumerate(("snoopy.safetensors", "mickey_mouse.safetensors", "van_gogh.safetensors")):
@@ -216,7 +216,7 @@ def train_then_apply() -> None:
     flow = Workflow()
     title = "SPM - Train a membrane, then apply it (SD1.5)"
     checkpoint, positive, negative, latent = sd15_base(
-        flow, title, "Train SPM erases a concept from this checkpoint (Latent Anchoring keeps the rest), saves "
+        flow, title, "SPM Train Membrane erases a concept from this checkpoint (Latent Anchoring keeps the rest), saves "
                      "`models/spm/snoopy_trained.safetensors` and hands the model on with the new membrane. 500 "
                      "iterations take roughly 10-20 minutes on a recent GPU; the paper trains 3000. A queue with "
                      "unchanged settings does not retrain; an existing file is kept unless *overwrite* is on.",
@@ -244,13 +244,13 @@ MINIWORLD_SAMPLER = [1, "fixed", 20, 5.0, "euler", "normal", 1.0]
 
 
 def miniworld_train() -> None:
-    """Train SPM on the miniature model: a snowman membrane in about a minute and a half on a CPU
+    """SPM Train Membrane on the miniature model: a snowman membrane in about a minute and a half on a CPU
     (settings of miniworld.lab.MembraneSettings)."""
     flow = Workflow()
     title = "SPM - Miniature world 1 - train a snowman membrane"
     world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
     flow.add("MarkdownNote", (0, flow.below(world)), [MINIWORLD_NOTE.format(
-        title=title, what="Train SPM erases *snowman* from the miniature model in about a minute and a half on a CPU "
+        title=title, what="SPM Train Membrane erases *snowman* from the miniature model in about a minute and a half on a CPU "
                           "and saves `models/spm/snowman.safetensors`; then open *Miniature world 2*.")],
         title="About the miniature world")
     trained = flow.add("SPMTrain", (440, 0), ["snowman", "", "", 200, 1e-2, 1, 1.0, 10.0, 2, "prompts", 1.0, 20, 16, 0,

@@ -210,7 +210,7 @@ def shipped_workflow(key: str) -> dict:
 
 
 def for_test_models(workflow: dict, checkpoint: str = "tiny-sd15.safetensors") -> dict:
-    """A shipped SD1.5 workflow on the tests' tiny checkpoint: 256 px, 6 steps, Train SPM sized for a
+    """A shipped SD1.5 workflow on the tests' tiny checkpoint: 256 px, 6 steps, SPM Train Membrane sized for a
     CPU. Workflows on the miniature model are returned as they are. Changes `workflow` in place."""
     nodes = workflow["nodes"]
     if not any(n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] == SD15_CHECKPOINT for n in nodes):

@@ -1,7 +1,7 @@
 """The demo: erase "snowman" from the shipped miniature model through a real ComfyUI server.
 
-Starts ComfyUI with this pack, runs the workflow 'SPM - Miniature world 1' (Train SPM on the miniature
-model: models/spm/snowman.safetensors), then 'SPM - Miniature world 2' (Load SPM, before and
+Starts ComfyUI with this pack, runs the workflow 'SPM - Miniature world 1' (SPM Train Membrane on the miniature
+model: models/spm/snowman.safetensors), then 'SPM - Miniature world 2' (SPM Load Membrane, before and
 after at the same seeds) for five prompts: the target, a synonym, two unrelated prompts and one
 that combines the target with another concept. Writes to OUT_DIR (default out/demo/):
   miniworld_grid.png  rows = prompts; left: before, right: after, each with the classifier's
@@ -50,7 +50,7 @@ def main(comfy_root: str, out_dir: str) -> None:
     base = tempfile.mkdtemp(prefix="spm-demo-")
     print("starting ComfyUI ...", flush=True)
     with ComfyServer(comfy_root, base) as server:
-        print("training the snowman membrane with Train SPM (workflow 'SPM - Miniature world 1') ...", flush=True)
+        print("training the snowman membrane with SPM Train Membrane (workflow 'SPM - Miniature world 1') ...", flush=True)
         run_workflow(server, "miniworld_train", server.object_info())
         info = server.object_info()  # now lists models/spm/snowman.safetensors
         rows = []
@@ -100,9 +100,9 @@ def compose(rows):
     left_x = label_width
     right_x = label_width + PER_ROW * (side + gap) + 3 * gap
     draw.text((left_x, 8), "before: the miniature model as shipped", fill="black")
-    draw.text((right_x, 8), "after: + snowman membrane (Load SPM), same seeds", fill="black")
+    draw.text((right_x, 8), "after: + snowman membrane (SPM Load Membrane), same seeds", fill="black")
     draw.line([(right_x - 2 * gap, header - 6), (right_x - 2 * gap, height)], fill=(160, 160, 160), width=2)
-    lines = ["Snowman membrane (trained by Train SPM on the miniature model), transport 'paper'.",
+    lines = ["Snowman membrane (trained by SPM Train Membrane on the miniature model), transport 'paper'.",
              f"{'prompt':<20} {'role':<17} {'gate +':>6} {'gate -':>6}  classifier before -> after"]
     for index, (text, role, before, after, gates) in enumerate(rows):
         y = header + index * (side + caption + 14)

@@ -10,7 +10,7 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --a
                official merge; paraphrase and gradient attacks; adversarially trained membranes; prompt
                vs Gaussian anchors over anchor strength; transfer to a fine-tuned copy of the model
                (trained by miniworld.train_model). Membranes are trained with the pack's own
-               Train SPM code and kept in --membranes, so a second run only samples.
+               SPM Train Membrane code and kept in --membranes, so a second run only samples.
 --quick        one concept (snowman), the main setups and the gradient attack: what CI runs
                (tests/test_erasure_benchmark.py).
 --bare         the shipped model without any membrane: the classifier's accuracy per concept and
@@ -324,7 +324,7 @@ def print_attacks(results: list[dict], count: int) -> None:
     settings = AttackSettings()
     print(f"\nGradient attack: {settings.soft_tokens} free token embeddings after \"a\", {settings.steps} Adam steps "
           f"(lr {settings.learning_rate}, batch {settings.batch}), against the membrane and its gate; "
-          f"{count} generations through Load SPM")
+          f"{count} generations through SPM Load Membrane")
     print(f"{'setup':<25} {'concepts':>8} {'attack success':>15} {'gate':>6} {'bare model draws it':>20}")
     for label in dict.fromkeys(r["setup"] for r in results):
         rows = [r for r in results if r["setup"] == label]

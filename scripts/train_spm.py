@@ -1,4 +1,4 @@
-"""Train a membrane headless, e.g. on a remote GPU: the same training as the Train SPM node.
+"""Train a membrane headless, e.g. on a remote GPU: the same training as the SPM Train Membrane node.
 
 usage: python scripts/train_spm.py CHECKPOINT.safetensors --target "snoopy" [--config train.yaml]
            [--surrogate "a dog"] [--neutral ""] [--out models/spm/snoopy.safetensors] [--resume]

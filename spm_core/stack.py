@@ -42,7 +42,7 @@ def module_shape(module: torch.nn.Module) -> tuple[int, int, bool]:
 
 
 class MembraneStack:
-    """Every membrane of a MODEL, fused per layer. Built once per distinct chain of Load SPM
+    """Every membrane of a MODEL, fused per layer. Built once per distinct chain of SPM Load Membrane
     nodes; the gate matrix for a call is (rows x membranes) in `uses` order."""
 
     def __init__(self, uses: Sequence[MembraneUse], key_map: Mapping[str, str],
@@ -60,9 +60,10 @@ class MembraneStack:
     def membrane_count(self) -> int:
         return len(self.uses)
 
-    def row_gates(self, gates: torch.Tensor) -> torch.Tensor:
-        """Effective per-row gates: the gate law applied, times each membrane's strength."""
-        return self.gate_law.apply(gates.to(torch.float32)) * self.strengths
+    def row_gates(self, gates: torch.Tensor, strengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Effective per-row gates: the gate law applied, times each membrane's strength, or times
+        `strengths` (rows x membranes) where rows differ (e.g. a separate strength for negative rows)."""
+        return self.gate_law.apply(gates.to(torch.float32)) * (self.strengths if strengths is None else strengths)
 
     def folded_weights(self, weights: Mapping[str, torch.Tensor], gates: torch.Tensor) -> dict[str, torch.Tensor]:
         """The static-gate fast path: for gates (membranes,) that hold for every row and every
@@ -157,13 +158,17 @@ def current_row_gates(stack: MembraneStack) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def gates_active(stack: MembraneStack, gates: torch.Tensor) -> Iterator[None]:
-    """Within this block, hooks of `stack` apply `gates` (rows x membranes, before strength)."""
+def gates_active(stack: MembraneStack, gates: torch.Tensor, strengths: torch.Tensor | None = None) -> Iterator[None]:
+    """Within this block, hooks of `stack` apply `gates` (rows x membranes, before strength) at the
+    stack's strengths, or at `strengths` (rows x membranes) when given. The official merge law
+    always uses the stack's strengths."""
     if gates.ndim != 2 or gates.shape[1] != stack.membrane_count:
         raise ValueError(f"gates must be (rows, {stack.membrane_count}), got {tuple(gates.shape)}")
+    if strengths is not None and strengths.shape != gates.shape:
+        raise ValueError(f"strengths must be {tuple(gates.shape)} like the gates, got {tuple(strengths.shape)}")
     key = id(stack)
     previous = _context.active.get(key)
-    row_gates = stack.row_gates(gates)
+    row_gates = stack.row_gates(gates, strengths)
     if bool(row_gates.any()):
         _context.active[key] = _CallGates(row_gates, gates.to(torch.float32))
     else:

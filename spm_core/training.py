@@ -2,7 +2,7 @@
 
 Per iteration, for one of the membrane's concepts:
   1. roll out k of T deterministic (DDIM/Euler) steps from where ComfyUI's samplers start, with
-     CFG on the target and the membrane ON for the target row only (as Load SPM samples: the
+     CFG on the target and the membrane ON for the target row only (as SPM Load Membrane samples: the
      uncond row stays closed), giving x at noise level sigma_k; evaluate at that same sigma_k
      (the official loop evaluates about one step off);
   2. membrane OFF, one batched call: e_pos, e_neu and every anchor's prediction (the empty prompt,
@@ -292,7 +292,7 @@ class Trainer:
     @torch.no_grad()
     def _rollout(self, target: Prompt, size: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """k deterministic steps from pure noise with CFG on the target, the membrane ON for the target
-        row and OFF for the uncond row, as Load SPM samples by default; returns (x, sigma_k)."""
+        row and OFF for the uncond row, as SPM Load Membrane samples by default; returns (x, sigma_k)."""
         sigmas = self.model.sigmas(self.config.rollout_steps).float()
         x = self.model.start(torch.randn(1, self.model.latent_channels, size, size, generator=generator), sigmas[0])
         self.membrane.enabled, self.membrane.row_mask = True, torch.tensor([0.0, 1.0])

@@ -1,7 +1,7 @@
 """The frontend in a real browser: Debian Chromium (headless, driven over the DevTools protocol
 with aiohttp) opens the real ComfyUI frontend served by the `comfy_server` fixture.
 
-Checks: our extension (web/spm.js) is fetched and registered; a Load SPM node loaded from
+Checks: our extension (web/spm.js) is fetched and registered; a SPM Load Membrane node loaded from
 workflows/erase_one_concept.json shows what its membrane erases; after a run queued from the page
 it shows the membrane's rank/transport and the gates the server sent in `spm.gates`; events naming
 unknown nodes or carrying no data are ignored; the label survives a page reload; and nothing from
@@ -42,7 +42,7 @@ SCREENSHOT = os.path.join(SHOTS, "load_spm.png")
 FAILED_SCREENSHOT = os.path.join(SHOTS, "failed.png")
 THUMBNAIL = (512, 320)
 DOCS_SCREENSHOT = os.path.join(REPO, "docs", "images", "browser_load_spm.png")
-LOADER_ID = 6  # the Load SPM node in workflows/erase_one_concept.json
+LOADER_ID = 6  # the SPM Load Membrane node in workflows/erase_one_concept.json
 # sizes against the frontend's own computeSize, and overlaps with title bars counted
 LAYOUT_PROBLEMS = """(() => {
     const title = window.LiteGraph.NODE_TITLE_HEIGHT, nodes = window.app.graph.nodes, problems = [];
@@ -306,11 +306,11 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
     fetched = [p["response"] for m, p in page.events if m == "Network.responseReceived" and p["response"]["url"].endswith(SCRIPT_URL)]
     assert fetched and fetched[-1]["status"] == 200, f"{SCRIPT_URL} was not fetched: {fetched}"
 
-    # 1b. a Train SPM added by hand keeps its seed ("randomize" would retrain on every queue)
+    # 1b. a SPM Train Membrane added by hand keeps its seed ("randomize" would retrain on every queue)
     control = await page.evaluate("(() => { const n = window.LiteGraph.createNode('SPMTrain'); window.app.graph.add(n);"
                                   " const v = n.widgets.find(w => w.name === 'seed').linkedWidgets[0].value;"
                                   " window.app.graph.remove(n); return v; })()")
-    assert control == "fixed", f"a new Train SPM's seed control is {control!r}"
+    assert control == "fixed", f"a new SPM Train Membrane's seed control is {control!r}"
 
     # 2. every shipped workflow loads exactly (each node's widgets read back as the file holds them),
     # its nodes are at least as big as the frontend needs and none overlaps another; screenshots
@@ -341,7 +341,7 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
 
     # 3. the workflow renders, with the concept label derived from the file name
     await load(page, workflow, "erase")
-    label = await page.wait_for(LABEL.format(id=LOADER_ID), 20, "the Load SPM label")
+    label = await page.wait_for(LABEL.format(id=LOADER_ID), 20, "the SPM Load Membrane label")
     assert label == "erases: snoopy (from the file name)", label
 
     # 4. a run queued from the page: the ui payload and the spm.gates event reach the node
@@ -359,14 +359,14 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
     ended = await page.wait_for("window.__spmRunEnded", 300, "the run queued from the page to end")
     assert ended == "execution_success", ended
     label = await page.wait_for(f"(l => l && l.includes('gate last step') && l)({LABEL.format(id=LOADER_ID)})",
-                                10, "the gates of the run to reach the Load SPM node")
+                                10, "the gates of the run to reach the SPM Load Membrane node")
     gates, membrane, cached = await page.evaluate("[window.__spmGates, window.__spmMembrane, window.__spmCached]")
     row = next(r for r in gates["membranes"] if str(r["node"]) == str(LOADER_ID))
     assert row["concepts"] == ["snoopy"], row
     details = []
     if str(LOADER_ID) in cached:  # a cached node sends no ui payload: the concepts come from spm.gates
         assert membrane is None, membrane
-        print("\nthe Load SPM node was cached (the /free before the run lost a race): no rank line")
+        print("\nthe SPM Load Membrane node was cached (the /free before the run lost a race): no rank line")
     else:
         assert membrane["concepts"] == ["snoopy"] and membrane["rank"] == 1, membrane
         details = [f"rank 1 · {membrane['layers']} layers · transport: paper"]
@@ -376,7 +376,7 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
         f"gate last step: positive {row['positive']:.2f} · negative {row['negative']:.2f}",
     ], label
 
-    # 5. the screenshot: 100 % zoom, the checkpoint loader, Load SPM and the sampler in view
+    # 5. the screenshot: 100 % zoom, the checkpoint loader, SPM Load Membrane and the sampler in view
     box = await page.evaluate(f"""(async () => {{
         const app = window.app, node = app.graph.getNodeById({LOADER_ID});
         app.canvas.ds.scale = 1;
@@ -392,7 +392,7 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
         box.onTop = document.elementFromPoint((box.x0 + box.x1) / 2, (box.y0 + box.y1) / 2) === app.canvas.canvas;
         return box;
     }})()""")
-    assert box["onTop"], f"something covers the Load SPM label at {box}"
+    assert box["onTop"], f"something covers the SPM Load Membrane label at {box}"
     shot = await page.send("Page.captureScreenshot", format="png")
     png = base64.b64decode(shot["data"])
 
@@ -420,7 +420,7 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
     await page.wait_for(app_ready, 120, "the frontend after a reload")
     file, restored = await page.wait_for(
         "(n => n && [n.widgets.find(w => w.name === 'membrane').value, n.widgets.find(w => w.name === 'spm_info')?.value])"
-        "(window.app.graph.nodes.find(n => n.comfyClass === 'SPMLoader'))", 30, "the restored Load SPM node's label")
+        "(window.app.graph.nodes.find(n => n.comfyClass === 'SPMLoader'))", 30, "the restored SPM Load Membrane node's label")
     # (whether the last programmatic edit was persisted before the reload is up to the frontend)
     assert file in ("snoopy.safetensors", "mickey_mouse.safetensors"), file
     assert restored == f"erases: {file.removesuffix('.safetensors').replace('_', ' ')} (from the file name)", restored
@@ -481,7 +481,7 @@ async def miniworld_from_the_page(page: Page, output_dir: str) -> None:
     after, before = await node_images(page, "SaveImage", "After"), await node_images(page, "SaveImage", "Before")
     assert len(after) == len(before) == 4, (after, before)
     label = await page.wait_for(f"(l => l && l.includes('gate last step') && l)({LABEL.format(id=f'{loader}.id')})",
-                                10, "the gates of the miniature run on Load SPM")
+                                10, "the gates of the miniature run on SPM Load Membrane")
     assert label.startswith("erases: snowman\n") and "positive 1.00" in label, label
     pictures = [[Image.open(os.path.join(output_dir, i["subfolder"], i["filename"])).convert("RGB") for i in side]
                 for side in (before, after)]
@@ -497,7 +497,7 @@ def test_frontend_shows_membrane_and_gates(comfy_server):
                                                 "Comfy.Minimap.Visible": False,
                                                 "LiteGraph.Canvas.MinFontSizeForLOD": 0})  # text at any zoom
     assert status == 200, status
-    # drop the server's node cache (other tests ran this workflow), so Load SPM executes and sends its ui payload
+    # drop the server's node cache (other tests ran this workflow), so SPM Load Membrane executes and sends its ui payload
     assert comfy_server.post("/free", {"free_memory": True})[0] == 200
     workflow = small_run(for_test_models(shipped_workflow("erase")))
     start = time.monotonic()

@@ -35,11 +35,11 @@ class RowSpy:
         return executor(*args, **kwargs)
 
 
-def spied_model(spm_world, rows, transport="calibrated"):
+def spied_model(spm_world, rows, transport="calibrated", negative_strength=None):
     from comfy.patcher_extension import WrappersMP
 
     patcher, clip, _ = spm_world
-    model = load_spm(patcher, clip, "snoopy.safetensors", transport=transport, rows=rows)
+    model = load_spm(patcher, clip, "snoopy.safetensors", transport=transport, rows=rows, negative_strength=negative_strength)
     spy = RowSpy(model.get_attachment(pack_module("nodes.runtime").KEY).stack)
     model = model.clone()
     model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "row_spy", spy)
@@ -97,11 +97,23 @@ GUIDER_CONDS = {
 NEGATIVE_ROLE = {"negative", "empty_negative_prompt"}
 
 
-@pytest.mark.parametrize("rows", ["positive only", "positive and negative"])
+ROW_SETTINGS = [("positive only", None), ("negative only", None), ("positive and negative", None),
+                ("positive and negative", 0.5)]
+
+
+def strength_on(role: str, rows: str, negative_strength: float | None) -> float:
+    """What the rows setting promises: the membrane's strength on rows of a cond named `role`."""
+    if role in NEGATIVE_ROLE:
+        return 0.0 if rows == "positive only" else (1.0 if negative_strength is None else negative_strength)
+    return 0.0 if rows == "negative only" else 1.0
+
+
+@pytest.mark.parametrize("rows, negative_strength", ROW_SETTINGS, ids=[f"{r}-{n}" for r, n in ROW_SETTINGS])
 @pytest.mark.parametrize("kind", list(GUIDER_CONDS))
-def test_every_row_gets_its_own_conds_gate(spm_world, kind, rows):
+def test_every_row_gets_its_own_conds_gate(spm_world, kind, rows, negative_strength):
+    """Each row's effective gate (gate x strength) as its cond's role and the rows setting say."""
     _, clip, _ = spm_world
-    model, spy = spied_model(spm_world, rows)
+    model, spy = spied_model(spm_world, rows, negative_strength=negative_strength)
     texts = GUIDER_CONDS[kind]
     prompts = {name: encode(clip, text) for name, text in texts.items()}
     prompts["positive"] = prompts["positive"] + with_area(encode(clip, texts["positive"] + " in a field"))
@@ -109,9 +121,8 @@ def test_every_row_gets_its_own_conds_gate(spm_world, kind, rows):
     for name, conditioning in prompts.items():
         # prompts naming "snoopy" open fully (token overlap 1); the others stay closed (calibrated 0)
         opens = "snoopy" in texts[name]
-        closed_by_role = name in NEGATIVE_ROLE and rows == "positive only"
         for embedding, _ in conditioning:
-            expected_by_embedding.append((embedding[0], 1.0 if opens and not closed_by_role else 0.0, name))
+            expected_by_embedding.append((embedding[0], strength_on(name, rows, negative_strength) if opens else 0.0, name))
     run_guider(kind, model, prompts)
 
     assert spy.calls, "the sampler never called the model"
@@ -142,5 +153,5 @@ def test_official_code_cannot_be_mixed_with_other_transports_in_a_chain(spm_worl
     patcher, clip, _ = spm_world
     errors = pack_module("spm_core.errors")
     official = load_spm(patcher, clip, "snoopy.safetensors", transport="official_code")
-    with pytest.raises(errors.SPMError, match="on every Load SPM of the chain"):
+    with pytest.raises(errors.SPMError, match="on every SPM Load Membrane of the chain"):
         load_spm(official, clip, "snoopy.safetensors", transport="paper", uid="2")

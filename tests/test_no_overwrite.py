@@ -1,4 +1,4 @@
-"""No silent overwrite: Save SPM as LoRA and Train SPM never replace an existing file unless the
+"""No silent overwrite: SPM Save as LoRA and SPM Train Membrane never replace an existing file unless the
 user switches 'overwrite' on, and a refusal leaves the file as it was."""
 
 import os

@@ -170,7 +170,7 @@ def test_merge_into_model_equals_always_open_membranes(spm_world):
     # snoopy is positive-only in the gated model but merged everywhere: compare a model that
     # opens both membranes on all rows
     everywhere = load_spm(load_spm(patcher, clip, "snoopy.safetensors", transport="always_open", strength=0.8,
-                                   rows="positive and negative"),
+                                   rows="positive and negative", negative_strength=0.8),
                           clip, "mickey_mouse.safetensors", transport="always_open", rows="positive and negative")
     # weight patching and the hook path round differently in fp32: compare relative to the latent scale
     assert (sample(everywhere, positive, negative) - static).abs().max() <= 1e-5 * static.abs().max()
@@ -274,3 +274,14 @@ def test_lora_folder_listing_follows_changed_files(spm_world, tmp_path):
     assert "loras/style.safetensors" in paths.membrane_choices()
     save_file(weights, str(lora), metadata={"ss_network_module": "networks.lora"})
     assert "loras/style.safetensors" not in paths.membrane_choices()
+
+
+def test_clip_is_needed_only_by_transports_that_compare_prompts(spm_world):
+    patcher, clip, _ = spm_world
+    positive, negative = encode(clip, "snoopy"), encode(clip, "")
+    with_clip = sample(load_spm(patcher, clip, "snoopy.safetensors", transport="always_open"), positive, negative)
+    without_clip = sample(load_spm(patcher, None, "snoopy.safetensors", transport="always_open"), positive, negative)
+    assert torch.equal(with_clip, without_clip)
+    errors = pack_module("spm_core.errors")
+    with pytest.raises(errors.SPMError, match="snoopy.safetensors: transport 'paper' .* needs the clip input"):
+        load_spm(patcher, None, "snoopy.safetensors", transport="paper")

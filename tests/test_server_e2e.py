@@ -97,16 +97,22 @@ def test_bad_input_fails_in_the_node_and_the_server_keeps_serving(comfy_server, 
     assert comfy_server.run(erase_prompt(object_info))["status"]["status_str"] == "success"
 
 
-@pytest.mark.parametrize("name, phrase", [
-    ("nudity.pt", "nudity.pt: pickled checkpoints are not loaded"),
-    ("does_not_exist.safetensors", "'does_not_exist.safetensors' not found in models/spm"),
-])
-def test_files_not_offered_are_refused_without_reading_them(comfy_server, object_info, name, phrase):
+def test_a_pickled_file_is_refused_without_reading_it(comfy_server, object_info):
     """ComfyUI 0.3.75 does not check V3 combo values against their options, so the node does."""
-    entry = comfy_server.run(erase_prompt(object_info, membrane=name))
+    entry = comfy_server.run(erase_prompt(object_info, membrane="nudity.pt"))
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert errors and phrase in errors[0]["exception_message"], errors
+    assert errors and "nudity.pt: pickled checkpoints are not loaded" in errors[0]["exception_message"], errors
     assert comfy_server.run(erase_prompt(object_info))["status"]["status_str"] == "success"
+
+
+def test_a_missing_membrane_is_refused_when_queued_before_anything_runs(comfy_server, object_info):
+    prompt = erase_prompt(object_info, membrane="does_not_exist.safetensors")
+    code, response = comfy_server.queue(prompt)
+    assert code == 400, (code, response)
+    loader = next(key for key, node in prompt.items() if node["class_type"] == "SPMLoader")
+    (error,) = response["node_errors"][loader]["errors"]
+    assert "'does_not_exist.safetensors' not found in models/spm" in error["details"], error
+    assert "prompt_id" not in response, "nothing was queued"
 
 
 def test_gates_are_sent_to_the_frontend(comfy_server, object_info):

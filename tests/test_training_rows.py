@@ -1,4 +1,4 @@
-"""Training matches inference: rollouts keep the membrane closed on the uncond row, as Load SPM
+"""Training matches inference: rollouts keep the membrane closed on the uncond row, as SPM Load Membrane
 samples by default; an iteration with non-finite gradients (fp16 overflow) changes nothing."""
 
 import torch

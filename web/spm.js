@@ -1,9 +1,9 @@
-// SPM for ComfyUI: shows on every Load SPM node what its membrane erases and, after sampling,
+// SPM for ComfyUI: shows on every SPM Load Membrane node what its membrane erases and, after sampling,
 // how far each membrane opened (its Facilitated Transport gates on the positive and negative rows).
 //
 // Sources: before a run, the selected file name; after a run, the node's ui payload
 // `spm_membrane` (nodes/load.py); after sampling, the websocket event `spm.gates`
-// (nodes/runtime.py), routed to the Load SPM node whose id it names.
+// (nodes/runtime.py), routed to the SPM Load Membrane node whose id it names.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -157,7 +157,7 @@ app.registerExtension({
 
   nodeCreated(node) {
     if ((node.comfyClass ?? node.type) === TRAINER) {
-      // a new Train SPM keeps its seed: "randomize" would retrain (and refuse to overwrite) on every
+      // a new SPM Train Membrane keeps its seed: "randomize" would retrain (and refuse to overwrite) on every
       // queue. A workflow's own setting is restored after this, so saved graphs keep theirs.
       const control = node.widgets?.find((w) => w.name === "seed")?.linkedWidgets?.[0];
       if (control) control.value = "fixed";
