@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..spm_core.errors import SPMError
 from ..spm_core.file_format import load_membrane
+from ..spm_core.ramp import Ramp
 from ..spm_core.transport import Transport, TransportMode
 from . import paths
 from .encode import encode_concept, encode_empty, encode_with_tokens
@@ -60,6 +61,10 @@ class LoadSPM(io.ComfyNode):
                 io.Float.Input("negative_strength", default=1.0, min=-100.0, max=100.0, step=0.05,
                                tooltip="Strength on the negative rows, when rows include them (official_code: strength "
                                        "everywhere)."),
+                io.Combo.Input("ramp", options=[ramp.value for ramp in Ramp], default=Ramp.CONSTANT.value,
+                               tooltip="How the strength changes over start_percent..end_percent: constant; fade in (0 at "
+                                       "the start, full at the end: acts on details); fade out (full at the start, 0 at "
+                                       "the end: acts on composition)."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the membrane added.")],
             hidden=[io.Hidden.unique_id],
@@ -77,7 +82,7 @@ class LoadSPM(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, membrane, strength, transport, rows, start_percent, end_percent, min_gate=0.0,
-                negative_strength=1.0, clip=None) -> io.NodeOutput:
+                negative_strength=1.0, ramp=Ramp.CONSTANT.value, clip=None) -> io.NodeOutput:
         loaded = load_membrane(paths.membrane_path(membrane))
         mode = TransportMode.named(transport)
         if clip is None and mode is not TransportMode.ALWAYS_OPEN:
@@ -91,7 +96,7 @@ class LoadSPM(io.ComfyNode):
             raise SPMError(f"{membrane}: {error}") from None
         entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=transport_rate,
                               rows=rows, start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id,
-                              negative_strength=float(negative_strength))
+                              negative_strength=float(negative_strength), ramp=Ramp.named(ramp))
         patched = with_membrane(model, entry)
         return io.NodeOutput(patched, ui={"spm_membrane": [{
             "name": loaded.name, "concepts": loaded.concept_labels, "architecture": loaded.architecture,

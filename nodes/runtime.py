@@ -26,12 +26,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import comfy.lora
+import numpy as np
 import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 from ..spm_core.errors import SPMError, SPMModelMismatch
 from ..spm_core.file_format import is_membrane_layer
 from ..spm_core.membrane import GateLaw, Membrane
+from ..spm_core.ramp import Ramp
 from ..spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active, module_shape
 from ..spm_core.transport import Transport, TransportMode
 from .encode import TOKENS_KEY, TOKENS_OF_KEY, embedding_fingerprint
@@ -58,6 +60,7 @@ class MembraneEntry:
     end_percent: float = 1.0
     node_id: str | None = None
     negative_strength: float | None = None  # on negative rows; None: the same as `strength`
+    ramp: Ramp = Ramp.CONSTANT
 
     def acts_on(self, role: str) -> bool:
         return self.rows == POSITIVE_AND_NEGATIVE or self.rows == (NEGATIVE_ONLY if role == NEGATIVE else POSITIVE_ONLY)
@@ -106,6 +109,8 @@ class MembraneState:
         self._strengths = {role: torch.tensor([e.strength_on(role) for e in entries], dtype=torch.float32)
                            for role in (POSITIVE, NEGATIVE)}
         self._sigma_ranges: tuple[object, torch.Tensor, torch.Tensor] | None = None
+        self._ramped = any(e.ramp is not Ramp.CONSTANT for e in entries)
+        self._percent_table: tuple[object, list[float], list[float]] | None = None
         self._latent_entries = [i for i, e in enumerate(entries) if e.transport.reads_model]
         self._latent_gates: dict[object, torch.Tensor] = {}  # uuid -> (membranes,), for the sampling run in progress
         self.last_gates: dict[str, list[float]] = {}
@@ -254,7 +259,21 @@ class MembraneState:
             gates = [shared[:1].expand(per_chunk, -1)] * len(gates)
             self.last_gates = {role: shared[0].tolist() for role in set(roles)}
             return torch.cat(gates), self.stack.strengths.expand(rows, -1)
-        return torch.cat(gates), torch.cat(strengths)
+        strengths = torch.cat(strengths)
+        if self._ramped:
+            strengths = strengths * self._ramp_factors(sigma, model_sampling)
+        return torch.cat(gates), strengths
+
+    def _ramp_factors(self, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
+        """(membranes,) each membrane's ramp at this step's sigma, read as a percent of sampling
+        through the model's own percent -> sigma map (tabulated once per model sampling object)."""
+        if self._percent_table is None or self._percent_table[0] is not model_sampling:
+            percents = [i / 200 for i in range(1, 200)]  # 0 and 1 map to infinite / zero sigma
+            sigmas = [float(model_sampling.percent_to_sigma(p)) for p in percents]
+            self._percent_table = (model_sampling, sigmas[::-1], percents[::-1])  # increasing sigma
+        _, sigmas, percents = self._percent_table
+        percent = float(np.interp(float(sigma.reshape(-1)[0]), sigmas, percents))
+        return torch.tensor([e.ramp.factor(percent, e.start_percent, e.end_percent) for e in self.entries])
 
     def _in_sampling_range(self, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
         """1 for membranes whose start..end range covers this step's sigma, else 0. The sigma
@@ -327,7 +346,8 @@ def gate_report(state: MembraneState) -> list[dict]:
     """What the frontend shows: each membrane's gates in the last sampled step."""
     report = []
     for index, entry in enumerate(state.entries):
-        row = {"membrane": entry.membrane.name, "concepts": entry.membrane.concept_labels, "node": entry.node_id}
+        row = {"membrane": entry.membrane.name, "concepts": entry.membrane.concept_labels, "node": entry.node_id,
+               "rank": entry.membrane.rank, "layers": len(entry.membrane.layers), "transport": entry.transport.mode.value}
         for kind, gates in state.last_gates.items():
             row[kind] = round(gates[index], 4)
         report.append(row)
@@ -353,6 +373,9 @@ def with_membrane(model, entry: MembraneEntry):
         if value is not None and not (math.isfinite(value) and abs(value) <= MAX_STRENGTH):
             raise SPMError(f"{name} is {value}; give a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g} "
                            "(1.0 = as trained, 0 = off)")
+    if entry.transport.mode is TransportMode.OFFICIAL and entry.ramp is not Ramp.CONSTANT:
+        raise SPMError("transport 'official_code' reproduces the official scripts, which have one strength for the "
+                       "whole run: set ramp to 'constant'")
     if not 0.0 <= entry.start_percent <= entry.end_percent <= 1.0:
         raise SPMError(f"sampling range {entry.start_percent}..{entry.end_percent} is invalid; need 0 <= start <= end <= 1")
     previous = model.get_attachment(KEY)

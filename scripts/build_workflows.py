@@ -31,7 +31,7 @@ OURS = {"SPMLoader", "SPMTextEncode", "SPMTransportInspector", "SPMSaveAsLoRA", 
 # type -> (linked inputs [(name, type)], outputs [(name, type)], size [w, h] at least the frontend's computeSize)
 NODES = {
     "CheckpointLoaderSimple": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 98]),
-    "SPMLoader": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL")], [320, 340]),
+    "SPMLoader": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL")], [320, 360]),
     "SPMTextEncode": ([("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")], [400, 150]),
     "EmptyLatentImage": ([], [("LATENT", "LATENT")], [320, 106]),
     "KSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
@@ -125,7 +125,7 @@ SD15_NOTE = (f"## {{title}}\n\n{{what}}\n\n**Checkpoint:** Stable Diffusion 1.5 
 
 def spm(flow, pos, model, clip, membrane, transport="paper", strength=1.0):
     """A SPM Load Membrane fed by `model` (a SPM Load Membrane or a loader: MODEL is output 0 of both)."""
-    return flow.add("SPMLoader", pos, [membrane, strength, transport, "positive only", 0.0, 1.0, 0.0, 1.0],
+    return flow.add("SPMLoader", pos, [membrane, strength, transport, "positive only", 0.0, 1.0, 0.0, 1.0, "constant"],
                     model=(model, 0), clip=(clip, 1))
 
 

@@ -25,11 +25,11 @@ def node(name, unique_id="1"):
 
 
 def load_spm(model, clip, membrane, transport="calibrated", rows="positive only", strength=1.0, start=0.0, end=1.0, uid="1",
-             min_gate=0.0, negative_strength=None):
-    negative = {} if negative_strength is None else {"negative_strength": negative_strength}
+             min_gate=0.0, negative_strength=None, ramp=None):
+    optional = {name: value for name, value in (("negative_strength", negative_strength), ("ramp", ramp)) if value is not None}
     return node("SPMLoader", uid).execute(model=model, clip=clip, membrane=membrane, strength=strength, transport=transport,
                                           rows=rows, start_percent=start, end_percent=end, min_gate=min_gate,
-                                          **negative).result[0]
+                                          **optional).result[0]
 
 
 def encode(clip, text):

@@ -1,12 +1,20 @@
 """The frontend in a real browser: Debian Chromium (headless, driven over the DevTools protocol
 with aiohttp) opens the real ComfyUI frontend served by the `comfy_server` fixture.
 
-Checks: our extension (web/spm.js) is fetched and registered; a SPM Load Membrane node loaded from
-workflows/erase_one_concept.json shows what its membrane erases; after a run queued from the page
-it shows the membrane's rank/transport and the gates the server sent in `spm.gates`; events naming
-unknown nodes or carrying no data are ignored; the label survives a page reload; and nothing from
-our script reaches the console. A screenshot is kept at out/browser/load_spm.png
-(SPM_UPDATE_DOCS=1 also copies it to docs/images/browser_load_spm.png for the README).
+Checks: our extension (web/spm.js) is fetched and registered; the frontend's node search finds SPM
+Load Membrane by "erase", "concept", "membrane" and "SPM"; every shipped workflow loads exactly (widget
+values), with no node smaller than the frontend needs and none overlapping, and is listed by the
+template endpoint with its thumbnail; the SPM Load Membrane node of "SPM - Erase one concept" (on
+the test checkpoint) shows what its membrane erases; after a run queued from the page it shows the
+membrane's rank/transport and the gates the server sent in `spm.gates`, also when the server
+answered the node from its cache; events naming unknown nodes or carrying no data are ignored; the
+label survives a page reload; the miniature world's training workflow queued from the page trains
+(and queued again unchanged does not retrain), a refresh offers the new membrane and the erase
+workflow runs with it; and nothing from our script reaches the console.
+
+Screenshots are kept in out/browser/: every workflow as loaded, the runs, load_spm.png.
+SPM_UPDATE_DOCS=1 also writes the workflows' thumbnails (workflows/<title>.jpg) and
+docs/images/browser_load_spm.png for the README.
 
 Chromium comes from scripts/install_browser.sh (called by scripts/test.sh).
 """
@@ -312,6 +320,15 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
                                   " window.app.graph.remove(n); return v; })()")
     assert control == "fixed", f"a new SPM Train Membrane's seed control is {control!r}"
 
+    # 1c. the frontend's own node search finds the loader by the words users type
+    found = await page.evaluate("""(() => {
+        const root = [...document.querySelectorAll('*')].find(e => e.__vue_app__);
+        const search = root.__vue_app__.config.globalProperties.$pinia._s.get('nodeDef').nodeSearchService;
+        return Object.fromEntries(['erase', 'concept', 'membrane', 'SPM'].map(q => [q, search.searchNode(q).slice(0, 3).map(n => n.name)]));
+    })()""")
+    for query, names in found.items():
+        assert "SPMLoader" in names, f"searching {query!r} shows {names}, not SPM Load Membrane"
+
     # 2. every shipped workflow loads exactly (each node's widgets read back as the file holds them),
     # its nodes are at least as big as the frontend needs and none overlaps another; screenshots
     for key, file_name in SHIPPED.items():
@@ -363,16 +380,14 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
     gates, membrane, cached = await page.evaluate("[window.__spmGates, window.__spmMembrane, window.__spmCached]")
     row = next(r for r in gates["membranes"] if str(r["node"]) == str(LOADER_ID))
     assert row["concepts"] == ["snoopy"], row
-    details = []
-    if str(LOADER_ID) in cached:  # a cached node sends no ui payload: the concepts come from spm.gates
+    if str(LOADER_ID) in cached:  # a cached node sends no ui payload: the gates event carries the details
         assert membrane is None, membrane
-        print("\nthe SPM Load Membrane node was cached (the /free before the run lost a race): no rank line")
+        print("\nthe SPM Load Membrane node was cached (the /free before the run lost a race)")
     else:
         assert membrane["concepts"] == ["snoopy"] and membrane["rank"] == 1, membrane
-        details = [f"rank 1 · {membrane['layers']} layers · transport: paper"]
     assert label.splitlines() == [
         "erases: snoopy",
-        *details,
+        f"rank 1 · {row['layers']} layers · transport: paper",
         f"gate last step: positive {row['positive']:.2f} · negative {row['negative']:.2f}",
     ], label
 
@@ -425,6 +440,24 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
     assert file in ("snoopy.safetensors", "mickey_mouse.safetensors"), file
     assert restored == f"erases: {file.removesuffix('.safetensors').replace('_', ' ')} (from the file name)", restored
 
+    # 8b. queued again from the reloaded page with a new seed: the server answers SPM Load Membrane from
+    # its cache (no ui payload for this page), and the node still shows everything from the gates event
+    cached_label = await page.evaluate(f"""(async () => {{
+        const api = window.comfyAPI.api.api, node = window.app.graph.getNodeById({LOADER_ID});
+        const membrane = node.widgets.find(w => w.name === 'membrane');
+        membrane.value = 'snoopy.safetensors'; membrane.callback?.(membrane.value);
+        window.app.graph.nodes.find(n => n.comfyClass === 'KSampler').widgets.find(w => w.name === 'seed').value += 1;
+        const cached = new Promise(r => api.addEventListener('execution_cached', e => r(e.detail?.nodes ?? []), {{once: true}}));
+        const ended = new Promise(r => api.addEventListener('execution_success', () => r(true), {{once: true}}));
+        await window.app.queuePrompt(0);
+        const nodes = await cached;
+        await ended;
+        return [nodes.map(String), {LABEL.format(id=LOADER_ID)}];
+    }})()""", timeout=300)
+    assert str(LOADER_ID) in cached_label[0], f"SPM Load Membrane was not cached: {cached_label[0]}"
+    assert cached_label[1].splitlines()[:2] == ["erases: snoopy", f"rank 1 · {row['layers']} layers · transport: paper"], \
+        cached_label[1]
+
     # 9. the miniature world from the page: train a membrane (few iterations), refresh, apply it
     await miniworld_from_the_page(page, output_dir)
     return png, box, page.events
@@ -469,6 +502,20 @@ async def miniworld_from_the_page(page: Page, output_dir: str) -> None:
     saved = await page.evaluate(f"window.app.nodeOutputs[String({trainer}.id)]?.text?.[0] ?? null")
     assert saved and f"{membrane}.safetensors after 10 iterations" in saved, saved
     save(os.path.join(SHOTS, "run_miniworld_train.png"), await fitted_screenshot(page))
+    saved_file = os.path.join(os.path.dirname(output_dir), "models", "spm", f"{membrane}.safetensors")
+    written = os.stat(saved_file).st_mtime_ns
+    cached = await page.evaluate("""(async () => {
+        const api = window.comfyAPI.api.api;
+        const cached = new Promise(r => api.addEventListener('execution_cached', e => r(e.detail?.nodes ?? []), {once: true}));
+        const ended = new Promise(r => api.addEventListener('execution_success', () => r(true), {once: true}));
+        await window.app.queuePrompt(0);
+        const nodes = await cached;
+        await ended;
+        return nodes.map(String);
+    })()""", timeout=120)
+    trainer_id = await page.evaluate(f"String({trainer}.id)")
+    assert trainer_id in cached, f"queued again unchanged, the training ran again (cached: {cached})"
+    assert os.stat(saved_file).st_mtime_ns == written, "the membrane file was written again"
 
     await load(page, shipped_workflow("miniworld_erase"), "miniworld_erase")
     await page.evaluate("window.app.refreshComboInNodes().then(() => true)")  # the Refresh button

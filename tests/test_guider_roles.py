@@ -155,3 +155,26 @@ def test_official_code_cannot_be_mixed_with_other_transports_in_a_chain(spm_worl
     official = load_spm(patcher, clip, "snoopy.safetensors", transport="official_code")
     with pytest.raises(errors.SPMError, match="on every SPM Load Membrane of the chain"):
         load_spm(official, clip, "snoopy.safetensors", transport="paper", uid="2")
+
+
+@pytest.mark.parametrize("ramp", ["fade in", "fade out"])
+def test_a_ramp_moves_the_strength_across_the_sampling_range(spm_world, ramp):
+    """Over a 6-step KSampler run on a prompt that opens the membrane fully, the effective gate of
+    the positive row follows the ramp: 0 -> 1 (fade in) or 1 -> 0 (fade out), monotonically."""
+    from comfy.patcher_extension import WrappersMP
+
+    patcher, clip, _ = spm_world
+    model = load_spm(patcher, clip, "snoopy.safetensors", transport="calibrated", ramp=ramp)
+    spy = RowSpy(model.get_attachment(pack_module("nodes.runtime").KEY).stack)
+    model = model.clone()
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "row_spy", spy)
+    prompt = encode(clip, "snoopy")
+    nodes.KSampler().sample(model, 1, 6, 5.0, "euler", "normal", prompt, encode(clip, "a bowl of fruit"),
+                            {"samples": torch.zeros(1, 4, 8, 8)})
+    positive = []
+    for gates, context in spy.calls:  # the row carrying the positive prompt, wherever the batch put it
+        (row,) = [r for r in range(context.shape[0]) if torch.equal(context[r], prompt[0][0][0])]
+        positive.append(gates[row, 0].item())
+    assert len(positive) == 6
+    ordered = positive if ramp == "fade in" else positive[::-1]
+    assert ordered == sorted(ordered) and ordered[0] < 0.05 and ordered[-1] > 0.75, positive

@@ -40,12 +40,13 @@ function describe(node) {
   const file = selectedFile(node);
   if (!file) return [];
   const run = node.spm?.run?.file === file ? node.spm.run : null; // the ui payload (not sent when cached)
-  const gates = node.spm?.gates?.file === file ? node.spm.gates : null; // the spm.gates event
+  const gates = node.spm?.gates?.file === file ? node.spm.gates : null; // the spm.gates event (sent by every sampling)
   const concepts = run?.concepts ?? gates?.concepts;
   const lines = concepts
     ? [`${verb(concepts)}: ${concepts.join(", ") || "(no concepts)"}`]
     : [`${verb(conceptsFromFileName(file))}: ${conceptsFromFileName(file).join(", ")} (from the file name)`];
-  if (run) lines.push(`rank ${run.rank} · ${run.layers} layers · transport: ${run.transport}`);
+  const details = run ?? (gates?.rank ? gates : null); // a cached Load SPM sends no ui payload: the gates event tells
+  if (details) lines.push(`rank ${details.rank} · ${details.layers} layers · transport: ${details.transport}`);
   if (gates) lines.push(`gate last step: positive ${fixed(gates.positive)} · negative ${fixed(gates.negative)}`);
   return lines;
 }
@@ -126,7 +127,8 @@ function onGates(event) {
     const node = findLoader(row?.node);
     if (!node) continue;
     const concepts = Array.isArray(row.concepts) ? row.concepts : undefined;
-    node.spm = { ...node.spm, gates: { file: selectedFile(node), concepts, positive: row.positive, negative: row.negative } };
+    node.spm = { ...node.spm, gates: { file: selectedFile(node), concepts, positive: row.positive, negative: row.negative,
+                                       rank: row.rank, layers: row.layers, transport: row.transport } };
     refresh(node);
   }
 }
