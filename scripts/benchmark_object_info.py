@@ -71,8 +71,8 @@ def main() -> None:
         choices = listed[1]["options"] if isinstance(listed[0], str) else listed[0]
         if choices != ["loras/zz_membrane.safetensors"]:
             raise SystemExit(f"SPM Load Membrane lists {choices[:5]}, not the one membrane among the LoRAs")
-    print("\n'first' for SPM Load Membrane includes reading every header once (the server's first listing after a start);"
-          "\nLoraLoader's list is cached by ComfyUI by folder modification time.")
+    print("\n'first': the first request after the server started (SPM Load Membrane reads each LoRA header once,"
+          "\nthe first time it lists the folder); LoraLoader's list is cached by ComfyUI by folder modification time.")
 
 
 if __name__ == "__main__":
