@@ -2,9 +2,9 @@
 
 Starts a real ComfyUI server whose models/loras holds N kohya-style LoRA files (tiny tensors,
 realistic metadata) plus one SPM membrane, and prints the time of GET /object_info and of
-GET /object_info/<node> for SPM Load Membrane and the stock LoraLoader: the first call (every LoRA header
-read once) and the median of the following ones (SPM Load Membrane's list comes from its cache, a stat per
-file). Run ComfyUI's own node list beside it for scale.
+GET /object_info/<node> for SPM Load Membrane and the stock LoraLoader: the first call after the
+server started and the median of the following ones (SPM Load Membrane's list then comes from its
+cache, a stat per file).
 
     python scripts/benchmark_object_info.py              # 1,000 LoRAs, 10 repeats
     python scripts/benchmark_object_info.py --loras 5000
