@@ -34,8 +34,8 @@ class LoadSPM(io.ComfyNode):
                                tooltip="Membrane file from models/spm (or an SPM file in models/loras)."),
                 io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.05,
                                tooltip="How strongly the membrane acts on the positive rows when fully open. 1 = as "
-                                       "trained, 0 = off; beyond ±2 images usually break down, negative values push "
-                                       "toward the concept."),
+                                       "trained, 0 = off, negative values push toward the concept; the further from 1, "
+                                       "the further from what the membrane was trained for."),
                 io.Combo.Input("transport", options=TRANSPORT_MODES, default=TransportMode.PAPER.value,
                                tooltip="How the gate is computed per prompt. paper: the paper's formula (cosine + token "
                                        "overlap when prompts come from SPM Text Encode); cosine: embedding cosine only; "

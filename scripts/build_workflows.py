@@ -217,9 +217,9 @@ def train_then_apply() -> None:
     title = "SPM - Train a membrane, then apply it (SD1.5)"
     checkpoint, positive, negative, latent = sd15_base(
         flow, title, "SPM Train Membrane erases a concept from this checkpoint (Latent Anchoring keeps the rest), saves "
-                     "`models/spm/snoopy_trained.safetensors` and hands the model on with the new membrane. 500 "
-                     "iterations take roughly 10-20 minutes on a recent GPU; the paper trains 3000. A queue with "
-                     "unchanged settings does not retrain; an existing file is kept unless *overwrite* is on.",
+                     "`models/spm/snoopy_trained.safetensors` and hands the model on with the new membrane; the "
+                     "progress bar shows the time left. The paper trains 3000 iterations; this starts with 500. A "
+                     "queue with unchanged settings does not retrain; an existing file is kept unless *overwrite* is on.",
         "snoopy sitting on a red doghouse", x=400, y=700)
     trained = flow.add("SPMTrain", (400, 0), ["snoopy", "", "", 500, 1e-4, 1, 1.0, 1000.0, 2, "prompts", 1.0, 30, 64, 0,
                                               "fixed", "snoopy_trained", False, False],

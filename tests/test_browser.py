@@ -355,6 +355,9 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
         status, kind = await page.evaluate(f"fetch('/api/workflow_templates/{PACK}/' + {json.dumps(title)} + '.jpg')"
                                            ".then(r => [r.status, r.headers.get('content-type')])")
         assert (status, kind) == (200, "image/jpeg"), f"thumbnail of {title!r}: {status} {kind}"
+        served = await page.evaluate(f"fetch('/api/workflow_templates/{PACK}/' + {json.dumps(title)} + '.json')"
+                                     ".then(r => r.json())")  # what the template browser opens
+        assert served == shipped_workflow(next(k for k, v in SHIPPED.items() if v == title + ".json")), title
 
     # 3. the workflow renders, with the concept label derived from the file name
     await load(page, workflow, "erase")
