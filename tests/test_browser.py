@@ -537,6 +537,8 @@ async def miniworld_from_the_page(page: Page, output_dir: str) -> None:
                 for side in (before, after)]
     changed = [ImageChops.difference(b, a).getbbox() is not None for b, a in zip(*pictures)]
     assert all(changed), f"the membrane left some 'a striped snowman' pictures unchanged: {changed}"
+    problems = await page.evaluate(LAYOUT_PROBLEMS)  # with the pictures and the longer label shown
+    assert not problems, "after the run: " + "; ".join(problems)
     save(os.path.join(SHOTS, "run_miniworld_erase.png"), await fitted_screenshot(page))
 
 
