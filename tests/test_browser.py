@@ -8,9 +8,10 @@ template endpoint with its thumbnail; the SPM Load Membrane node of "SPM - Erase
 the test checkpoint) shows what its membrane erases; after a run queued from the page it shows the
 membrane's rank/transport and the gates the server sent in `spm.gates`, also when the server
 answered the node from its cache; events naming unknown nodes or carrying no data are ignored; the
-label survives a page reload; the miniature world's training workflow queued from the page trains
-(and queued again unchanged does not retrain), a refresh offers the new membrane and the erase
-workflow runs with it; and nothing from our script reaches the console.
+label survives a page reload; opening an SD1.5 workflow without its checkpoint offers the
+download; the miniature world's training workflow queued from the page trains (and queued again
+unchanged does not retrain), a refresh offers the new membrane and the erase workflow runs with
+it; and nothing from our script reaches the console.
 
 Screenshots are kept in out/browser/: every workflow as loaded, the runs, load_spm.png.
 SPM_UPDATE_DOCS=1 also writes the workflows' thumbnails (workflows/<title>.jpg) and
@@ -358,6 +359,18 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
         served = await page.evaluate(f"fetch('/api/workflow_templates/{PACK}/' + {json.dumps(title)} + '.json')"
                                      ".then(r => r.json())")  # what the template browser opens
         assert served == shipped_workflow(next(k for k, v in SHIPPED.items() if v == title + ".json")), title
+
+    # 2c. a user without the SD1.5 checkpoint is offered its download when opening an SD1.5 workflow
+    missing = await page.evaluate(f"""(async () => {{
+        await window.app.loadGraphData({json.dumps(shipped_workflow("erase"))}, true, true, 'missing models');
+        await new Promise(r => setTimeout(r, 0));
+        const texts = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText);
+        const root = [...document.querySelectorAll('*')].find(e => e.__vue_app__);
+        root.__vue_app__.config.globalProperties.$pinia._s.get('dialog').closeDialog();
+        return texts;
+    }})()""")
+    offered = [text for text in missing if text.startswith("Missing Models")]
+    assert offered and "checkpoints / v1-5-pruned-emaonly-fp16.safetensors\nDownload" in offered[0], missing
 
     # 3. the workflow renders, with the concept label derived from the file name
     await load(page, workflow, "erase")
