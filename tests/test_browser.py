@@ -4,7 +4,7 @@ with aiohttp) opens the real ComfyUI frontend served by the `comfy_server` fixtu
 Checks: our extension (web/spm.js) is fetched and registered; the frontend's node search finds SPM
 Load Membrane by "erase", "concept", "membrane" and "SPM"; every shipped workflow loads exactly (widget
 values), with no node smaller than the frontend needs and none overlapping, and is listed by the
-template endpoint with its thumbnail; the SPM Load Membrane node of "SPM - Erase one concept" (on
+template browser with its thumbnail; the SPM Load Membrane node of "SPM - Erase one concept" (on
 the test checkpoint) shows what its membrane erases; after a run queued from the page it shows the
 membrane's rank/transport and the gates the server sent in `spm.gates`, also when the server
 answered the node from its cache; events naming unknown nodes or carrying no data are ignored; the
@@ -13,9 +13,9 @@ download; the miniature world's training workflow queued from the page trains (a
 unchanged does not retrain), a refresh offers the new membrane and the erase workflow runs with
 it; and nothing from our script reaches the console.
 
-Screenshots are kept in out/browser/: every workflow as loaded, the runs, load_spm.png.
-SPM_UPDATE_DOCS=1 also writes the workflows' thumbnails (workflows/<title>.jpg) and
-docs/images/browser_load_spm.png for the README.
+Screenshots are kept in out/browser/: every workflow as loaded, the template browser, the runs,
+load_spm.png. SPM_UPDATE_DOCS=1 also writes the workflows' thumbnails (workflows/<title>.jpg) and
+docs/images/browser_load_spm.png and browser_templates.png for the README.
 
 Chromium comes from scripts/install_browser.sh (called by scripts/test.sh).
 """
@@ -51,6 +51,7 @@ SCREENSHOT = os.path.join(SHOTS, "load_spm.png")
 FAILED_SCREENSHOT = os.path.join(SHOTS, "failed.png")
 THUMBNAIL = (512, 320)
 DOCS_SCREENSHOT = os.path.join(REPO, "docs", "images", "browser_load_spm.png")
+TEMPLATES_DOCS_SCREENSHOT = os.path.join(REPO, "docs", "images", "browser_templates.png")
 LOADER_ID = 6  # the SPM Load Membrane node in workflows/erase_one_concept.json
 # sizes against the frontend's own computeSize, and overlaps with title bars counted
 LAYOUT_PROBLEMS = """(() => {
@@ -268,6 +269,14 @@ async def fitted_screenshot(page: Page) -> bytes:
     return base64.b64decode(shot["data"])
 
 
+def save_for_docs(png: bytes, path: str) -> None:
+    """The README's copy of a screenshot, as a small 256-colour PNG."""
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def write_thumbnails(shots: dict[str, bytes]) -> None:
     """workflows/<title>.jpg: what the template browser shows for each workflow."""
     from PIL import Image
@@ -371,6 +380,23 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
     }})()""")
     offered = [text for text in missing if text.startswith("Missing Models")]
     assert offered and "checkpoints / v1-5-pruned-emaonly-fp16.safetensors\nDownload" in offered[0], missing
+
+    # 2d. the template browser itself: our category lists every title, and no thumbnail is broken
+    await page.evaluate("window.app.extensionManager.command.execute('Comfy.BrowseTemplates').then(() => true)")
+    category = f"[...document.querySelectorAll('.p-dialog *')].filter(e => e.innerText === {json.dumps(PACK)})"
+    await page.wait_for(f"{category}.length > 0", 30, "our category in the template browser")
+    await page.evaluate(f"{category}.at(-1).click(), true")
+    titles_shown = f"(t => {json.dumps(titles)}.every(title => t.includes(title)))(document.querySelector('.p-dialog').innerText)"
+    await page.wait_for(titles_shown, 30, "every workflow title in the template browser")
+    images = await page.wait_for("(i => i.length && i.every(i => i.complete) && i.map(i => i.naturalWidth))"
+                                 "([...document.querySelectorAll('.p-dialog img')])", 30, "the thumbnails to load")
+    assert all(width == THUMBNAIL[0] for width in images), f"thumbnail widths in the template browser: {images}"
+    browser_shot = base64.b64decode((await page.send("Page.captureScreenshot", format="png"))["data"])
+    save(os.path.join(SHOTS, "template_browser.png"), browser_shot)
+    if os.environ.get("SPM_UPDATE_DOCS") == "1":
+        save_for_docs(browser_shot, TEMPLATES_DOCS_SCREENSHOT)
+    await page.evaluate("(r => r.__vue_app__.config.globalProperties.$pinia._s.get('dialog').closeDialog())"
+                        "([...document.querySelectorAll('*')].find(e => e.__vue_app__)), true")
 
     # 3. the workflow renders, with the concept label derived from the file name
     await load(page, workflow, "erase")
@@ -571,11 +597,8 @@ def test_frontend_shows_membrane_and_gates(comfy_server):
 
     save(SCREENSHOT, png)
     print(f"screenshot: {SCREENSHOT}")
-    if os.environ.get("SPM_UPDATE_DOCS") == "1":  # the README's copy, as a small 256-colour PNG
-        from PIL import Image
-
-        os.makedirs(os.path.dirname(DOCS_SCREENSHOT), exist_ok=True)
-        Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(DOCS_SCREENSHOT, optimize=True)
+    if os.environ.get("SPM_UPDATE_DOCS") == "1":
+        save_for_docs(png, DOCS_SCREENSHOT)
 
     messages = print_console(events)
     ours = [line for line in messages if any(mark in line for mark in OURS)]
