@@ -55,7 +55,7 @@ def with_soft_tokens(template: torch.Tensor, soft: torch.Tensor) -> torch.Tensor
 
 
 def attack(lab, model, concept: str, settings: AttackSettings = AttackSettings()) -> tuple[list, list[float]]:
-    """(CONDITIONING for the optimised prompt, loss per step) against `model`, a SPM Load Membrane output."""
+    """(CONDITIONING for the optimised prompt, loss per step) against `model`, an SPM Load Membrane output."""
     import comfy.model_management
 
     stack_module = lab.pack("spm_core.stack")

@@ -1,6 +1,6 @@
 """How membranes ride on a ComfyUI MODEL: the one place that touches ModelPatcher.
 
-A SPM Load Membrane node returns a clone that carries a `MembraneState` attachment (every membrane of the
+An SPM Load Membrane node returns a clone that carries a `MembraneState` attachment (every membrane of the
 chain, fused into one stack), an injection that installs the stack's forward hooks when ComfyUI
 loads the model (and removes them when it unloads), and two keyed wrappers:
   CALC_COND_BATCH  computes each conditioning's gates once (by its uuid) from its embedding and,
@@ -404,6 +404,6 @@ def without_membranes(model):
 def state_of(model) -> MembraneState:
     state = model.get_attachment(KEY)
     if state is None:
-        raise SPMError("this MODEL carries no membranes: connect it through a SPM Load Membrane node first")
+        raise SPMError("this MODEL carries no membranes: connect it through an SPM Load Membrane node first")
     return state
 

@@ -124,7 +124,7 @@ SD15_NOTE = (f"## {{title}}\n\n{{what}}\n\n**Checkpoint:** Stable Diffusion 1.5 
 
 
 def spm(flow, pos, model, clip, membrane, transport="paper", strength=1.0):
-    """A SPM Load Membrane fed by `model` (a SPM Load Membrane or a loader: MODEL is output 0 of both)."""
+    """An SPM Load Membrane fed by `model` (an SPM Load Membrane or a loader: MODEL is output 0 of both)."""
     return flow.add("SPMLoader", pos, [membrane, strength, transport, "positive only", 0.0, 1.0, 0.0, 1.0, "constant"],
                     model=(model, 0), clip=(clip, 1))
 

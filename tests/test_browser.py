@@ -324,7 +324,7 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
     fetched = [p["response"] for m, p in page.events if m == "Network.responseReceived" and p["response"]["url"].endswith(SCRIPT_URL)]
     assert fetched and fetched[-1]["status"] == 200, f"{SCRIPT_URL} was not fetched: {fetched}"
 
-    # 1b. a SPM Train Membrane added by hand keeps its seed ("randomize" would retrain on every queue)
+    # 1b. an SPM Train Membrane added by hand keeps its seed ("randomize" would retrain on every queue)
     control = await page.evaluate("(() => { const n = window.LiteGraph.createNode('SPMTrain'); window.app.graph.add(n);"
                                   " const v = n.widgets.find(w => w.name === 'seed').linkedWidgets[0].value;"
                                   " window.app.graph.remove(n); return v; })()")

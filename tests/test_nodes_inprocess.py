@@ -127,12 +127,18 @@ def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(spm_world):
         (dict(membrane="huge.safetensors"), errors.SPMFileError, "so the file is damaged or was scaled by mistake"),
         (dict(membrane="long_concept.safetensors"), errors.SPMError, "is longer than one CLIP chunk (75 tokens)"),
         (dict(membrane="snoopy.safetensors", min_gate=1.5), errors.SPMError, "minimum gate must lie in [0, 1]"),
+        (dict(membrane="snoopy.safetensors", negative_strength=float("inf")), errors.SPMError, "negative_strength is inf"),
+        (dict(membrane="snoopy.safetensors", strength=1e9), errors.SPMError, "strength is 1000000000.0; give a number"),
+        (dict(membrane="snoopy.safetensors", ramp="zigzag"), errors.SPMError, "unknown ramp 'zigzag'; choose one of"),
+        (dict(membrane="snoopy.safetensors", transport="official_code", ramp="fade in"), errors.SPMError,
+         "set ramp to 'constant'"),
+        (dict(membrane="snoopy.safetensors", clip=None), errors.SPMError, "needs the clip input"),
         (dict(membrane="no_concepts.safetensors", transport="paper"), errors.SPMError,
          "no_concepts.safetensors: a membrane has no concepts"),
     ]
     for kwargs, error_type, phrase in cases:
         with pytest.raises(error_type) as caught:
-            load_spm(patcher, clip, **kwargs)
+            load_spm(patcher, kwargs.get("clip", clip), **{k: v for k, v in kwargs.items() if k != "clip"})
         assert phrase in str(caught.value), str(caught.value)
         if "safetensors" in kwargs["membrane"] and error_type is not errors.SPMError:
             assert kwargs["membrane"] in str(caught.value)

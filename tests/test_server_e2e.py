@@ -87,6 +87,8 @@ def erase_prompt(object_info, **loader_inputs):
     ({"start_percent": 0.9, "end_percent": 0.1}, "sampling range 0.9..0.1 is invalid"),
     ({"rows": "sideways"}, "rows is 'sideways'; choose one of"),
     ({"transport": "fuzzy"}, "unknown transport mode 'fuzzy'"),
+    ({"ramp": "zigzag"}, "unknown ramp 'zigzag'"),
+    ({"negative_strength": math.nan}, "negative_strength is nan"),
 ])
 def test_bad_input_fails_in_the_node_and_the_server_keeps_serving(comfy_server, object_info, inputs, phrase):
     entry = comfy_server.run(erase_prompt(object_info, **inputs))
