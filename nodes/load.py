@@ -88,9 +88,10 @@ class LoadSPM(io.ComfyNode):
         if clip is None and mode is not TransportMode.ALWAYS_OPEN:
             raise SPMError(f"{membrane}: transport {mode.value!r} compares prompts with the membrane's concepts and "
                            "needs the clip input: connect the text encoder your prompts use, or choose always_open")
-        concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, p) for c in loaded.concepts for p in c.prompts]
-        empty = encode_empty(clip) if mode in (TransportMode.CALIBRATED, TransportMode.LATENT) else None
-        try:
+        try:  # errors about the membrane's concepts name its file
+            concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, p) for c in loaded.concepts
+                                                                     for p in c.prompts]
+            empty = encode_empty(clip) if mode in (TransportMode.CALIBRATED, TransportMode.LATENT) else None
             transport_rate = Transport([concepts], mode, empty=empty, floor=float(min_gate))
         except SPMError as error:
             raise SPMError(f"{membrane}: {error}") from None

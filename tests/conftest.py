@@ -34,16 +34,15 @@ def _no_grad():
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A real ComfyUI server (main.py --cpu) with this pack in custom_nodes, the tiny SD1.5
-    checkpoint, three membranes and a few broken membrane files in models/spm."""
+    checkpoint, three membranes and the broken membrane files of membrane_helpers in models/spm."""
+    from membrane_helpers import write_broken_membranes
+
     from scripts.comfy_server import ComfyServer
     from scripts.tiny_assets import install_assets
 
     base = tmp_path_factory.mktemp("comfy_base")
     install_assets(str(base / "models"))
-    spm_folder = base / "models" / "spm"
-    good = (spm_folder / "snoopy.safetensors").read_bytes()
-    (spm_folder / "truncated.safetensors").write_bytes(good[: len(good) // 2])
-    (spm_folder / "nudity.pt").write_bytes(b"pickles are never loaded")
+    write_broken_membranes(str(base / "models" / "spm"))
     with ComfyServer(COMFYUI_ROOT, str(base)) as server:
         yield server
 

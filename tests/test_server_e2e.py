@@ -8,6 +8,7 @@ import os
 import uuid
 
 import pytest
+from membrane_helpers import BROKEN_MEMBRANES
 
 from scripts.comfy_server import SHIPPED, WORKFLOWS, for_test_models, load_workflow, shipped_workflow, workflow_to_api
 
@@ -82,7 +83,6 @@ def erase_prompt(object_info, **loader_inputs):
 
 
 @pytest.mark.parametrize("inputs, phrase", [
-    ({"membrane": "truncated.safetensors"}, "truncated.safetensors: not a readable safetensors file"),
     ({"strength": math.nan}, "strength is nan"),
     ({"start_percent": 0.9, "end_percent": 0.1}, "sampling range 0.9..0.1 is invalid"),
     ({"rows": "sideways"}, "rows is 'sideways'; choose one of"),
@@ -99,11 +99,15 @@ def test_bad_input_fails_in_the_node_and_the_server_keeps_serving(comfy_server, 
     assert comfy_server.run(erase_prompt(object_info))["status"]["status_str"] == "success"
 
 
-def test_a_pickled_file_is_refused_without_reading_it(comfy_server, object_info):
-    """ComfyUI 0.3.75 does not check V3 combo values against their options, so the node does."""
-    entry = comfy_server.run(erase_prompt(object_info, membrane="nudity.pt"))
+@pytest.mark.parametrize("name", list(BROKEN_MEMBRANES))
+def test_every_broken_membrane_is_refused_in_the_node_and_the_server_keeps_serving(comfy_server, object_info, name):
+    """ComfyUI 0.3.75 does not check V3 combo values against their options, so the node reads (or,
+    for a pickle, refuses to read) whatever file is named, and says what is wrong with it."""
+    entry = comfy_server.run(erase_prompt(object_info, membrane=name, transport="paper"))
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert errors and "nudity.pt: pickled checkpoints are not loaded" in errors[0]["exception_message"], errors
+    assert errors and errors[0]["node_type"] == "SPMLoader", entry["status"]
+    message = errors[0]["exception_message"]
+    assert BROKEN_MEMBRANES[name] in message and name in message, message
     assert comfy_server.run(erase_prompt(object_info))["status"]["status_str"] == "success"
 
 
