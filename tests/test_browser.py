@@ -38,7 +38,7 @@ import aiohttp
 import pytest
 
 from scripts.comfy_server import PACK_NAME as PACK
-from scripts.comfy_server import SHIPPED, WORKFLOWS, for_test_models, shipped_workflow
+from scripts.comfy_server import SHIPPED, WORKFLOWS, for_test_models, load_workflow, shipped_workflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = os.environ.get("SPM_CHROMIUM", "/usr/bin/chromium")
@@ -68,6 +68,8 @@ LAYOUT_PROBLEMS = """(() => {
     }));
     return problems;
 })()"""
+STORE = ("[...document.querySelectorAll('*')].find(e => e.__vue_app__)"  # one of the frontend's pinia stores
+         ".__vue_app__.config.globalProperties.$pinia._s.get({name!r})")
 LABEL = "(window.app.graph.getNodeById({id})?.widgets ?? []).find(w => w.name === 'spm_info')?.value ?? null"
 
 
@@ -306,7 +308,6 @@ async def browse(url: str, workflow: dict, output_dir: str) -> tuple[bytes, dict
 
 
 async def drive(page: Page, url: str, workflow: dict, output_dir: str):
-    shots: dict[str, bytes] = {}
     for domain in ("Runtime", "Log", "Page", "Network"):
         await page.send(f"{domain}.enable")
     await page.send("Emulation.setDeviceMetricsOverride", width=VIEWPORT[0], height=VIEWPORT[1],
@@ -331,72 +332,14 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
     assert control == "fixed", f"a new SPM Train Membrane's seed control is {control!r}"
 
     # 1c. the frontend's own node search finds the loader by the words users type
-    found = await page.evaluate("""(() => {
-        const root = [...document.querySelectorAll('*')].find(e => e.__vue_app__);
-        const search = root.__vue_app__.config.globalProperties.$pinia._s.get('nodeDef').nodeSearchService;
-        return Object.fromEntries(['erase', 'concept', 'membrane', 'SPM'].map(q => [q, search.searchNode(q).slice(0, 3).map(n => n.name)]));
-    })()""")
+    search = STORE.format(name="nodeDef") + ".nodeSearchService"
+    found = await page.evaluate(f"Object.fromEntries(['erase', 'concept', 'membrane', 'SPM'].map(q => "
+                                f"[q, {search}.searchNode(q).slice(0, 3).map(n => n.name)]))")
     for query, names in found.items():
         assert "SPMLoader" in names, f"searching {query!r} shows {names}, not SPM Load Membrane"
 
-    # 2. every shipped workflow loads exactly (each node's widgets read back as the file holds them),
-    # its nodes are at least as big as the frontend needs and none overlaps another; screenshots
-    for key, file_name in SHIPPED.items():
-        shipped = shipped_workflow(key)
-        await load(page, shipped, key)
-        loaded = await page.evaluate("Object.fromEntries(window.app.graph.nodes.map(n => "
-                                     "[n.id, n.serialize().widgets_values || []]))")  # what the page would save
-        for node in shipped["nodes"]:
-            expected = node.get("widgets_values") or []
-            assert loaded[str(node["id"])] == expected, \
-                f"{file_name}: {node['type']} #{node['id']} loads as {loaded[str(node['id'])]}, file has {expected}"
-        problems = await page.evaluate(LAYOUT_PROBLEMS)
-        assert not problems, f"{file_name}: " + "; ".join(problems)
-        shots[key] = await fitted_screenshot(page)
-        save(os.path.join(SHOTS, file_name.removesuffix(".json") + ".png"), shots[key])
-    if os.environ.get("SPM_UPDATE_DOCS") == "1":
-        write_thumbnails(shots)
-
-    # 2b. the template browser's sources: the listing names every workflow, each with its thumbnail
-    listing = await page.evaluate("fetch('/api/workflow_templates').then(r => r.json())")
-    titles = sorted(name.removesuffix(".json") for name in SHIPPED.values())
-    assert sorted(listing.get(PACK, [])) == titles, listing.get(PACK)
-    for title in titles:  # the URL as the frontend builds it (not encoded by hand)
-        status, kind = await page.evaluate(f"fetch('/api/workflow_templates/{PACK}/' + {json.dumps(title)} + '.jpg')"
-                                           ".then(r => [r.status, r.headers.get('content-type')])")
-        assert (status, kind) == (200, "image/jpeg"), f"thumbnail of {title!r}: {status} {kind}"
-        served = await page.evaluate(f"fetch('/api/workflow_templates/{PACK}/' + {json.dumps(title)} + '.json')"
-                                     ".then(r => r.json())")  # what the template browser opens
-        assert served == shipped_workflow(next(k for k, v in SHIPPED.items() if v == title + ".json")), title
-
-    # 2c. a user without the SD1.5 checkpoint is offered its download when opening an SD1.5 workflow
-    missing = await page.evaluate(f"""(async () => {{
-        await window.app.loadGraphData({json.dumps(shipped_workflow("erase"))}, true, true, 'missing models');
-        await new Promise(r => setTimeout(r, 0));
-        const texts = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText);
-        const root = [...document.querySelectorAll('*')].find(e => e.__vue_app__);
-        root.__vue_app__.config.globalProperties.$pinia._s.get('dialog').closeDialog();
-        return texts;
-    }})()""")
-    offered = [text for text in missing if text.startswith("Missing Models")]
-    assert offered and "checkpoints / v1-5-pruned-emaonly-fp16.safetensors\nDownload" in offered[0], missing
-
-    # 2d. the template browser itself: our category lists every title, and no thumbnail is broken
-    await page.evaluate("window.app.extensionManager.command.execute('Comfy.BrowseTemplates').then(() => true)")
-    category = f"[...document.querySelectorAll('.p-dialog *')].filter(e => e.innerText === {json.dumps(PACK)})"
-    await page.wait_for(f"{category}.length > 0", 30, "our category in the template browser")
-    await page.evaluate(f"{category}.at(-1).click(), true")
-    titles_shown = f"(t => {json.dumps(titles)}.every(title => t.includes(title)))(document.querySelector('.p-dialog').innerText)"
-    await page.wait_for(titles_shown, 30, "every workflow title in the template browser")
-    images = await page.wait_for("(i => i.length && i.every(i => i.complete) && i.map(i => i.naturalWidth))"
-                                 "([...document.querySelectorAll('.p-dialog img')])", 30, "the thumbnails to load")
-    assert all(width == THUMBNAIL[0] for width in images), f"thumbnail widths in the template browser: {images}"
-    browser_shot = base64.b64decode((await page.send("Page.captureScreenshot", format="png"))["data"])
-    save(os.path.join(SHOTS, "template_browser.png"), browser_shot)
-    if os.environ.get("SPM_UPDATE_DOCS") == "1":
-        save_for_docs(browser_shot, TEMPLATES_DOCS_SCREENSHOT)
-    await page.evaluate("(r => r.__vue_app__.config.globalProperties.$pinia._s.get('dialog').closeDialog())"
-                        "([...document.querySelectorAll('*')].find(e => e.__vue_app__)), true")
+    # 2. the shipped workflows, as the template browser offers them
+    await shipped_workflows_in_the_page(page)
 
     # 3. the workflow renders, with the concept label derived from the file name
     await load(page, workflow, "erase")
@@ -503,6 +446,67 @@ async def drive(page: Page, url: str, workflow: dict, output_dir: str):
     # 9. the miniature world from the page: train a membrane (few iterations), refresh, apply it
     await miniworld_from_the_page(page, output_dir)
     return png, box, page.events
+
+
+async def shipped_workflows_in_the_page(page: Page) -> None:
+    """Every shipped workflow loads exactly (each node's widgets read back as the file holds them),
+    its nodes are at least as big as the frontend needs and none overlaps another (screenshots);
+    the template browser offers each with its thumbnail; a missing checkpoint is offered."""
+    shots: dict[str, bytes] = {}
+    for key, file_name in SHIPPED.items():
+        shipped = shipped_workflow(key)
+        await load(page, shipped, key)
+        loaded = await page.evaluate("Object.fromEntries(window.app.graph.nodes.map(n => "
+                                     "[n.id, n.serialize().widgets_values || []]))")  # what the page would save
+        for node in shipped["nodes"]:
+            expected = node.get("widgets_values") or []
+            assert loaded[str(node["id"])] == expected, \
+                f"{file_name}: {node['type']} #{node['id']} loads as {loaded[str(node['id'])]}, file has {expected}"
+        problems = await page.evaluate(LAYOUT_PROBLEMS)
+        assert not problems, f"{file_name}: " + "; ".join(problems)
+        shots[key] = await fitted_screenshot(page)
+        save(os.path.join(SHOTS, file_name.removesuffix(".json") + ".png"), shots[key])
+    if os.environ.get("SPM_UPDATE_DOCS") == "1":
+        write_thumbnails(shots)
+
+    # the template browser's sources: the listing names every workflow, each with its thumbnail
+    listing = await page.evaluate("fetch('/api/workflow_templates').then(r => r.json())")
+    titles = sorted(name.removesuffix(".json") for name in SHIPPED.values())
+    assert sorted(listing.get(PACK, [])) == titles, listing.get(PACK)
+    for title in titles:  # the URL as the frontend builds it (not encoded by hand)
+        status, kind = await page.evaluate(f"fetch('/api/workflow_templates/{PACK}/' + {json.dumps(title)} + '.jpg')"
+                                           ".then(r => [r.status, r.headers.get('content-type')])")
+        assert (status, kind) == (200, "image/jpeg"), f"thumbnail of {title!r}: {status} {kind}"
+        served = await page.evaluate(f"fetch('/api/workflow_templates/{PACK}/' + {json.dumps(title)} + '.json')"
+                                     ".then(r => r.json())")  # what the template browser opens
+        assert served == load_workflow(os.path.join(WORKFLOWS, title + ".json")), title
+
+    # a user without the SD1.5 checkpoint is offered its download when opening an SD1.5 workflow
+    missing = await page.evaluate(f"""(async () => {{
+        await window.app.loadGraphData({json.dumps(shipped_workflow("erase"))}, true, true, 'missing models');
+        await new Promise(r => setTimeout(r, 0));
+        const texts = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText);
+        {STORE.format(name="dialog")}.closeDialog();
+        return texts;
+    }})()""")
+    offered = [text for text in missing if text.startswith("Missing Models")]
+    assert offered and "checkpoints / v1-5-pruned-emaonly-fp16.safetensors\nDownload" in offered[0], missing
+
+    # the template browser itself: our category lists every title, and no thumbnail is broken
+    await page.evaluate("window.app.extensionManager.command.execute('Comfy.BrowseTemplates').then(() => true)")
+    category = f"[...document.querySelectorAll('.p-dialog *')].filter(e => e.innerText === {json.dumps(PACK)})"
+    await page.wait_for(f"{category}.length > 0", 30, "our category in the template browser")
+    await page.evaluate(f"{category}.at(-1).click(), true")
+    titles_shown = f"(t => {json.dumps(titles)}.every(title => t.includes(title)))(document.querySelector('.p-dialog').innerText)"
+    await page.wait_for(titles_shown, 30, "every workflow title in the template browser")
+    images = await page.wait_for("(i => i.length && i.every(i => i.complete) && i.map(i => i.naturalWidth))"
+                                 "([...document.querySelectorAll('.p-dialog img')])", 30, "the thumbnails to load")
+    assert all(width == THUMBNAIL[0] for width in images), f"thumbnail widths in the template browser: {images}"
+    browser_shot = base64.b64decode((await page.send("Page.captureScreenshot", format="png"))["data"])
+    save(os.path.join(SHOTS, "template_browser.png"), browser_shot)
+    if os.environ.get("SPM_UPDATE_DOCS") == "1":
+        save_for_docs(browser_shot, TEMPLATES_DOCS_SCREENSHOT)
+    await page.evaluate(f"{STORE.format(name='dialog')}.closeDialog(), true")
 
 
 NODE = "window.app.graph.nodes.find(n => n.comfyClass === {type!r})"
