@@ -3,24 +3,15 @@ the range's start to its value at the range's end."""
 
 from __future__ import annotations
 
-import enum
-
-from .errors import SPMError
+from .choice import Choice
 
 
-class Ramp(enum.Enum):
+class Ramp(Choice):
     CONSTANT = "constant"
     FADE_IN = "fade in"
     """0 at the start of the range, full strength at its end (the membrane acts on details)."""
     FADE_OUT = "fade out"
     """full strength at the start, 0 at the end (the membrane acts on composition)."""
-
-    @classmethod
-    def named(cls, name: str) -> Ramp:
-        try:
-            return cls(name)
-        except ValueError:
-            raise SPMError(f"unknown ramp {name!r}; choose one of {', '.join(repr(r.value) for r in cls)}") from None
 
     def factor(self, percent: float, start: float, end: float) -> float:
         """The share of the strength at `percent` of sampling, for a membrane acting from `start` to `end`."""

@@ -31,13 +31,13 @@ Prompts longer than one 77-token chunk are compared chunk by chunk; the best chu
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .choice import Choice
 from .errors import SPMError
 
 # The latent gate's operating point, from `python scripts/erasure_benchmark.py --calibrate` on the
@@ -46,7 +46,7 @@ from .errors import SPMError
 LATENT_THRESHOLD, LATENT_SATURATION = 0.44, 0.70
 
 
-class TransportMode(enum.Enum):
+class TransportMode(Choice):
     PAPER = "paper"
     COSINE = "cosine"
     CALIBRATED = "calibrated"
@@ -54,12 +54,6 @@ class TransportMode(enum.Enum):
     OFFICIAL = "official_code"
     ALWAYS_OPEN = "always_open"
 
-    @classmethod
-    def named(cls, name: str) -> TransportMode:
-        try:
-            return cls(name)
-        except ValueError:
-            raise SPMError(f"unknown transport mode {name!r}; choose one of {', '.join(m.value for m in cls)}") from None
 
 
 @dataclass(frozen=True)

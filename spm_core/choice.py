@@ -1,0 +1,20 @@
+"""Settings a user picks by name (a combo box in ComfyUI), refused with the list when unknown."""
+
+from __future__ import annotations
+
+import enum
+import re
+
+from .errors import SPMError
+
+
+class Choice(enum.Enum):
+    """An enum whose values are the names users pick; `named` turns a name into a member."""
+
+    @classmethod
+    def named(cls, name: str):
+        try:
+            return cls(name)
+        except ValueError:
+            what = re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()  # TransportMode -> "transport mode"
+            raise SPMError(f"unknown {what} {name!r}; choose one of {', '.join(repr(m.value) for m in cls)}") from None
