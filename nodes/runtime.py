@@ -231,17 +231,27 @@ class MembraneState:
     def row_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor,
                   model_sampling) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, membranes) gates for one batched model call, and the strengths of those rows."""
-        rows = context.shape[0]
-        uuids = transformer_options.get("uuids")
         in_range = self._in_sampling_range(sigma, model_sampling)
-        if not uuids:  # a call that bypassed the guider: each row gated by its own embedding, as a positive
-            gates = torch.stack([self.gates_for(context[r: r + 1], None) for r in range(rows)]) * in_range
-            gates = gates * self._acting[POSITIVE]
+        if transformer_options.get("uuids"):
+            gates, strengths = self._chunk_gates(context, transformer_options, in_range)
+        else:  # a call that bypassed the guider: each row gated by its own embedding, as a positive
+            gates = torch.stack([self.gates_for(context[r: r + 1], None) for r in range(context.shape[0])])
+            gates = gates * in_range * self._acting[POSITIVE]
             self.last_gates[POSITIVE] = gates[-1].tolist()
-            return gates, self._strengths[POSITIVE].expand(rows, -1)
+            strengths = self._strengths[POSITIVE].expand(context.shape[0], -1)
+        if self.official:
+            return gates, self.stack.strengths.expand(context.shape[0], -1)
+        if self._ramped:
+            strengths = strengths * self._ramp_factors(sigma, model_sampling)
+        return gates, strengths
+
+    def _chunk_gates(self, context: torch.Tensor, transformer_options: dict,
+                     in_range: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates and strengths of a guider's batch, each chunk by its cond's role."""
+        uuids = transformer_options["uuids"]
         indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
         table = getattr(_call, "chunks", None) or {}
-        per_chunk = rows // len(uuids)
+        per_chunk = context.shape[0] // len(uuids)
         gates, strengths = [], []
         for chunk, (index, uuid) in enumerate(zip(indices, uuids)):
             role, gate = table.get((index, uuid), (POSITIVE, None))
@@ -258,11 +268,7 @@ class MembraneState:
             shared = gates[roles.index(POSITIVE)] if POSITIVE in roles else gates[0]
             gates = [shared[:1].expand(per_chunk, -1)] * len(gates)
             self.last_gates = {role: shared[0].tolist() for role in set(roles)}
-            return torch.cat(gates), self.stack.strengths.expand(rows, -1)
-        strengths = torch.cat(strengths)
-        if self._ramped:
-            strengths = strengths * self._ramp_factors(sigma, model_sampling)
-        return torch.cat(gates), strengths
+        return torch.cat(gates), torch.cat(strengths)
 
     def _ramp_factors(self, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
         """(membranes,) each membrane's ramp at this step's sigma, read as a percent of sampling

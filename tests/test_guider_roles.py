@@ -178,3 +178,17 @@ def test_a_ramp_moves_the_strength_across_the_sampling_range(spm_world, ramp):
     assert len(positive) == 6
     ordered = positive if ramp == "fade in" else positive[::-1]
     assert ordered == sorted(ordered) and ordered[0] < 0.05 and ordered[-1] > 0.75, positive
+
+
+def test_a_ramp_also_holds_for_calls_that_bypass_the_guider(spm_world):
+    """A model call without the guider's chunk table (no uuids) gets the same ramp: fade out gives
+    full strength at the start of sampling and half of it halfway."""
+    patcher, clip, _ = spm_world
+    model = load_spm(patcher, clip, "snoopy.safetensors", transport="always_open", ramp="fade out")
+    state = model.get_attachment(pack_module("nodes.runtime").KEY)
+    sampling = model.get_model_object("model_sampling")
+    context = encode(clip, "snoopy")[0][0].expand(2, -1, -1)
+    strengths = [state.row_gates(context, {}, torch.tensor([sampling.percent_to_sigma(percent)]), sampling)[1]
+                 for percent in (0.01, 0.5)]
+    assert strengths[0].flatten().tolist() == pytest.approx([0.99, 0.99], abs=0.01)
+    assert strengths[1].flatten().tolist() == pytest.approx([0.5, 0.5], abs=0.01)
