@@ -148,6 +148,15 @@ def sd15_base(flow, title, what, prompt, x=400, y=400, with_latent=True):
     return checkpoint, positive, negative, latent
 
 
+def save_side_by_side(flow, x, before, after, checkpoint, prefix):
+    """Both samplers' latents decoded, batched before-then-after and saved, in one column at x."""
+    after_image = flow.add("VAEDecode", (x, 0), [], samples=(after, 0), vae=(checkpoint, 2))
+    before_image = flow.add("VAEDecode", (x, flow.below(after_image)), [], samples=(before, 0), vae=(checkpoint, 2))
+    pair = flow.add("ImageBatch", (x, flow.below(before_image)), [], title="Before, after",
+                    image1=(before_image, 0), image2=(after_image, 0))
+    flow.add("SaveImage", (x, flow.below(pair)), [prefix], images=(pair, 0))
+
+
 def sd15_sampler(seed=42):
     return [seed, "fixed", 25, 7.0, *SD15_SAMPLER]
 
@@ -190,11 +199,7 @@ def before_after() -> None:
     after = sampler(flow, (840, 0), model, positive, negative, latent, sd15_sampler(), title="After (membrane)")
     before = sampler(flow, (840, flow.below(after)), checkpoint, positive, negative, latent, sd15_sampler(),
                      title="Before (no membrane, same seed)")
-    after_image = flow.add("VAEDecode", (1200, 0), [], samples=(after, 0), vae=(checkpoint, 2))
-    before_image = flow.add("VAEDecode", (1200, flow.below(after_image)), [], samples=(before, 0), vae=(checkpoint, 2))
-    pair = flow.add("ImageBatch", (1200, flow.below(before_image)), [], title="Before, after",
-                    image1=(before_image, 0), image2=(after_image, 0))
-    flow.add("SaveImage", (1200, flow.below(pair)), ["spm_before_after"], images=(pair, 0))
+    save_side_by_side(flow, 1200, before, after, checkpoint, "spm_before_after")
     flow.save(title)
 
 
@@ -228,11 +233,7 @@ def train_then_apply() -> None:
     before = sampler(flow, (840, flow.below(after)), checkpoint, positive, negative, latent, sd15_sampler(),
                      title="Before (no membrane, same seed)")
     flow.add("PreviewImage", (840, flow.below(before)), [], title="Loss curve", images=(trained, 1))
-    after_image = flow.add("VAEDecode", (1300, 0), [], samples=(after, 0), vae=(checkpoint, 2))
-    before_image = flow.add("VAEDecode", (1300, flow.below(after_image)), [], samples=(before, 0), vae=(checkpoint, 2))
-    pair = flow.add("ImageBatch", (1300, flow.below(before_image)), [], title="Before, after",
-                    image1=(before_image, 0), image2=(after_image, 0))
-    flow.add("SaveImage", (1300, flow.below(pair)), ["spm_train_then_apply"], images=(pair, 0))
+    save_side_by_side(flow, 1300, before, after, checkpoint, "spm_train_then_apply")
     flow.save(title)
 
 
