@@ -35,7 +35,12 @@ class MembraneSettings:
     rollout_steps: int = 20
     erase_guidance: float = 1.0
     seed: int = 0
+    rank: int = 1
     adversaries: int = 0
+    adversary_space: str = "tokens"
+    adversary_every: int = 20
+    adversary_steps: int = 20
+    adversary_tokens: int = 3
 
 
 class Lab:
@@ -104,7 +109,9 @@ class Lab:
             iterations=settings.iterations, learning_rate=settings.learning_rate, anchor_strength=settings.anchor_strength,
             anchor_samples=settings.anchor_samples, surrogates=settings.surrogates, rollout_steps=settings.rollout_steps,
             erase_guidance=settings.erase_guidance, latent_sizes=[PICTURE_SIDE // 8], seed=settings.seed,
-            adversaries=settings.adversaries)
+            rank=settings.rank, adversaries=settings.adversaries, adversary_space=settings.adversary_space,
+            adversary_every=settings.adversary_every, adversary_steps=settings.adversary_steps,
+            adversary_tokens=settings.adversary_tokens)
         path = os.path.join(self.membrane_dir, f"{name}.safetensors")
         request = training.TrainingRequest(list(targets), [], "", config, path, False)
         with torch.inference_mode(False):

@@ -25,7 +25,8 @@ KEPT = ("square", "green", "purple", "house")
 VARIANTS = {
     "default": MembraneSettings(),
     "no_anchoring": dataclasses.replace(MembraneSettings(), anchor_strength=0.0, anchor_samples=0),
-    "adversarial": dataclasses.replace(MembraneSettings(), adversaries=4),
+    "adversarial": dataclasses.replace(MembraneSettings(), adversaries=4, adversary_space="conditioning"),
+    "token_adversarial": dataclasses.replace(MembraneSettings(), adversaries=4),
 }
 
 

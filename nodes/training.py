@@ -18,10 +18,11 @@ from ..spm_core.concepts import Concept, clean_prompt
 from ..spm_core.errors import SPMError
 from ..spm_core.file_format import DIFFUSERS_LAYER, load_membrane, save_membrane
 from ..spm_core.surrogates import Prompt, make_sampler, random_word_prompts
-from ..spm_core.training import ConceptPrompts, StepReport, TrainableMembrane, Trainer, TrainingConfig, training_metadata
+from ..spm_core.training import AdversarySpace, ConceptPrompts, StepReport, TrainableMembrane, Trainer, TrainingConfig, training_metadata
 from .encode import tokenize_one_chunk
 from .paths import PARTIAL_SUFFIX, refuse_to_replace
 from .runtime import membrane_layers_of
+from .soft_prompts import ClipSoftPrompts
 
 SURROGATE_POOL = 256
 ARCHITECTURE_OF = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SDXL": "sdxl"}
@@ -141,7 +142,9 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
         membrane = TrainableMembrane({n: shapes[k] for n, k in names.items()}, config.rank, config.alpha, config.seed)
         start = _resume_point(request, membrane) if request.resume else 0
         modules = {n: model.model.get_submodule(k) for n, k in names.items()}
-        trainer = Trainer(ComfyNoisePredictor(model), membrane, prompts, empty, sampler, config)
+        token_search = config.adversaries > 0 and config.adversary_space == AdversarySpace.TOKENS.value
+        soft_prompts = ClipSoftPrompts(clip, [c.target for c in concepts]) if token_search else None
+        trainer = Trainer(ComfyNoisePredictor(model), membrane, prompts, empty, sampler, config, soft_prompts)
         name = os.path.basename(request.path)[: -len(".safetensors")]
         completed = start
 
@@ -151,7 +154,9 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
             if on_step is not None:
                 on_step(report)
 
-        with trainable_copies(model.model.diffusion_model):
+        # the token search differentiates through the text encoder too
+        text_encoder = clip.cond_stage_model if token_search else torch.nn.Module()
+        with trainable_copies(model.model.diffusion_model), trainable_copies(text_encoder):
             membrane.attach(modules)
             try:
                 reports = trainer.run(start, step)

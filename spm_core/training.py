@@ -9,11 +9,14 @@ Per iteration, for one of the membrane's concepts:
      every batch's uncond row, is always one of the anchors);
   3. membrane ON, one batched call with gradients: e_tar and every anchor's prediction;
   4. loss = ||e_tar - (e_neu - g (e_pos - e_neu))||² + lambda · mean ||anchor_on - anchor_off||².
-With `adversaries` > 0, every `adversary_every` iterations a conditioning is searched (from a
-surrogate prompt, by gradient descent on the embedding) that makes the model draw the concept
-*with the membrane on*; the last `adversaries` such aliases are erased beside the target, so the
-membrane learns to close the holes an optimised prompt would find (adversarial training in the
-spirit of AdvUnlearn, in conditioning space so it needs nothing from the text encoder).
+With `adversaries` > 0, every `adversary_every` iterations a prompt is searched by gradient descent
+that makes the model draw the concept *with the membrane on*; the last `adversaries` such aliases
+are erased beside the target, so the membrane learns to close the holes an optimised prompt would
+find (adversarial training in the spirit of AdvUnlearn and Receler). In `tokens` space the search
+optimises free token embeddings inside a prompt and encodes them with the real text encoder (what
+a textual-inversion file or an optimised prompt gives an attacker); in `conditioning` space it
+shifts a surrogate's encoder output directly, which needs nothing from the text encoder but finds
+conditionings no prompt can produce.
 An iteration whose gradients are not finite (an fp16/bf16 model overflowing) changes nothing and
 is reported as skipped; non-finite weights are never saved. No UNet row is evaluated and thrown
 away (the official loop computes unconditional halves it discards). The model adapter turns its
@@ -24,16 +27,25 @@ output into a noise prediction, so v-prediction models train correctly. Randomne
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
 
+from .choice import Choice
 from .concepts import Concept
 from .errors import SPMError
 from .membrane import LayerWeights, Membrane
 from .surrogates import Prompt
+
+
+class AdversarySpace(Choice):
+    """Where the adversarial training searches for prompts that bring the concept back."""
+
+    TOKENS = "tokens"              # free token embeddings, through the real text encoder
+    CONDITIONING = "conditioning"  # the encoder's output, shifted directly
 
 
 @dataclass
@@ -56,6 +68,8 @@ class TrainingConfig:
     adversary_every: int = 20
     adversary_steps: int = 20
     adversary_learning_rate: float = 0.1
+    adversary_space: str = AdversarySpace.TOKENS.value
+    adversary_tokens: int = 3
 
     def check(self) -> TrainingConfig:
         problems = []
@@ -73,6 +87,13 @@ class TrainingConfig:
             problems.append("rollout steps must be at least 2")
         if self.adversaries < 0 or self.adversary_every < 1 or self.adversary_steps < 1:
             problems.append("adversaries cannot be negative; adversary interval and steps must be at least 1")
+        if not 1 <= self.adversary_tokens <= 16:
+            problems.append(f"adversary tokens {self.adversary_tokens} is outside 1..16")
+        if not (0 < self.adversary_learning_rate <= 10) or not math.isfinite(self.adversary_learning_rate):
+            problems.append(f"adversary learning rate {self.adversary_learning_rate} is outside (0, 10]")
+        if self.adversary_space not in {space.value for space in AdversarySpace}:
+            problems.append(f"adversary space {self.adversary_space!r} is not one of "
+                            f"{', '.join(repr(space.value) for space in AdversarySpace)}")
         if not self.latent_sizes or any(s < 8 or s % 8 for s in self.latent_sizes):
             problems.append("latent sizes must be multiples of 8")
         if problems:
@@ -107,6 +128,19 @@ class NoisePredictor(Protocol):
 
     def eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
         """Noise prediction for each row of x at noise level sigma, row i conditioned on prompts[i]."""
+
+
+class SoftPrompts(Protocol):
+    """Prompts with free token embeddings, encoded by the model's own text encoder with gradients:
+    what an attacker controls with a textual-inversion file or an optimised prompt."""
+
+    token_scale: float  # the typical size of one token embedding: step sizes are relative to it
+
+    def initial(self, concept_index: int, count: int, generator: torch.Generator) -> list[torch.Tensor]:
+        """`count` starting token embeddings (one tensor per text encoder), e.g. from the concept's own words."""
+
+    def encode(self, tokens: Sequence[torch.Tensor]) -> Prompt:
+        """The encoded prompt with `tokens` in it, differentiable with respect to `tokens`."""
 
 
 MAX_SKIPPED_STEPS = 20
@@ -189,11 +223,15 @@ class Trainer:
     """Runs the loop. `callback(report)` is called after every iteration (progress, cancel)."""
 
     def __init__(self, model: NoisePredictor, membrane: TrainableMembrane, concepts: Sequence[ConceptPrompts],
-                 empty: Prompt, surrogates, config: TrainingConfig) -> None:
+                 empty: Prompt, surrogates, config: TrainingConfig, soft_prompts: SoftPrompts | None = None) -> None:
         if not concepts:
             raise SPMError("nothing to train: give at least one target concept")
+        config.check()
+        if config.adversaries and config.adversary_space == AdversarySpace.TOKENS.value and soft_prompts is None:
+            raise SPMError("adversarial training in token space needs the text encoder; this model gives none "
+                           "(use adversary space 'conditioning')")
         self.model, self.membrane, self.concepts, self.empty = model, membrane, list(concepts), empty
-        self.surrogates, self.config = surrogates, config.check()
+        self.surrogates, self.config, self.soft_prompts = surrogates, config, soft_prompts
         self.optimizer = torch.optim.AdamW(membrane.parameters(), lr=config.learning_rate)
         cycle = max(1, math.ceil(config.iterations / max(1, config.restarts)))
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cycle)
@@ -201,6 +239,7 @@ class Trainer:
         self.unet_rows = 0  # noise predictions computed, counted per batch row
         self.skipped_steps = 0
         self.aliases: list[tuple[int, Prompt]] = []  # (concept index, adversarial conditioning)
+        self.adversary_seconds = 0.0  # time spent searching aliases, to report what robustness costs
 
     def run(self, start: int = 0, callback: Callable[[StepReport], None] | None = None) -> list[StepReport]:
         for _ in range(start):
@@ -229,7 +268,9 @@ class Trainer:
         e_pos, e_neu, anchors_off = off[:1], off[1:2], off[2:]
         target = e_neu - config.erase_guidance * (e_pos - e_neu)
         if config.adversaries and iteration % config.adversary_every == 0:
+            started = time.perf_counter()
             self._add_alias(concept_index, x, sigma, e_pos, generator)
+            self.adversary_seconds += time.perf_counter() - started
         erased = [concept.target, *(alias for index, alias in self.aliases if index == concept_index)]
 
         self.membrane.enabled = True
@@ -264,24 +305,38 @@ class Trainer:
 
     def _add_alias(self, concept_index: int, x: torch.Tensor, sigma: torch.Tensor, e_pos: torch.Tensor,
                    generator: torch.Generator) -> None:
-        """Search a conditioning that, through the membrane, predicts what the bare model predicts
-        for the concept (e_pos): a prompt the membrane fails to erase. Starts from a surrogate."""
+        """Search a prompt that, through the membrane, predicts what the bare model predicts for the
+        concept (e_pos): a prompt the membrane fails to erase. It joins the aliases erased from now on."""
         config = self.config
-        start = self.surrogates.sample(1, generator)[0]
-        scale = float(start.embedding.float().std())
-        shift = torch.zeros_like(start.embedding, dtype=torch.float32, requires_grad=True)
-        optimizer = torch.optim.Adam([shift], lr=config.adversary_learning_rate * scale)
+        if config.adversary_space == AdversarySpace.TOKENS.value:
+            variables = [t.detach().float().clone().requires_grad_(True)
+                         for t in self.soft_prompts.initial(concept_index, config.adversary_tokens, generator)]
+            scale = self.soft_prompts.token_scale
+
+            def prompt() -> Prompt:
+                return self.soft_prompts.encode(variables)
+        else:  # shift a surrogate's conditioning
+            start = self.surrogates.sample(1, generator)[0]
+            scale = float(start.embedding.float().std())
+            variables = [torch.zeros_like(start.embedding, dtype=torch.float32, requires_grad=True)]
+
+            def prompt() -> Prompt:
+                return Prompt(start.embedding.float() + variables[0], start.pooled)
+        optimizer = torch.optim.Adam(variables, lr=config.adversary_learning_rate * scale)
         self.membrane.enabled = True
         try:
             with torch.enable_grad():
                 for _ in range(config.adversary_steps):
-                    alias = Prompt(start.embedding.float() + shift, start.pooled)
-                    loss = torch.nn.functional.mse_loss(self._eps(x, sigma, [alias]).float(), e_pos.float())
-                    (shift.grad,) = torch.autograd.grad(loss, [shift])
+                    loss = torch.nn.functional.mse_loss(self._eps(x, sigma, [prompt()]).float(), e_pos.float())
+                    gradients = torch.autograd.grad(loss, variables)
+                    for variable, gradient in zip(variables, gradients):
+                        variable.grad = gradient
                     optimizer.step()
+            with torch.no_grad():
+                found = prompt()
         finally:
             self.membrane.enabled = False
-        alias = Prompt((start.embedding.float() + shift).detach().to(start.embedding.dtype), start.pooled)
+        alias = Prompt(found.embedding.detach().clone(), None if found.pooled is None else found.pooled.detach().clone())
         self.aliases = [*self.aliases, (concept_index, alias)][-config.adversaries:]
 
     def _eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[Prompt]) -> torch.Tensor:
