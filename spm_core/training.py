@@ -240,6 +240,7 @@ class Trainer:
         self.skipped_steps = 0
         self.aliases: list[tuple[int, Prompt]] = []  # (concept index, adversarial conditioning)
         self.adversary_seconds = 0.0  # time spent searching aliases, to report what robustness costs
+        self.searches: list[tuple[float, float]] = []  # each search's loss at its first and last step
 
     def run(self, start: int = 0, callback: Callable[[StepReport], None] | None = None) -> list[StepReport]:
         for _ in range(start):
@@ -323,6 +324,7 @@ class Trainer:
             def prompt() -> Prompt:
                 return Prompt(start.embedding.float() + variables[0], start.pooled)
         optimizer = torch.optim.Adam(variables, lr=config.adversary_learning_rate * scale)
+        losses = []
         self.membrane.enabled = True
         try:
             with torch.enable_grad():
@@ -332,10 +334,12 @@ class Trainer:
                     for variable, gradient in zip(variables, gradients):
                         variable.grad = gradient
                     optimizer.step()
+                    losses.append(loss.item())
             with torch.no_grad():
                 found = prompt()
         finally:
             self.membrane.enabled = False
+        self.searches.append((losses[0], losses[-1]))
         alias = Prompt(found.embedding.detach().clone(), None if found.pooled is None else found.pooled.detach().clone())
         self.aliases = [*self.aliases, (concept_index, alias)][-config.adversaries:]
 

@@ -188,20 +188,6 @@ def test_command_line_trains_from_a_checkpoint_and_a_yaml_config(tmp_path, spm_w
     assert saved.architecture == "sd1" and saved.metadata["training"]["iterations"] == 2
 
 
-def test_adversarial_aliases_are_searched_and_erased_beside_the_target(tiny, tmp_path):
-    """With adversaries, every `adversary_every` iterations `adversary_steps` single-row predictions
-    search an alias, and the pool's aliases join the erased rows of the membrane-on batch. Same
-    seeds draw the same rollouts and anchors, so the extra rows are exactly those."""
-    patcher, clip = tiny
-    common = dict(iterations=4, anchor_samples=1)
-    _, plain_reports, plain_rows = train(patcher, clip, tmp_path / "plain.safetensors", **common)
-    _, reports, rows = train(patcher, clip, tmp_path / "adversarial.safetensors", adversaries=2, adversary_every=1,
-                             adversary_steps=3, **common)
-    searched, erased_aliases = 4 * 3, 1 + 2 + 2 + 2
-    assert rows * 4 == pytest.approx(plain_rows * 4 + searched + erased_aliases)
-    assert reports[0].erase_loss != plain_reports[0].erase_loss, "the alias is part of the erase loss"
-
-
 def test_a_target_longer_than_one_clip_chunk_is_refused_by_name_before_training(tiny, tmp_path):
     patcher, clip = tiny
     errors = pack_module("spm_core.errors")
