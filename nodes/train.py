@@ -23,20 +23,40 @@ from .runtime import MembraneEntry, with_membrane
 from .training import TrainingRequest, parse_lines, train
 
 
-def loss_curve(losses: list[float]) -> torch.Tensor:
-    """Total loss per iteration (log scale) as a (1, H, W, 3) IMAGE."""
+def loss_curve(losses: list[float], erasure: list[tuple[int, float]] = (), stop_at: float = 0.0) -> torch.Tensor:
+    """Total loss per iteration (log scale, blue) and the erasure level where it was measured (orange,
+    0 at the bottom; the stop level dashed) as a (1, H, W, 3) IMAGE."""
     width, height, margin = 512, 256, 32
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     values = np.log10(np.maximum(np.asarray(losses, dtype=np.float64), 1e-12))
     low, high = float(values.min()), float(values.max())
     span = high - low or 1.0
-    points = [(margin + (width - 2 * margin) * i / max(1, len(values) - 1),
-               height - margin - (height - 2 * margin) * (v - low) / span) for i, v in enumerate(values)]
+    inner_w, inner_h = width - 2 * margin, height - 2 * margin
+
+    def x_of(index: float) -> float:
+        return margin + inner_w * index / max(1, len(values) - 1)
+
+    points = [(x_of(i), height - margin - inner_h * (v - low) / span) for i, v in enumerate(values)]
     draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
     if len(points) > 1:
         draw.line(points, fill=(30, 90, 200), width=2)
-    draw.text((margin + 4, 4), f"loss (log10)  first {losses[0]:.3g}  last {losses[-1]:.3g}", fill="black")
+    title = f"loss (log10)  first {losses[0]:.3g}  last {losses[-1]:.3g}"
+    if erasure:
+        top = max(2.0, stop_at, *(level for _, level in erasure))
+
+        def y_of(level: float) -> float:
+            return height - margin - inner_h * max(0.0, level) / top
+        if stop_at:
+            for x in range(margin, width - margin, 8):
+                draw.line([(x, y_of(stop_at)), (x + 4, y_of(stop_at))], fill=(220, 120, 0))
+        marks = [(x_of(i), y_of(level)) for i, level in erasure]
+        if len(marks) > 1:
+            draw.line(marks, fill=(220, 120, 0), width=2)
+        for x, y in marks:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(220, 120, 0))
+        title += f"   erasure level (orange, 0..{top:.3g}) last {erasure[-1][1]:.2f}"
+    draw.text((margin + 4, 4), title, fill="black")
     draw.text((width - margin - 90, height - margin + 8), f"{len(losses)} iterations", fill="black")
     return image_tensor(image)
 
@@ -90,6 +110,17 @@ class TrainSPM(io.ComfyNode):
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace the membrane of that name in models/spm if it exists. Off: an existing membrane is "
                                          "never replaced (training stops with a message before it starts)."),
+                # added later: optional, so workflows saved before them keep running with the old behaviour
+                io.Float.Input("stop_at_erasure", default=0.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip=TrainingConfig.help("stop_at_erasure")),
+                io.Int.Input("adversaries", default=0, min=0, max=64, optional=True,
+                             tooltip=TrainingConfig.help("adversaries")),
+                io.Int.Input("adversary_tokens", default=3, min=1, max=16, optional=True,
+                             tooltip=TrainingConfig.help("adversary_tokens")),
+                io.Int.Input("adversary_every", default=20, min=1, max=10000, optional=True,
+                             tooltip=TrainingConfig.help("adversary_every")),
+                io.Int.Input("adversary_steps", default=20, min=1, max=1000, optional=True,
+                             tooltip=TrainingConfig.help("adversary_steps")),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the new membrane applied (paper transport)."),
@@ -102,36 +133,59 @@ class TrainSPM(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, target, surrogate, neutral, iterations, learning_rate, rank, alpha, anchor_strength,
                 anchor_samples, surrogate_sampler, erase_guidance, rollout_steps, latent_size, seed, name, resume,
-                overwrite=False) -> io.NodeOutput:
+                overwrite=False, stop_at_erasure=0.0, adversaries=0, adversary_tokens=3, adversary_every=20,
+                adversary_steps=20) -> io.NodeOutput:
         name = paths.safe_stem(name)
         folder = folder_paths.get_folder_paths(paths.FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
         config = TrainingConfig(iterations=iterations, learning_rate=learning_rate, rank=rank, alpha=alpha,
                                 erase_guidance=erase_guidance, anchor_strength=anchor_strength, anchor_samples=anchor_samples,
                                 rollout_steps=rollout_steps, latent_sizes=[latent_size], seed=seed,
-                                surrogates=surrogate_sampler)
+                                surrogates=surrogate_sampler, stop_at_erasure=stop_at_erasure, adversaries=adversaries,
+                                adversary_tokens=adversary_tokens, adversary_every=adversary_every,
+                                adversary_steps=adversary_steps)
         request = TrainingRequest(targets=parse_lines(target, "target"), surrogates=parse_lines(surrogate, "surrogate"),
                                   neutral=neutral.strip(), config=config,
                                   path=os.path.join(folder, name + ".safetensors"), resume=resume, overwrite=overwrite)
         progress = comfy.utils.ProgressBar(iterations)
         started = time.monotonic()
 
+        last_level: list[float] = []
+
         def on_step(report: StepReport) -> None:
             done = report.iteration + 1
+            if report.erasure is not None:
+                last_level[:] = [report.erasure]
             progress.update_absolute(done, iterations)
-            _show_eta(cls.hidden.unique_id, done, iterations, started, report.loss)
+            _show_eta(cls.hidden.unique_id, done, iterations, started, report.loss, last_level[0] if last_level else None)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         membrane, reports, _ = train(model, clip, request, on_step)
+        erasure = [(index, r.erasure) for index, r in enumerate(reports) if r.erasure is not None]
         concepts = [encode_concept(clip, p) for c in membrane.concepts for p in c.prompts]
         entry = MembraneEntry(membrane=membrane, strength=1.0, transport=Transport([concepts], TransportMode.PAPER),
                               node_id=cls.hidden.unique_id)
         losses = [r.loss for r in reports] or [0.0]
-        return io.NodeOutput(with_membrane(model, entry), loss_curve(losses), request.path,
-                             ui={"text": [f"saved {request.path} after {len(reports)} iterations, final loss {losses[-1]:.4g}"]})
+        return io.NodeOutput(with_membrane(model, entry), loss_curve(losses, erasure, stop_at_erasure), request.path,
+                             ui={"text": [summary(request.path, membrane.metadata["training"], losses[-1], config)]})
 
 
-def _show_eta(node_id, done: int, total: int, started: float, loss: float) -> None:
+def summary(path: str, training: dict, last_loss: float, config: TrainingConfig) -> str:
+    """What the node says when training ends: where the file went, how far it got and what robustness cost."""
+    done = training["completed_iterations"]
+    text = f"saved {path} after {done} iterations, final loss {last_loss:.4g}"
+    level = training.get("erasure_level")
+    if level is not None:
+        text += f", erasure level {level:.2f}"
+        if config.stop_at_erasure:
+            reached = level >= config.stop_at_erasure
+            text += f" ({'reached' if reached else 'not reached'}: stop at {config.stop_at_erasure:g})"
+    if config.adversaries:
+        text += f"; adversarial prompt search {training['adversary_seconds']:.0f} s"
+    return text
+
+
+def _show_eta(node_id, done: int, total: int, started: float, loss: float, erasure: float | None) -> None:
     try:
         from server import PromptServer
     except ImportError:
@@ -141,4 +195,5 @@ def _show_eta(node_id, done: int, total: int, started: float, loss: float) -> No
         return
     elapsed = time.monotonic() - started
     remaining = elapsed / done * (total - done)
-    server.send_progress_text(f"{done}/{total}  loss {loss:.4g}  ETA {remaining:.0f}s", node_id)
+    level = "" if erasure is None else f"  erasure {erasure:.2f}"
+    server.send_progress_text(f"{done}/{total}  loss {loss:.4g}{level}  ETA {remaining:.0f}s", node_id)

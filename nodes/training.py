@@ -166,7 +166,8 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
                 raise
             finally:
                 membrane.detach()
-    result = _save(membrane, name, concepts, architecture, config, config.iterations, request.path, trainer)
+    result = _save(membrane, name, concepts, architecture, config, trainer.stopped_at or config.iterations, request.path,
+                   trainer)
     if os.path.exists(partial_path(request.path)):
         os.remove(partial_path(request.path))
     rows = trainer.unet_rows / max(1, config.iterations - start)
@@ -185,7 +186,10 @@ def _resume_point(request: TrainingRequest, membrane: TrainableMembrane) -> int:
 
 def _save(membrane: TrainableMembrane, name, concepts, architecture, config, completed, path, trainer):
     result = membrane.as_membrane(name, concepts, architecture)
+    levels = [r.erasure for r in trainer.history if r.erasure is not None]
     extra = {"unet_rows_per_iteration": round(trainer.unet_rows / max(1, len(trainer.history)), 2),
+             "erasure_level": round(levels[-1], 4) if levels else None,
+             "adversary_seconds": round(trainer.adversary_seconds, 1),
              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     temporary = path + ".tmp"
     save_membrane(temporary, result, training=training_metadata(config, completed, extra))

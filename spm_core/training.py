@@ -36,6 +36,7 @@ import torch
 
 from .choice import Choice
 from .concepts import Concept
+from .erasure import erasure_level, make_probes
 from .errors import SPMError
 from .membrane import LayerWeights, Membrane
 from .surrogates import Prompt
@@ -64,12 +65,30 @@ class TrainingConfig:
     grad_clip: float = 1.0
     seed: int = 0
     surrogates: str = "prompts"
-    adversaries: int = 0
-    adversary_every: int = 20
-    adversary_steps: int = 20
-    adversary_learning_rate: float = 0.1
-    adversary_space: str = AdversarySpace.TOKENS.value
-    adversary_tokens: int = 3
+    adversaries: int = field(default=0, metadata={"help": (
+        "Robustness against optimised prompts and textual-inversion embeddings: how many adversarial prompts the "
+        "membrane erases beside the target. Every adversary_every iterations a prompt that brings the concept back "
+        "through the membrane is searched and joins this bank (the oldest leaves). 0 = off.")})
+    adversary_every: int = field(default=20, metadata={"help": "Iterations between two adversarial prompt searches."})
+    adversary_steps: int = field(default=20, metadata={"help": (
+        "Gradient steps of one adversarial prompt search (each costs about one model call with gradients).")})
+    adversary_learning_rate: float = field(default=0.1, metadata={"help": (
+        "Step size of the search, relative to the typical size of a token embedding.")})
+    adversary_space: str = field(default=AdversarySpace.TOKENS.value, metadata={"help": (
+        "Where the search runs. tokens: free token embeddings in a prompt, through the text encoder (what an "
+        "attacker with an embedding file has); conditioning: the encoder's output shifted directly.")})
+    adversary_tokens: int = field(default=3, metadata={"help": "Free tokens in each adversarial prompt (1..16)."})
+    stop_at_erasure: float = field(default=0.0, metadata={"help": (
+        "Stop when the erasure level of every concept reaches this; the iterations are then the cap. 0 = train all "
+        "iterations. The level needs no classifier: 0 = the concept is predicted as by the bare model, 1 = as the "
+        "neutral (or surrogate) prompt; training aims at 1 + erase guidance.")})
+    erasure_every: int = field(default=25, metadata={"help": (
+        "Iterations between two measurements of the erasure level (it is also measured after the last one).")})
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The user-facing description of a setting, written once here for tooltips, help and the command line."""
+        return cls.__dataclass_fields__[name].metadata["help"]
 
     def check(self) -> TrainingConfig:
         problems = []
@@ -87,6 +106,10 @@ class TrainingConfig:
             problems.append("rollout steps must be at least 2")
         if self.adversaries < 0 or self.adversary_every < 1 or self.adversary_steps < 1:
             problems.append("adversaries cannot be negative; adversary interval and steps must be at least 1")
+        if not (0 <= self.stop_at_erasure <= 10) or not math.isfinite(self.stop_at_erasure):
+            problems.append(f"stop at erasure {self.stop_at_erasure} is outside 0..10")
+        if self.erasure_every < 1:
+            problems.append("erasure interval must be at least 1")
         if not 1 <= self.adversary_tokens <= 16:
             problems.append(f"adversary tokens {self.adversary_tokens} is outside 1..16")
         if not (0 < self.adversary_learning_rate <= 10) or not math.isfinite(self.adversary_learning_rate):
@@ -144,6 +167,13 @@ class SoftPrompts(Protocol):
 
 
 MAX_SKIPPED_STEPS = 20
+ERASURE_PROBE_SEEDS = (0, 1)
+
+
+def erasure_probe_steps(rollout_steps: int) -> tuple[int, ...]:
+    """Where on the bare trajectory the erasure level is taken: early, middle and late steps (for 20
+    rollout steps: 2, 5, 10), where the concept's layout and then its details are drawn."""
+    return tuple(sorted({max(1, rollout_steps // 10), max(1, rollout_steps // 4), rollout_steps // 2}))
 
 
 class TrainableMembrane(torch.nn.Module):
@@ -217,6 +247,7 @@ class StepReport:
     anchor_loss: float
     learning_rate: float
     skipped: bool = False  # gradients were not finite: no update this iteration
+    erasure: float | None = None  # the erasure level, on the iterations it was measured
 
 
 class Trainer:
@@ -241,16 +272,39 @@ class Trainer:
         self.aliases: list[tuple[int, Prompt]] = []  # (concept index, adversarial conditioning)
         self.adversary_seconds = 0.0  # time spent searching aliases, to report what robustness costs
         self.searches: list[tuple[float, float]] = []  # each search's loss at its first and last step
+        self.stopped_at: int | None = None  # the iteration count at which the erasure level was reached
+        self._probes: list | None = None
 
     def run(self, start: int = 0, callback: Callable[[StepReport], None] | None = None) -> list[StepReport]:
         for _ in range(start):
             self.scheduler.step()  # a resumed run continues the same learning-rate schedule
-        for iteration in range(start, self.config.iterations):
+        config = self.config
+        for iteration in range(start, config.iterations):
             report = self.step(iteration)
+            if (iteration + 1) % config.erasure_every == 0 or iteration + 1 == config.iterations:
+                report.erasure = self.erasure_level()
             self.history.append(report)
             if callback is not None:
                 callback(report)
+            if config.stop_at_erasure and report.erasure is not None and report.erasure >= config.stop_at_erasure:
+                self.stopped_at = iteration + 1
+                break
         return self.history
+
+    def erasure_level(self) -> float:
+        """The least erasure level over the membrane's concepts (spm_core.erasure), at probes fixed
+        on the first call: the bare model's own trajectories for each target."""
+        counted = _CountedRows(self)
+        if self._probes is None:
+            self.membrane.enabled = False
+            steps = erasure_probe_steps(self.config.rollout_steps)
+            self._probes = [make_probes(counted, c.target, self.empty, self.config.latent_sizes[0], ERASURE_PROBE_SEEDS,
+                                        self.config.rollout_steps, self.config.rollout_cfg, steps) for c in self.concepts]
+
+        def set_membrane(on: bool) -> None:
+            self.membrane.enabled = on
+        return min(erasure_level(counted, set_membrane, concept, probes)
+                   for concept, probes in zip(self.concepts, self._probes))
 
     def step(self, iteration: int) -> StepReport:
         config = self.config
@@ -363,6 +417,18 @@ class Trainer:
         finally:
             self.membrane.enabled, self.membrane.row_mask = False, None
         return x, sigmas[k:k + 1]
+
+
+class _CountedRows:
+    """The model as the erasure measure sees it: its rows count with the training's."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer, self.latent_channels = trainer, trainer.model.latent_channels
+        self.sigmas, self.start = trainer.model.sigmas, trainer.model.start
+
+    def eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        self.trainer.unet_rows += len(prompts)
+        return self.trainer.model.eps(x, sigma, prompts)
 
 
 def training_metadata(config: TrainingConfig, completed: int, extra: Mapping | None = None) -> dict:
