@@ -45,7 +45,10 @@ class MembraneSettings:
 
 class Lab:
     def __init__(self, comfy_root: str | None = None, membrane_dir: str | None = None,
-                 model_file: str | None = None, classifier_file: str | None = None) -> None:
+                 model_file: str | None = None, classifier_file: str | None = None,
+                 embedding_dir: str | None = None) -> None:
+        """`embedding_dir`: ComfyUI's embeddings folder for this process (default: a fresh temporary
+        one), where the CLIP finds `embedding:name` as the example loader node's CLIP does."""
         use_host(comfy_root)
         import comfy.utils
         import folder_paths
@@ -57,7 +60,10 @@ class Lab:
 
         comfy.utils.PROGRESS_BAR_ENABLED = False
         self.package = load_pack().__name__
-        self.model, self.clip, self.vae = load_world(model_file or MODEL_FILE)
+        self.embedding_dir = embedding_dir or tempfile.mkdtemp(prefix="miniworld-embeddings-")
+        os.makedirs(self.embedding_dir, exist_ok=True)
+        folder_paths.add_model_folder_path("embeddings", self.embedding_dir, is_default=True)
+        self.model, self.clip, self.vae = load_world(model_file or MODEL_FILE, folder_paths.get_folder_paths("embeddings"))
         self.classifier = load_classifier(classifier_file or CLASSIFIER_FILE)
         self.membrane_dir = membrane_dir or tempfile.mkdtemp(prefix="miniworld-spm-")
         os.makedirs(self.membrane_dir, exist_ok=True)
