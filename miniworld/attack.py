@@ -1,6 +1,6 @@
 """A gradient attack on a membrane, in the spirit of UnlearnDiffAtk (Zhang et al., 2024).
 
-The attacker writes "a" followed by a few free token embeddings (what a textual-inversion file
+The attacker writes a prompt with a few free token embeddings in it (what a textual-inversion file
 gives a ComfyUI user) and optimises those embeddings so that the model *with the membrane and its
 gate* reproduces pictures of the erased concept: the diffusion loss against the bare model's own
 pictures of "a <concept>", at random noise levels. The gate is computed from the attacker's
@@ -8,6 +8,12 @@ conditioning exactly as SPM Load Membrane computes it (text gates from the embed
 the bare model's prediction at the first step), and differentiated through, so the attack adapts
 to the gate. The result is then sampled through the real SPM Load Membrane runtime and read by the
 classifier.
+
+Where the free tokens sit (between the concept-free words `before` and `after`), how many there
+are, how they start (random, or the concept's own word embedding), how long they are optimised and
+how many independent restarts are tried (the one with the lowest final loss kept) are settings;
+the defaults are the benchmark's original attack: "a" and three random tokens, 150 steps. The same
+optimiser, run on the bare model, is textual inversion (miniworld/textual_inversion.py).
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ import torch
 from .lab import PICTURE_SIDE
 from .model import encode_token_embeddings, pictures_to_model_space, text_transformer, token_ids
 
+INITS = ("random", "concept")
+EVALUATION_SIGMAS = 4  # noise levels per reference picture in the fixed batch that scores a run
+CONCEPT_INIT_NOISE = 0.1  # so that restarts from the concept's word do not all start at one point
+
 
 @dataclass(frozen=True)
 class AttackSettings:
@@ -28,6 +38,65 @@ class AttackSettings:
     batch: int = 8
     reference_pictures: int = 32
     seed: int = 0
+    before: str = "a"      # concept-free words before the free tokens ("": the tokens open the prompt)
+    after: str = ""        # concept-free words after them
+    init: str = "random"   # or "concept": the concept word's token embeddings, repeated to fill the tokens
+    restarts: int = 1
+
+
+@dataclass
+class Optimised:
+    """One attack's result: the free token embeddings (tokens, width) of the best restart, its loss
+    per step, and its loss on the fixed evaluation batch before and after optimising."""
+
+    vectors: torch.Tensor
+    losses: list[float]
+    start_loss: float
+    final_loss: float
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The token embeddings around the free tokens: head "<BOS> before" (1, H, D) and tail
+    "after <EOS> <padding>" (1, 77 - H, D); ComfyUI's tokenizer lays out "before embedding:x after"
+    the same way."""
+
+    head: torch.Tensor
+    tail: torch.Tensor
+    content: int  # tokens of the prompt before its padding, free ones excluded: BOS, words, EOS
+
+    def embed(self, soft: torch.Tensor) -> torch.Tensor:
+        """(1, 77, D) token embeddings with `soft` (tokens, D) between the head and the tail."""
+        length = self.head.shape[1] + self.tail.shape[1]
+        if self.content + soft.shape[0] > length:
+            raise ValueError(f"{soft.shape[0]} free tokens do not fit in one {length}-token prompt with its words")
+        return torch.cat([self.head, soft[None].to(self.head), self.tail], dim=1)[:, :length]
+
+
+def content_ids(clip, text: str) -> list[int]:
+    """The token ids of `text`'s words (no BOS, EOS or padding)."""
+    ids = token_ids(clip, text)
+    tokenizer = clip.tokenizer.clip_l
+    return ids[1: ids.index(tokenizer.end_token)]
+
+
+def frame(clip, before: str, after: str) -> Frame:
+    tokenizer = clip.tokenizer.clip_l
+    head_ids = [tokenizer.start_token] + content_ids(clip, before)
+    tail_ids = content_ids(clip, after)
+    padding = [tokenizer.end_token] * (77 - len(head_ids) - len(tail_ids))
+    table = text_transformer(clip).text_model.embeddings.token_embedding
+    with torch.no_grad():
+        head = table(torch.tensor([head_ids])).float()
+        tail = table(torch.tensor([tail_ids + padding])).float()
+    return Frame(head, tail, len(head_ids) + len(tail_ids) + 1)
+
+
+def conditioning_of(clip, settings: AttackSettings, vectors: torch.Tensor) -> list:
+    """The CONDITIONING of the attack's prompt with `vectors` as its free tokens."""
+    with torch.no_grad():
+        embedding = encode_token_embeddings(clip, frame(clip, settings.before, settings.after).embed(vectors))
+    return [[embedding.detach(), {}]]
 
 
 def _gates(state, conditioning: torch.Tensor, base, generator: torch.Generator) -> torch.Tensor:
@@ -47,49 +116,95 @@ def _gates(state, conditioning: torch.Tensor, base, generator: torch.Generator) 
     return torch.maximum(gates, state.latent_gates(run_bare, x, conditioning)[0])
 
 
-def with_soft_tokens(template: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """The token embeddings of "<BOS> a" (template (1, 77, D)), then the free tokens, then the
-    template's end token and padding, cut to the template's length."""
-    length, first = template.shape[1], 2
-    return torch.cat([template[:, :first], soft[None], template[:, first: length - soft.shape[0]]], dim=1)
+class _Target:
+    """The model being attacked: `denoise` runs it on a batch with the membranes gated for the
+    attacker's conditioning as SPM Load Membrane would gate them, or bare when it carries none."""
+
+    def __init__(self, lab, model) -> None:
+        import comfy.model_management
+
+        runtime = lab.pack("nodes.runtime")
+        self.stack_module = lab.pack("spm_core.stack")
+        self.state = model.get_attachment(runtime.KEY)
+        comfy.model_management.load_models_gpu([model])
+        self.base = model.model
+        if self.state is not None and not self.state.hooks.installed:
+            self.state.hooks.install(self.state.modules_of(self.base))
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conditioning: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        context = conditioning.expand(x.shape[0], -1, -1)
+        if self.state is None:
+            return self.base.apply_model(x, sigma, c_crossattn=context)
+        gates = _gates(self.state, conditioning, self.base, generator)
+        with self.stack_module.gates_active(self.state.stack, gates.expand(x.shape[0], -1)):
+            return self.base.apply_model(x, sigma, c_crossattn=context)
+
+
+def _loss(denoised: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(denoised[:, :3].float(), x0[:, :3])
+
+
+def _initial(clip, concept: str, settings: AttackSettings, width: int, generator: torch.Generator) -> torch.Tensor:
+    if settings.init == "random":
+        return torch.randn(settings.soft_tokens, width, generator=generator)
+    table = text_transformer(clip).text_model.embeddings.token_embedding
+    with torch.no_grad():
+        word = table(torch.tensor(content_ids(clip, concept))).float()
+    repeated = word.repeat(-(-settings.soft_tokens // word.shape[0]), 1)[: settings.soft_tokens]
+    return repeated + CONCEPT_INIT_NOISE * torch.randn(repeated.shape, generator=generator)
+
+
+def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings()) -> Optimised:
+    """The free tokens of `settings`' prompt optimised against `model` (an SPM Load Membrane output, its
+    gate differentiated through; or a model without membranes: textual inversion)."""
+    if settings.init not in INITS:
+        raise ValueError(f"attack init must be one of {INITS}, got {settings.init!r}")
+    if settings.restarts < 1:
+        raise ValueError(f"an attack needs at least one restart, got {settings.restarts}")
+    reference = pictures_to_model_space(lab.generate(lab.model, f"a {concept}", settings.reference_pictures, settings.seed))
+    target = _Target(lab, model)
+    prompt = frame(lab.clip, settings.before, settings.after)
+    sigmas = target.base.model_sampling.sigmas.float()
+    # one fixed batch (every reference picture at a few noise levels) scores every restart alike;
+    # its own generator leaves the optimisation's random stream as it was before restarts existed
+    scoring = torch.Generator().manual_seed(settings.seed + 1)
+    score_x0 = reference.repeat(EVALUATION_SIGMAS, 1, 1, 1)
+    score_sigma = sigmas[torch.randint(0, sigmas.shape[0], (score_x0.shape[0],), generator=scoring)]
+    score_x = score_x0 + score_sigma.reshape(-1, 1, 1, 1) * torch.randn(score_x0.shape, generator=scoring)
+
+    def score(soft: torch.Tensor) -> float:
+        with torch.no_grad():
+            conditioning = encode_token_embeddings(lab.clip, prompt.embed(soft))
+            gate_noise = torch.Generator().manual_seed(settings.seed + 2)
+            return float(_loss(target.denoise(score_x, score_sigma, conditioning, gate_noise), score_x0))
+
+    best = None
+    for restart in range(settings.restarts):
+        generator = torch.Generator().manual_seed(settings.seed + 1000 * restart)
+        soft = torch.nn.Parameter(_initial(lab.clip, concept, settings, prompt.head.shape[-1], generator))
+        start_loss = score(soft.detach())
+        optimiser = torch.optim.Adam([soft], lr=settings.learning_rate)
+        losses = []
+        with torch.inference_mode(False), torch.enable_grad():
+            for _ in range(settings.steps):
+                conditioning = encode_token_embeddings(lab.clip, prompt.embed(soft))
+                pick = torch.randint(0, reference.shape[0], (settings.batch,), generator=generator)
+                sigma = sigmas[torch.randint(0, sigmas.shape[0], (settings.batch,), generator=generator)]
+                x0 = reference[pick]
+                x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=generator)
+                loss = _loss(target.denoise(x, sigma, conditioning, generator), x0)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                losses.append(loss.item())
+        run = Optimised(soft.detach().clone(), losses, start_loss, score(soft.detach()))
+        if best is None or run.final_loss < best.final_loss:
+            best = run
+    return best
 
 
 def attack(lab, model, concept: str, settings: AttackSettings = AttackSettings()) -> tuple[list, list[float]]:
     """(CONDITIONING for the optimised prompt, loss per step) against `model`, an SPM Load Membrane output."""
-    import comfy.model_management
-
-    stack_module = lab.pack("spm_core.stack")
-    state = lab.pack("nodes.runtime").state_of(model)
-    generator = torch.Generator().manual_seed(settings.seed)
-    reference = pictures_to_model_space(lab.generate(lab.model, f"a {concept}", settings.reference_pictures, settings.seed))
-
-    comfy.model_management.load_models_gpu([model])
-    base = model.model
-    if not state.hooks.installed:
-        state.hooks.install(state.modules_of(base))
-    text = text_transformer(lab.clip).text_model
-    ids = torch.tensor([token_ids(lab.clip, "a")])
-    with torch.no_grad():
-        template = text.embeddings.token_embedding(ids).float()
-    soft = torch.nn.Parameter(torch.randn(settings.soft_tokens, template.shape[-1], generator=generator))
-    optimiser = torch.optim.Adam([soft], lr=settings.learning_rate)
-    sigmas = base.model_sampling.sigmas.float()
-    losses = []
-    with torch.inference_mode(False), torch.enable_grad():
-        for _ in range(settings.steps):
-            conditioning = encode_token_embeddings(lab.clip, with_soft_tokens(template, soft))
-            gates = _gates(state, conditioning, base, generator)
-            pick = torch.randint(0, reference.shape[0], (settings.batch,), generator=generator)
-            sigma = sigmas[torch.randint(0, sigmas.shape[0], (settings.batch,), generator=generator)]
-            x0 = reference[pick]
-            x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=generator)
-            with stack_module.gates_active(state.stack, gates.expand(settings.batch, -1)):
-                denoised = base.apply_model(x, sigma, c_crossattn=conditioning.expand(settings.batch, -1, -1))
-            loss = torch.nn.functional.mse_loss(denoised[:, :3].float(), x0[:, :3])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
-    with torch.no_grad():
-        conditioning = encode_token_embeddings(lab.clip, with_soft_tokens(template, soft))
-    return [[conditioning.detach(), {}]], losses
+    result = optimise(lab, model, concept, settings)
+    return conditioning_of(lab.clip, settings, result.vectors), result.losses

@@ -4,7 +4,9 @@ the membrane never saw (paraphrase attack).
 
 Every prompt is sampled `count` times from a seed fixed by its text, so every setup starts from
 the same noise and pixel distances to the bare model compare like with like. Pictures are read by
-the classifier; a concept is "found" at probability >= 0.5.
+the classifier; a concept is "found" at probability >= 0.5. A concept is erased from a generation
+only when the picture is clean (the classifier's clean head) and the concept is not found: a
+membrane that turns its concept into noise has not erased it, and that share is reported on its own.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ class Measure:
 
     setup: str
     concept: str
-    erased: float            # share of target generations in which the concept is no longer found
+    erased: float            # share of target generations that are clean pictures without the concept
     erased_n: int
+    erased_into_noise: float  # share of target generations that are not clean pictures
     accuracy: float          # share of other-prompt generations showing everything they ask for
     bare_accuracy: float
     drift: float             # mean absolute pixel difference to the bare model on other prompts (0..1)
@@ -95,6 +98,15 @@ class Measure:
 
 def found_share(verdicts: Sequence[Verdict], concept: str) -> float:
     return sum(v.finds(concept) for v in verdicts) / len(verdicts)
+
+
+def erased_share(verdicts: Sequence[Verdict], concept: str) -> float:
+    """Share of generations that are a clean picture in which `concept` is not found."""
+    return sum(v.is_clean and not v.finds(concept) for v in verdicts) / len(verdicts)
+
+
+def not_clean_share(verdicts: Sequence[Verdict]) -> float:
+    return sum(not v.is_clean for v in verdicts) / len(verdicts)
 
 
 def mean(values: Sequence[float]) -> float:
@@ -109,7 +121,8 @@ def measure(evaluator: Evaluator, setup, p: Panel, with_paraphrases: bool = True
     attacks = [(evaluator.read(setup, r.text), evaluator.read(bare, r.text)) for r in p.paraphrases] if with_paraphrases else []
     return Measure(
         setup=setup.label, concept=p.concept,
-        erased=1.0 - mean([found_share(t.verdicts, p.concept) for t in targets]), erased_n=evaluator.count * len(targets),
+        erased=mean([erased_share(t.verdicts, p.concept) for t in targets]), erased_n=evaluator.count * len(targets),
+        erased_into_noise=mean([not_clean_share(t.verdicts) for t in targets]),
         accuracy=mean([request_accuracy(o.verdicts, r) for r, o, _ in others]),
         bare_accuracy=mean([request_accuracy(b.verdicts, r) for r, _, b in others]),
         drift=mean([float((o.pictures - b.pictures).abs().mean()) for _, o, b in others]),
@@ -122,7 +135,8 @@ class StackMeasure:
     """Several membranes at once, on every evaluation prompt."""
 
     setup: str
-    erased: dict[str, float]         # per erased concept, over the prompts naming it
+    erased: dict[str, float]         # per erased concept, over the prompts naming it: clean and not found
+    erased_into_noise: dict[str, float]  # per erased concept, over the prompts naming it: not clean
     kept_found: dict[str, float]     # per kept concept, over every prompt naming it
     accuracy: float                  # prompts naming no erased concept: everything found
     bare_accuracy: float
@@ -141,7 +155,9 @@ def measure_stack(evaluator: Evaluator, setup, erased: Sequence[str], kept: Sequ
                for c, prompts in attack_prompts.items() for r in prompts]
     return StackMeasure(
         setup=setup.label,
-        erased={c: 1.0 - mean([found_share(readings[r.text].verdicts, c) for r in requests if c in r.concepts]) for c in erased},
+        erased={c: mean([erased_share(readings[r.text].verdicts, c) for r in requests if c in r.concepts]) for c in erased},
+        erased_into_noise={c: mean([not_clean_share(readings[r.text].verdicts) for r in requests if c in r.concepts])
+                           for c in erased},
         kept_found={c: mean([found_share(readings[r.text].verdicts, c) for r in requests if c in r.concepts]) for c in kept},
         accuracy=mean([request_accuracy(readings[r.text].verdicts, r) for r in clean]),
         bare_accuracy=mean([request_accuracy(evaluator.read(bare, r.text).verdicts, r) for r in clean]),

@@ -3,6 +3,7 @@ product nodes, which never import this folder."""
 
 from __future__ import annotations
 
+import folder_paths
 from comfy_api.latest import io
 
 from .model import MODEL_FILE, load_world
@@ -18,7 +19,8 @@ class LoadMiniatureWorld(io.ComfyNode):
             description="The small SD1-class text-to-image model shipped with the SPM pack, trained on drawn shapes, "
                         "colours, characters and stripes (16x16 pictures shown at 128x128). Use EmptyLatentImage "
                         "128x128, KSampler (euler, 20 steps, cfg 5) and VAE Decode with the VAE it returns. SPM Load Membrane, "
-                        "SPM Train Membrane (latent_size 16) and the Inspector work on it as on Stable Diffusion 1.5.",
+                        "SPM Train Membrane (latent_size 16) and the Inspector work on it as on Stable Diffusion 1.5. "
+                        "Textual-inversion embeddings for it (128 wide) in models/embeddings work as embedding:name.",
             inputs=[],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The miniature UNet (ComfyUI SD15 class)."),
@@ -29,7 +31,7 @@ class LoadMiniatureWorld(io.ComfyNode):
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(*load_world(MODEL_FILE))
+        return io.NodeOutput(*load_world(MODEL_FILE, folder_paths.get_folder_paths("embeddings")))
 
 
 EXAMPLE_NODES = [LoadMiniatureWorld]

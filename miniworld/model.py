@@ -59,14 +59,16 @@ def build_unet():
     return comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS)
 
 
-def build_clip():
-    """A ComfyUI SD1 CLIP with the miniature text encoder; token embedding set, the rest empty."""
+def build_clip(embedding_directory: str | list[str] | None = None):
+    """A ComfyUI SD1 CLIP with the miniature text encoder; token embedding set, the rest empty.
+    `embedding_directory`: where its tokenizer looks up `embedding:name` in prompts (None: such
+    words are read as plain text)."""
     import comfy.sd
     import comfy.supported_models
 
     config = comfy.supported_models.SD15(dict(UNET_CONFIG))
     options = {"dtype": torch.float32, "clip_l_model_config": dict(TEXT_CONFIG)}
-    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None, model_options=options)
+    clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=embedding_directory, model_options=options)
     transformer = text_transformer(clip)
     with torch.no_grad():
         transformer.text_model.embeddings.token_embedding.weight.copy_(token_embedding())
@@ -116,15 +118,16 @@ def load_model_state(unet_model, clip, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"miniature text encoder weights do not match: missing {missing}, unexpected {unexpected}")
 
 
-def load_world(path: str = MODEL_FILE):
-    """(MODEL ModelPatcher, CLIP, PixelVAE) for the shipped miniature model."""
+def load_world(path: str = MODEL_FILE, embedding_directory: str | list[str] | None = None):
+    """(MODEL ModelPatcher, CLIP, PixelVAE) for the shipped miniature model; the CLIP finds
+    textual-inversion embeddings in `embedding_directory`."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import safetensors.torch
 
     state = safetensors.torch.load_file(path)
     unet_model = build_unet()
-    clip = build_clip()
+    clip = build_clip(embedding_directory)
     load_model_state(unet_model, clip, state)
     unet_model.eval()
     patcher = comfy.model_patcher.ModelPatcher(unet_model, load_device=mm.get_torch_device(),

@@ -1,5 +1,5 @@
-"""Train the miniature world's classifier on degraded procedural renders, then report its accuracy
-on held-out renders (a seed never used in training).
+"""Train the miniature world's classifier on degraded procedural renders and procedural garbage, then
+report its accuracy on held-out examples (a seed never used in training).
 
 usage: python -m miniworld.train_classifier [--steps N] [--export PATH] [--threads N]
 Plain torch: needs no ComfyUI host.
@@ -17,10 +17,12 @@ import torch
 
 from miniworld.classifier import (
     COLOUR_CLASSES,
+    GARBAGE_KINDS,
     IGNORE,
     OBJECT_CLASSES,
     Classifier,
     classify,
+    garbage_batch,
     labelled_batch,
     load_classifier,
 )
@@ -36,12 +38,13 @@ def train(steps: int, batch: int, lr: float, seed: int) -> Classifier:
     rng = np.random.default_rng(TRAIN_SEED)
     t0 = time.time()
     for step in range(steps):
-        pictures, objects, colours, striped = labelled_batch(rng, batch)
-        object_logits, colour_logits, striped_logits = classifier(pictures)
+        pictures, objects, colours, striped, clean = labelled_batch(rng, batch)
+        object_logits, colour_logits, striped_logits, clean_logits = classifier(pictures)
         has_style = striped != IGNORE
-        loss = (torch.nn.functional.cross_entropy(object_logits, objects)
+        loss = (torch.nn.functional.cross_entropy(object_logits, objects, ignore_index=IGNORE)
                 + torch.nn.functional.cross_entropy(colour_logits, colours, ignore_index=IGNORE)
-                + torch.nn.functional.binary_cross_entropy_with_logits(striped_logits[has_style], striped[has_style].float()))
+                + torch.nn.functional.binary_cross_entropy_with_logits(striped_logits[has_style], striped[has_style].float())
+                + torch.nn.functional.binary_cross_entropy_with_logits(clean_logits, clean.float()))
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         optimizer.zero_grad()
@@ -52,19 +55,25 @@ def train(steps: int, batch: int, lr: float, seed: int) -> Classifier:
     return classifier.eval()
 
 
-def held_out_report(classifier: Classifier, count: int = 4000) -> dict[str, float]:
-    """Accuracy per head and per class on `count` held-out degraded renders."""
-    pictures, objects, colours, striped = labelled_batch(np.random.default_rng(HELD_OUT_SEED), count)
+def held_out_report(classifier: Classifier, count: int = 4000, garbage_count: int = 500) -> dict[str, float]:
+    """Accuracy per head and per class on `count` held-out examples (degraded renders and garbage),
+    and the share read as not clean among `garbage_count` held-out pictures of each garbage kind."""
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    pictures, objects, colours, striped, clean = labelled_batch(rng, count)
     verdicts = classify(classifier, pictures)
     report: dict[str, float] = {}
     for name in OBJECT_CLASSES:
-        rows = [i for i in range(count) if OBJECT_CLASSES[objects[i]] == name]
+        rows = [i for i in range(count) if objects[i] != IGNORE and OBJECT_CLASSES[objects[i]] == name]
         report[f"object/{name}"] = float(np.mean([verdicts[i].obj == name for i in rows]))
     for name in COLOUR_CLASSES:
         rows = [i for i in range(count) if colours[i] != IGNORE and COLOUR_CLASSES[colours[i]] == name]
         report[f"colour/{name}"] = float(np.mean([verdicts[i].colour == name for i in rows]))
     rows = [i for i in range(count) if striped[i] != IGNORE]
     report["striped"] = float(np.mean([(verdicts[i].striped_prob >= 0.5) == bool(striped[i]) for i in rows]))
+    report["clean/renders"] = float(np.mean([verdicts[i].is_clean for i in range(count) if clean[i]]))
+    for kind in GARBAGE_KINDS:
+        read = classify(classifier, garbage_batch(rng, kind, garbage_count))
+        report[f"not clean/{kind}"] = float(np.mean([not v.is_clean for v in read]))
     return report
 
 
@@ -90,9 +99,9 @@ def main() -> None:
         classifier = load_classifier(args.export)  # report what is shipped (fp16 weights)
     with torch.no_grad():
         report = held_out_report(classifier)
-    print("held-out accuracy (degraded renders):")
+    print("held-out accuracy (degraded renders; garbage for the clean head):")
     for key, value in report.items():
-        print(f"  {key:18s} {value:6.1%}")
+        print(f"  {key:26s} {value:6.1%}")
 
 
 if __name__ == "__main__":

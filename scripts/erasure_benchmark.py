@@ -1,8 +1,10 @@
 """Erasure benchmark on the miniature world (miniworld/): prints tables, optionally writes JSON.
 
 usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --adversarial | --anchoring | --transfer
-                                           | --report JSON ...]
-                                           [--count 32] [--json PATH] [--membranes DIR] [--comfyui PATH]
+                                           | --attacks | --report JSON ...]
+                                           [--count 32] [--json PATH] [--membranes DIR] [--embeddings DIR]
+                                           [--comfyui PATH]
+                                           [--concepts C ...] [--variants V ...] [--gates G ...] [--attack-names A ...]
 
 (default)      the full benchmark: the gate calibration; ten concepts erased one at a time with the
                paper and latent gates; on one concept per family every other transport, the official
@@ -19,6 +21,12 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --a
 --adversarial  only the adversarially trained membranes.
 --anchoring    only the sweep of prompt vs Gaussian anchors over anchor strength.
 --transfer     only the transfer of the default membranes to the fine-tuned copy.
+--attacks      every attack a user has (soft-token variants; textual-inversion embeddings learned on the
+               bare model and against the membrane, used as "a embedding:<name>" through ComfyUI's
+               tokenizer) on --concepts (default circle red snowman striped) for the membrane --variants
+               (default: default) under --gates (default paper latent), limited to --attack-names if
+               given; the strongest attack per concept beside the bare model's recall. One concept, one
+               variant, one gate, one attack: a quick experiment.
 --report       the tables of earlier runs' --json files, merged, without sampling.
 """
 
@@ -108,8 +116,9 @@ def _print_singles_table(measures: list[dict], count: int, subset: str) -> dict:
     from miniworld.evaluate import wilson_interval
 
     print(f"\nOne membrane at a time ({count} generations per prompt; {TARGETS} target and {OTHERS} other prompts "
-          f"per concept; attack = paraphrases never seen in training){subset}")
-    header = (f"{'setup':<34} {'concepts':>8} {'erased':>7} {'95% CI':>15} {'accuracy':>9} {'bare':>6} "
+          f"per concept; erased = a clean picture without the concept; noise = target generations that are not a "
+          f"clean picture; attack = paraphrases never seen in training){subset}")
+    header = (f"{'setup':<34} {'concepts':>8} {'erased':>7} {'95% CI':>15} {'noise':>6} {'accuracy':>9} {'bare':>6} "
               f"{'drift':>6} {'attack':>7} {'bare':>6}")
     print(header)
     summary = {}
@@ -118,11 +127,15 @@ def _print_singles_table(measures: list[dict], count: int, subset: str) -> dict:
         n = sum(m["erased_n"] for m in rows)
         erased = sum(m["erased"] * m["erased_n"] for m in rows) / n
         low, high = wilson_interval(erased, n)
+        # runs saved before the clean head have no noise share: NaN, printed as "-"
+        into_noise = sum(m.get("erased_into_noise", math.nan) * m["erased_n"] for m in rows) / n
         average = {key: sum(m[key] for m in rows) / len(rows) for key in ("accuracy", "bare_accuracy", "drift", "attack", "bare_attack")}
-        summary[label] = {"concepts": [m["concept"] for m in rows], "erased": erased, "erased_ci": [low, high], **average}
+        summary[label] = {"concepts": [m["concept"] for m in rows], "erased": erased, "erased_ci": [low, high],
+                          "erased_into_noise": into_noise, **average}
+        noise = "-" if math.isnan(into_noise) else f"{into_noise:.1%}"
         attack = "-" if math.isnan(average["attack"]) else f"{average['attack']:.1%}"
         bare_attack = "-" if math.isnan(average["bare_attack"]) else f"{average['bare_attack']:.1%}"
-        print(f"{label:<34} {len(rows):>8} {erased:>7.1%} [{low:5.1%}, {high:5.1%}] {average['accuracy']:>9.1%} "
+        print(f"{label:<34} {len(rows):>8} {erased:>7.1%} [{low:5.1%}, {high:5.1%}] {noise:>6} {average['accuracy']:>9.1%} "
               f"{average['bare_accuracy']:>6.1%} {average['drift']:>6.3f} {attack:>7} {bare_attack:>6}")
     return summary
 
@@ -130,10 +143,11 @@ def _print_singles_table(measures: list[dict], count: int, subset: str) -> dict:
 def print_per_concept(measures: list[dict], setup: str) -> None:
     rows = [m for m in measures if m["setup"] == setup]
     print(f"\nPer concept, {setup}")
-    print(f"{'concept':<9} {'erased':>7} {'accuracy':>9} {'drift':>6} {'attack':>7} {'bare':>6}")
+    print(f"{'concept':<9} {'erased':>7} {'noise':>6} {'accuracy':>9} {'drift':>6} {'attack':>7} {'bare':>6}")
     for m in rows:
-        print(f"{m['concept']:<9} {m['erased']:>7.1%} {m['accuracy']:>9.1%} {m['drift']:>6.3f} {m['attack']:>7.1%} "
-              f"{m['bare_attack']:>6.1%}")
+        noise = f"{m['erased_into_noise']:.1%}" if "erased_into_noise" in m else "-"
+        print(f"{m['concept']:<9} {m['erased']:>7.1%} {noise:>6} {m['accuracy']:>9.1%} {m['drift']:>6.3f} "
+              f"{m['attack']:>7.1%} {m['bare_attack']:>6.1%}")
 
 
 def report(paths: list[str]) -> None:
@@ -196,12 +210,14 @@ def stacks(lab, evaluator, erased) -> list[dict]:
 
 def print_stacks(results: list[dict], count: int) -> None:
     print(f"\nSeveral membranes at once (every evaluation prompt, {count} generations each)")
-    print(f"{'membranes':>9} {'setup':<26} {'erased':>7} {'min':>6} {'kept found':>10} {'clean acc':>9} {'bare':>6} "
-          f"{'drift':>6} {'attack':>7} {'bare':>6}")
+    print(f"{'membranes':>9} {'setup':<26} {'erased':>7} {'min':>6} {'noise':>6} {'kept found':>10} {'clean acc':>9} "
+          f"{'bare':>6} {'drift':>6} {'attack':>7} {'bare':>6}")
     for r in results:
         erased = list(r["erased"].values())
         kept = list(r["kept_found"].values())
-        print(f"{r['membranes']:>9} {r['setup']:<26} {sum(erased) / len(erased):>7.1%} {min(erased):>6.1%} "
+        into_noise = list(r.get("erased_into_noise", {}).values())
+        noise = f"{sum(into_noise) / len(into_noise):.1%}" if into_noise else "-"
+        print(f"{r['membranes']:>9} {r['setup']:<26} {sum(erased) / len(erased):>7.1%} {min(erased):>6.1%} {noise:>6} "
               f"{sum(kept) / len(kept):>10.1%} {r['accuracy']:>9.1%} {r['bare_accuracy']:>6.1%} {r['drift']:>6.3f} "
               f"{r['attack']:>7.1%} {r['bare_attack']:>6.1%}")
 
@@ -285,10 +301,11 @@ def anchoring_sweep(lab, evaluator) -> list[dict]:
 
 def print_sweep(rows: list[dict], count: int) -> None:
     print(f"\nLatent anchoring: prompt vs Gaussian anchors over anchor strength (paper gate, {count} generations per prompt)")
-    print(f"{'concept':<9} {'anchors':<9} {'strength':>8} {'erased':>7} {'accuracy':>9} {'bare':>6} {'drift':>6}")
+    print(f"{'concept':<9} {'anchors':<9} {'strength':>8} {'erased':>7} {'noise':>6} {'accuracy':>9} {'bare':>6} {'drift':>6}")
     for r in rows:
-        print(f"{r['concept']:<9} {r['surrogates']:<9} {r['strength']:>8g} {r['erased']:>7.1%} {r['accuracy']:>9.1%} "
-              f"{r['bare_accuracy']:>6.1%} {r['drift']:>6.3f}")
+        noise = f"{r['erased_into_noise']:.1%}" if "erased_into_noise" in r else "-"
+        print(f"{r['concept']:<9} {r['surrogates']:<9} {r['strength']:>8g} {r['erased']:>7.1%} {noise:>6} "
+              f"{r['accuracy']:>9.1%} {r['bare_accuracy']:>6.1%} {r['drift']:>6.3f}")
 
 
 def gradient_attacks(lab, evaluator, concepts, variant: str = "default") -> list[dict]:
@@ -330,6 +347,129 @@ def print_attacks(results: list[dict], count: int) -> None:
         rows = [r for r in results if r["setup"] == label]
         print(f"{label:<25} {len(rows):>8} {sum(r['found_under_membrane'] for r in rows) / len(rows):>15.1%} "
               f"{sum(r['gate'] for r in rows) / len(rows):>6.2f} {sum(r['found_bare'] for r in rows) / len(rows):>20.1%}")
+
+
+SUFFIX_WORDS = "a drawing on a dark background"  # words of the world's captions that name no concept
+TI_VECTORS = (1, 2, 4)
+GATES = ("paper", "latent")
+
+
+def soft_token_attacks() -> dict:
+    """name -> (what it is, AttackSettings): the gradient attack's variants, cheapest first."""
+    from miniworld.attack import AttackSettings
+
+    return {
+        "after-a-3": ('"a" + 3 random tokens, 150 steps (the CI attack)', AttackSettings()),
+        "word-3": ("\"a\" + 3 tokens started from the concept's word", AttackSettings(init="concept")),
+        "suffix-3": (f'"{SUFFIX_WORDS}" + 3 tokens', AttackSettings(before=SUFFIX_WORDS)),
+        "restarts-3": ('"a" + 3 tokens, best of 3 restarts', AttackSettings(restarts=3)),
+        "after-a-8": ('"a" + 8 tokens, 400 steps', AttackSettings(soft_tokens=8, steps=400)),
+        "whole-8": ("8 tokens as the whole prompt, 400 steps", AttackSettings(soft_tokens=8, steps=400, before="")),
+    }
+
+
+def attack_names() -> list[str]:
+    return [*soft_token_attacks(), *(f"ti-{kind}-{n}" for kind in ("bare", "adaptive") for n in TI_VECTORS)]
+
+
+def _attack_row(lab, evaluator, chain, concept: str, prompt, seed: int) -> dict:
+    """`prompt` (text or CONDITIONING) sampled through the chain's SPM Load Membrane and by the bare model."""
+    from miniworld.benchmark import found_share
+
+    under = lab.read(lab.generate(chain.model, prompt, evaluator.count, seed))
+    gate = chain.state.last_gates.get("positive", [float("nan")])[0]
+    bare = lab.read(lab.generate(lab.model, prompt, evaluator.count, seed))
+    evaluator.generations += 2 * evaluator.count
+    return {"concept": concept, "found_under_membrane": found_share(under, concept), "found_bare": found_share(bare, concept),
+            "gate": gate}
+
+
+def _learned(result, seconds: float) -> dict:
+    return {"loss_first": result.losses[0], "loss_last": result.losses[-1], "start_loss": result.start_loss,
+            "final_loss": result.final_loss, "seconds": round(seconds, 1)}
+
+
+def attack_suite(lab, evaluator, concepts, variants, gates=GATES, names=None) -> list[dict]:
+    """Every attack of `names` (default: all) on each concept's membrane of each variant, under each
+    gate: the soft-token attacks and textual-inversion embeddings (learned on the bare model once
+    per concept, or against the membrane and its gate) used as "a embedding:<name>" through ComfyUI's
+    tokenizer. One row per attack: its success through SPM Load Membrane, the bare model's recall of
+    the same prompt, the gate, the losses and the seconds it took to learn."""
+    from miniworld.attack import conditioning_of, optimise
+    from miniworld.membranes import VARIANTS, membrane
+    from miniworld.setups import Chain
+    from miniworld.textual_inversion import embedding_prompt, learn_embedding, save_embedding
+
+    names = list(names or attack_names())
+    soft = soft_token_attacks()
+    rows = []
+    for concept in concepts:
+        seed = evaluator.seed_for(f"attack on {concept}")
+        bare_embeddings: dict[int, tuple[str, dict]] = {}  # vectors -> (embedding name, how it was learned)
+        for variant in variants:
+            ours = [membrane(lab, concept, variant, VARIANTS[variant])]
+            for gate in gates:
+                chain = Chain(lab, f"{variant}, {gate} gate", ours, gate)
+                where = {"variant": variant, "setup": chain.label}
+                for name in names:
+                    started = time.time()
+                    if name in soft:
+                        description, settings = soft[name]
+                        result = optimise(lab, chain.model, concept, settings)
+                        learned = _learned(result, time.time() - started)
+                        prompt = conditioning_of(lab.clip, settings, result.vectors)
+                    else:
+                        _, kind, vectors = name.split("-")
+                        vectors = int(vectors)
+                        description = f"textual inversion, {vectors} vector{'s' if vectors > 1 else ''}, " + (
+                            "learned on the bare model" if kind == "bare" else "learned against the membrane and gate")
+                        if kind == "bare" and vectors in bare_embeddings:
+                            file, learned = bare_embeddings[vectors]
+                        else:
+                            result = learn_embedding(lab, concept, vectors, model=None if kind == "bare" else chain.model)
+                            learned = _learned(result, time.time() - started)
+                            stem = f"{concept}-ti-bare-{vectors}" if kind == "bare" else f"{concept}-ti-{variant}-{gate}-{vectors}"
+                            file = save_embedding(os.path.join(lab.embedding_dir, f"{stem}.safetensors"), result.vectors)
+                            if kind == "bare":
+                                bare_embeddings[vectors] = (file, learned)
+                        prompt = embedding_prompt(lab, file)
+                    row = {**_attack_row(lab, evaluator, chain, concept, prompt, seed), **where, "attack": name,
+                           "description": description, **learned}
+                    rows.append(row)
+                    print(f"  {concept:<9} {chain.label:<24} {name:<14} found {row['found_under_membrane']:6.1%} "
+                          f"(bare {row['found_bare']:6.1%}; gate {row['gate']:.2f}; loss {row['start_loss']:.4f} -> "
+                          f"{row['final_loss']:.4f}; {row['seconds']:.0f} s)", flush=True)
+    return rows
+
+
+def strongest_attacks(rows: list[dict]) -> list[dict]:
+    """Per concept and setup, the attack with the highest success (the first listed among equals)."""
+    best: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        key = (row["concept"], row["setup"])
+        if key not in best or row["found_under_membrane"] > best[key]["found_under_membrane"]:
+            best[key] = row
+    return list(best.values())
+
+
+def show_attack_suite(rows: list[dict], count: int) -> None:
+    """Every attack, then the strongest per concept and setup beside the bare model's recall."""
+    print(f"\nAttacks a user has ({count} generations each through SPM Load Membrane; bare: the same prompt "
+          "without the membrane; seconds: learning the attack)")
+    print(f"{'concept':<9} {'setup':<24} {'attack':<14} {'success':>8} {'bare':>6} {'gate':>5} {'loss':>15} {'s':>5}")
+    for r in rows:
+        print(f"{r['concept']:<9} {r['setup']:<24} {r['attack']:<14} {r['found_under_membrane']:>8.1%} {r['found_bare']:>6.1%} "
+              f"{r['gate']:>5.2f} {r['start_loss']:>7.4f}>{r['final_loss']:<7.4f} {r['seconds']:>5.0f}")
+    strongest = strongest_attacks(rows)
+    print("\nStrongest attack per concept")
+    print(f"{'concept':<9} {'setup':<24} {'attack':<14} {'success':>8} {'bare':>6} {'s':>5}  what it is")
+    for r in strongest:
+        print(f"{r['concept']:<9} {r['setup']:<24} {r['attack']:<14} {r['found_under_membrane']:>8.1%} {r['found_bare']:>6.1%} "
+              f"{r['seconds']:>5.0f}  {r['description']}")
+    for setup in dict.fromkeys(r["setup"] for r in strongest):
+        chosen = [r for r in strongest if r["setup"] == setup]
+        print(f"{setup}: strongest attack succeeds {sum(r['found_under_membrane'] for r in chosen) / len(chosen):.1%} "
+              f"on average over {len(chosen)} concepts (bare model {sum(r['found_bare'] for r in chosen) / len(chosen):.1%})")
 
 
 def erasure_experiments(lab, quick: bool, count: int) -> dict:
@@ -379,10 +519,17 @@ def main() -> None:
     mode.add_argument("--adversarial", action="store_true", help="only the adversarially trained membranes")
     mode.add_argument("--anchoring", action="store_true", help="only the anchoring sweep")
     mode.add_argument("--transfer", action="store_true", help="only the transfer to a fine-tuned copy")
+    mode.add_argument("--attacks", action="store_true", help="every attack a user has, the strongest per concept")
     mode.add_argument("--report", nargs="+", metavar="JSON", help="print the tables of earlier runs (no sampling)")
     parser.add_argument("--count", type=int, default=32, help="generations per prompt (at least 32 for reported numbers)")
     parser.add_argument("--membranes", default=os.path.join(REPO, "out", "benchmark", "membranes"),
                         help="where trained membranes are kept and reused")
+    parser.add_argument("--embeddings", default=os.path.join(REPO, "out", "benchmark", "embeddings"),
+                        help="ComfyUI's embeddings folder for this run: where --attacks writes its textual inversions")
+    parser.add_argument("--concepts", nargs="+", default=list(ABLATION_CONCEPTS), help="--attacks: the erased concepts")
+    parser.add_argument("--variants", nargs="+", default=["default"], help="--attacks: membrane variants (miniworld.membranes)")
+    parser.add_argument("--gates", nargs="+", default=list(GATES), choices=list(GATES), help="--attacks: transports")
+    parser.add_argument("--attack-names", nargs="+", choices=attack_names(), help="--attacks: only these attacks")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: the host of scripts/install_host.sh)")
     options = parser.parse_args()
@@ -392,11 +539,14 @@ def main() -> None:
     from miniworld.benchmark import Evaluator
     from miniworld.calibration import calibrate, print_calibration
     from miniworld.lab import SAMPLER, Lab
-    from miniworld.membranes import ERASED
+    from miniworld.membranes import ERASED, VARIANTS
 
+    unknown = set(options.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown membrane variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     started = time.time()
     os.makedirs(options.membranes, exist_ok=True)
-    lab = Lab(options.comfyui, membrane_dir=options.membranes)
+    lab = Lab(options.comfyui, membrane_dir=options.membranes, embedding_dir=options.embeddings)
     results: dict = {"sampler": SAMPLER, "count": options.count}
     if options.bare:
         results["bare"] = bare(lab, options.count)
@@ -410,6 +560,10 @@ def main() -> None:
     elif options.transfer:
         results["transfer"] = transfer(lab, Evaluator(lab, options.count), ABLATION_CONCEPTS)
         results["singles_summary"] = print_singles(results["transfer"], options.count)
+    elif options.attacks:
+        results["attack_suite"] = attack_suite(lab, Evaluator(lab, options.count), options.concepts, options.variants,
+                                               options.gates, options.attack_names)
+        show_attack_suite(results["attack_suite"], options.count)
     elif options.anchoring:
         results["anchoring"] = anchoring_sweep(lab, Evaluator(lab, options.count))
         print_sweep(results["anchoring"], options.count)

@@ -3,7 +3,8 @@ snowman membrane trained with the pack's SPM Train Membrane code on the shipped 
 through SPM Load Membrane with each main transport and the official code's behaviour, 32 generations per
 prompt read by the classifier. The thresholds are the project's targets (DESIGN.md, issue 8:
 erase >= 95% of target generations, accuracy on other prompts within 2 points of the bare
-model); the control shows the same measurement fails for a membrane that erases nothing."""
+model); the controls show the same measurement fails for a membrane that erases nothing and for
+one that turns the concept into noise."""
 
 from __future__ import annotations
 
@@ -54,14 +55,44 @@ def test_the_gradient_attack_optimises_against_the_membrane(quick):
         assert attack["loss_last"] < attack["loss_first"], attack
 
 
-def test_a_membrane_of_zeros_fails_the_erasure_check(lab, quick):
-    trained = next(f for f in os.listdir(lab.membrane_dir) if f.startswith("snowman-default-"))
+def controlled(lab, name: str, weights) -> str:
+    """A copy of the trained snowman membrane with every down/up tensor replaced by weights(tensor)."""
+    trained = next(f for f in sorted(os.listdir(lab.membrane_dir)) if f.startswith("snowman-default-"))
     path = os.path.join(lab.membrane_dir, trained)
     with safetensors.safe_open(path, "pt") as handle:
         metadata = handle.metadata()
     tensors = safetensors.torch.load_file(path)
-    zeros = {k: (v if k.endswith(".alpha") else torch.zeros_like(v)) for k, v in tensors.items()}
-    safetensors.torch.save_file(zeros, os.path.join(lab.membrane_dir, "snowman_zeros.safetensors"), metadata=metadata)
-    control = measure(Evaluator(lab, COUNT), Chain(lab, "zeros", ["snowman_zeros.safetensors"], "paper"),
-                      panel("snowman", ["snowman"], TARGETS, OTHERS), with_paraphrases=False)
+    changed = {k: (v if k.endswith(".alpha") else weights(v)) for k, v in tensors.items()}
+    safetensors.torch.save_file(changed, os.path.join(lab.membrane_dir, f"{name}.safetensors"), metadata=metadata)
+    return f"{name}.safetensors"
+
+
+def control_measure(lab, file: str):
+    return measure(Evaluator(lab, COUNT), Chain(lab, file, [file], "paper"),
+                   panel("snowman", ["snowman"], TARGETS, OTHERS), with_paraphrases=False)
+
+
+def test_a_membrane_of_zeros_fails_the_erasure_check(lab, quick):
+    control = control_measure(lab, controlled(lab, "snowman_zeros", torch.zeros_like))
     assert control.erased < 0.95
+
+
+def test_a_destructive_membrane_fails_the_erasure_check(lab, quick):
+    """Random weights at 10x the trained norm turn the target into garbage: the concept is gone, but
+    a picture of noise is not an erased picture, so the erasure check itself must fail it."""
+    generator = torch.Generator().manual_seed(0)
+
+    def destructive(tensor: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(tensor.shape, generator=generator)
+        return (noise * (10 * tensor.float().norm() / noise.norm())).to(tensor.dtype)
+
+    control = control_measure(lab, controlled(lab, "snowman_destructive", destructive))
+    assert control.erased < 0.95
+    assert control.erased_into_noise > 0.5
+
+
+def test_the_bare_model_draws_clean_pictures(lab, quick):
+    evaluator = Evaluator(lab, COUNT)
+    prompts = panel("snowman", ["snowman"], TARGETS, OTHERS)
+    readings = [evaluator.read(evaluator.bare, r.text) for r in [*prompts.targets, *prompts.others]]
+    assert sum(v.is_clean for r in readings for v in r.verdicts) / sum(len(r.verdicts) for r in readings) >= 0.95
