@@ -8,7 +8,8 @@ loads the model (and removes them when it unloads), and two keyed wrappers:
   APPLY_MODEL      assembles the per-row gate matrix for the batched call (chunks from
                    transformer_options["uuids"]) and runs the model inside the stack's gate context;
                    for latent transport, the first call of a sampling run first asks the bare model
-                   about each cond and each concept (one extra call, membranes closed).
+                   about each cond and each concept (extra calls, membranes closed, with the sampling
+                   call's patches but past the wrappers below ours: _pre_pass_options).
   OUTER_SAMPLE     learns each cond's role from the guider's named conds before sampling (by uuid:
                    ComfyUI's "cond_or_uncond" is a chunk's index in the guider's list, not a role)
                    and sends the gates that were used to the frontend when sampling ends.
@@ -24,6 +25,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from uuid import uuid4
 
 import comfy.lora
 import numpy as np
@@ -320,16 +322,40 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     if state.reads_model:
         def run_bare(rows_x: torch.Tensor, rows_context: torch.Tensor) -> torch.Tensor:
             rows = rows_x.shape[0]
-            options = {k: v for k, v in transformer_options.items() if k not in ("uuids", "cond_or_uncond")}
             extra = {k: v[:1].expand(rows, *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == x.shape[0] else v
                      for k, v in kwargs.items()}
             concat = None if c_concat is None else c_concat[:1].expand(rows, *c_concat.shape[1:])
             with gates_active(state.stack, torch.zeros(rows, state.stack.membrane_count)):
-                return executor(rows_x, t[:1].expand(rows), concat, rows_context.to(c_crossattn), None, options, **extra)
+                # the model itself (executor.original), past the APPLY_MODEL wrappers below ours: see _pre_pass_options
+                return executor.original(rows_x, t[:1].expand(rows), concat, rows_context.to(c_crossattn), None,
+                                         _pre_pass_options(transformer_options, rows), **extra)
         state.measure_latent_gates(run_bare, x, c_crossattn, transformer_options)
     gates, strengths = state.row_gates(c_crossattn, transformer_options, t, base_model.model_sampling)
     with gates_active(state.stack, gates, strengths):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+def _pre_pass_options(transformer_options: dict, rows: int) -> dict:
+    """transformer_options for a latent-gate pre-pass call of `rows` rows, one prompt per row: every
+    key the sampling call carries (patches, sigmas, sample_sigmas, ...) with the chunk keys ComfyUI's
+    calc_cond_batch sets given for these rows, since attention patches read them on every call.
+
+    Wrappers wrap sampling steps and may keep per-step state: the host's own DIFFUSION_MODEL wrapper,
+    EasyCache's, caches each call's output by uuid and takes the first call it sees as the cond that
+    decides when a step is skipped, so a pre-pass it saw would become its reference cond or be
+    answered from its cache. Patches change what the model computes and must hold in the pre-pass as
+    in sampling. So the pre-pass keeps the patches and runs past the wrappers."""
+    options = dict(transformer_options)
+    # Each row is a chunk of its own, labelled conditional (0): the rows are prompts whose conditional
+    # predictions the gate compares with one another, so one label for all keeps role-keyed patches from
+    # telling them apart (IPAdapter gives each label its own image prompt), and 0 keeps SAG from taking a
+    # pre-pass row's attention for the uncond's.
+    options["cond_or_uncond"] = [0] * rows
+    options["uuids"] = [uuid4() for _ in range(rows)]  # no cond's uuid: these rows are no sampling cond
+    if "wrappers" in options:
+        options["wrappers"] = {kind: wrappers for kind, wrappers in options["wrappers"].items()
+                               if kind != WrappersMP.DIFFUSION_MODEL}
+    return options
 
 
 def _outer_sample_wrapper(executor, *args, **kwargs):
@@ -379,6 +405,11 @@ def with_membrane(model, entry: MembraneEntry):
         if value is not None and not (math.isfinite(value) and abs(value) <= MAX_STRENGTH):
             raise SPMError(f"{name} is {value}; give a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g} "
                            "(1.0 = as trained, 0 = off)")
+    if entry.transport.mode is TransportMode.OFFICIAL and entry.rows == NEGATIVE_ONLY:
+        raise SPMError(f"transport 'official_code' with rows {NEGATIVE_ONLY!r} would never act: the official scripts gate "
+                       "every row by the positive prompt, so a membrane kept off the positive rows stays closed on all of "
+                       f"them (negative_strength is not used either). Set rows to {POSITIVE_ONLY!r} to reproduce the "
+                       f"official scripts, or choose another transport to act on negative rows only")
     if entry.transport.mode is TransportMode.OFFICIAL and entry.ramp is not Ramp.CONSTANT:
         raise SPMError("transport 'official_code' reproduces the official scripts, which have one strength for the "
                        "whole run: set ramp to 'constant'")

@@ -157,6 +157,19 @@ def test_official_code_cannot_be_mixed_with_other_transports_in_a_chain(spm_worl
         load_spm(official, clip, "snoopy.safetensors", transport="paper", uid="2")
 
 
+def test_official_code_refuses_rows_that_would_never_act(spm_world):
+    """The official scripts gate every row by the positive prompt, so a membrane kept off the positive
+    rows would stay closed everywhere: 'negative only' is refused by name at load, the model untouched."""
+    patcher, clip, _ = spm_world
+    errors = pack_module("spm_core.errors")
+    before = dict(patcher.attachments)
+    with pytest.raises(errors.SPMError, match="transport 'official_code' with rows 'negative only' would never act") as caught:
+        load_spm(patcher, clip, "snoopy.safetensors", transport="official_code", rows="negative only", negative_strength=2.0)
+    assert "negative_strength" in str(caught.value) and "'positive only'" in str(caught.value)
+    assert dict(patcher.attachments) == before
+    load_spm(patcher, clip, "snoopy.safetensors", transport="official_code", rows="positive and negative")
+
+
 @pytest.mark.parametrize("ramp", ["fade in", "fade out"])
 def test_a_ramp_moves_the_strength_across_the_sampling_range(spm_world, ramp):
     """Over a 6-step KSampler run on a prompt that opens the membrane fully, the effective gate of
