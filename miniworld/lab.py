@@ -41,6 +41,7 @@ class MembraneSettings:
     adversary_every: int = 20
     adversary_steps: int = 20
     adversary_tokens: int = 3
+    contexts: int = 2  # SPM Train Membrane's default (spm_core.training.TrainingConfig)
 
 
 class Lab:
@@ -117,7 +118,8 @@ class Lab:
             erase_guidance=settings.erase_guidance, latent_sizes=[PICTURE_SIDE // 8], seed=settings.seed,
             rank=settings.rank, adversaries=settings.adversaries, adversary_space=settings.adversary_space,
             adversary_every=settings.adversary_every, adversary_steps=settings.adversary_steps,
-            adversary_tokens=settings.adversary_tokens)
+            adversary_tokens=settings.adversary_tokens,
+            contexts=settings.contexts)
         path = os.path.join(self.membrane_dir, f"{name}.safetensors")
         request = training.TrainingRequest(list(targets), [], "", config, path, False)
         with torch.inference_mode(False):

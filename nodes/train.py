@@ -22,6 +22,8 @@ from .inspect import image_tensor
 from .runtime import MembraneEntry, with_membrane
 from .training import TrainingRequest, parse_lines, train
 
+CONTEXTS = TrainingConfig.contexts  # the default, written once on the config
+
 
 def loss_curve(losses: list[float], erasure: list[tuple[int, float]] = (), stop_at: float = 0.0) -> torch.Tensor:
     """Total loss per iteration (log scale, blue) and the erasure level where it was measured (orange,
@@ -121,6 +123,8 @@ class TrainSPM(io.ComfyNode):
                              tooltip=TrainingConfig.help("adversary_every")),
                 io.Int.Input("adversary_steps", default=20, min=1, max=1000, optional=True,
                              tooltip=TrainingConfig.help("adversary_steps")),
+                io.Int.Input("contexts", default=CONTEXTS, min=0, max=16, optional=True,
+                             tooltip=TrainingConfig.help("contexts")),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the new membrane applied (paper transport)."),
@@ -134,7 +138,7 @@ class TrainSPM(io.ComfyNode):
     def execute(cls, model, clip, target, surrogate, neutral, iterations, learning_rate, rank, alpha, anchor_strength,
                 anchor_samples, surrogate_sampler, erase_guidance, rollout_steps, latent_size, seed, name, resume,
                 overwrite=False, stop_at_erasure=0.0, adversaries=0, adversary_tokens=3, adversary_every=20,
-                adversary_steps=20) -> io.NodeOutput:
+                adversary_steps=20, contexts=CONTEXTS) -> io.NodeOutput:
         name = paths.safe_stem(name)
         folder = folder_paths.get_folder_paths(paths.FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
@@ -143,7 +147,7 @@ class TrainSPM(io.ComfyNode):
                                 rollout_steps=rollout_steps, latent_sizes=[latent_size], seed=seed,
                                 surrogates=surrogate_sampler, stop_at_erasure=stop_at_erasure, adversaries=adversaries,
                                 adversary_tokens=adversary_tokens, adversary_every=adversary_every,
-                                adversary_steps=adversary_steps)
+                                adversary_steps=adversary_steps, contexts=contexts)
         request = TrainingRequest(targets=parse_lines(target, "target"), surrogates=parse_lines(surrogate, "surrogate"),
                                   neutral=neutral.strip(), config=config,
                                   path=os.path.join(folder, name + ".safetensors"), resume=resume, overwrite=overwrite)

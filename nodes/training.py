@@ -15,6 +15,7 @@ import comfy.samplers
 import torch
 
 from ..spm_core.concepts import Concept, clean_prompt
+from ..spm_core.contexts import ContextPrompts, context_texts
 from ..spm_core.errors import SPMError
 from ..spm_core.file_format import DIFFUSERS_LAYER, load_membrane, save_membrane
 from ..spm_core.surrogates import Prompt, make_sampler, random_word_prompts
@@ -25,6 +26,7 @@ from .runtime import membrane_layers_of
 from .soft_prompts import ClipSoftPrompts
 
 SURROGATE_POOL = 256
+CONTEXT_POOL = 256
 ARCHITECTURE_OF = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SDXL": "sdxl"}
 
 
@@ -139,12 +141,16 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
             return random_word_prompts(vocabulary_words(clip), avoid, SURROGATE_POOL, config.seed)
 
         sampler = make_sampler(config.surrogates, prompts[0].target, pool_texts, lambda text: encode(clip, text))
+        contexts = None
+        if config.contexts:
+            words = random_word_prompts(vocabulary_words(clip), avoid, CONTEXT_POOL, config.seed + 1, (1, 3))
+            contexts = ContextPrompts([context_texts(c, words) for c in concepts], lambda text: encode(clip, text))
         membrane = TrainableMembrane({n: shapes[k] for n, k in names.items()}, config.rank, config.alpha, config.seed)
         start = _resume_point(request, membrane) if request.resume else 0
         modules = {n: model.model.get_submodule(k) for n, k in names.items()}
         token_search = config.adversaries > 0 and config.adversary_space == AdversarySpace.TOKENS.value
         soft_prompts = ClipSoftPrompts(clip, [c.target for c in concepts]) if token_search else None
-        trainer = Trainer(ComfyNoisePredictor(model), membrane, prompts, empty, sampler, config, soft_prompts)
+        trainer = Trainer(ComfyNoisePredictor(model), membrane, prompts, empty, sampler, config, soft_prompts, contexts)
         name = os.path.basename(request.path)[: -len(".safetensors")]
         completed = start
 

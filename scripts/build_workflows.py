@@ -43,15 +43,15 @@ NODES = {
     "SPMTransportInspector": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
                               [("table", "STRING"), ("image", "IMAGE")], [320, 66]),
     "SPMTrain": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("loss", "IMAGE"), ("path", "STRING")],
-                 [360, 740]),
+                 [360, 766]),
     "SPMExampleLoadMiniatureWorld": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 66]),
     "MarkdownNote": ([], [], [400, 260]),
 }
 
 
 # SPM Train Membrane's later inputs at their defaults: stop_at_erasure, adversaries, adversary_tokens,
-# adversary_every, adversary_steps
-ROBUSTNESS_OFF = [0.0, 0, 3, 20, 20]
+# adversary_every, adversary_steps, contexts
+LATER_TRAIN_INPUTS = [0.0, 0, 3, 20, 20, 2]
 
 
 class Workflow:
@@ -230,9 +230,9 @@ def train_then_apply() -> None:
                      "`models/spm/snoopy_trained.safetensors` and hands the model on with the new membrane; the "
                      "progress bar shows the time left. The paper trains 3000 iterations; this starts with 500. A "
                      "queue with unchanged settings does not retrain; an existing file is kept unless *overwrite* is on.",
-        "snoopy sitting on a red doghouse", x=400, y=840)
+        "snoopy sitting on a red doghouse", x=400, y=866)
     trained = flow.add("SPMTrain", (400, 0), ["snoopy", "", "", 500, 1e-4, 1, 1.0, 1000.0, 2, "prompts", 1.0, 30, 64, 0,
-                                              "fixed", "snoopy_trained", False, False, *ROBUSTNESS_OFF],
+                                              "fixed", "snoopy_trained", False, False, *LATER_TRAIN_INPUTS],
                        model=(checkpoint, 0), clip=(checkpoint, 1))
     after = sampler(flow, (840, 0), trained, positive, negative, latent, sd15_sampler(), title="After (trained membrane)")
     before = sampler(flow, (840, flow.below(after)), checkpoint, positive, negative, latent, sd15_sampler(),
@@ -260,7 +260,7 @@ def miniworld_train() -> None:
                           "and saves `models/spm/snowman.safetensors`; then open *Miniature world 2*.")],
         title="About the miniature world")
     trained = flow.add("SPMTrain", (440, 0), ["snowman", "", "", 200, 1e-2, 1, 1.0, 10.0, 2, "prompts", 1.0, 20, 16, 0,
-                                              "fixed", "snowman", False, False, *ROBUSTNESS_OFF], model=(world, 0), clip=(world, 1))
+                                              "fixed", "snowman", False, False, *LATER_TRAIN_INPUTS], model=(world, 0), clip=(world, 1))
     flow.add("PreviewImage", (880, 0), [], title="Loss curve", images=(trained, 1))
     flow.save(title)
 

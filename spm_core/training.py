@@ -36,6 +36,7 @@ import torch
 
 from .choice import Choice
 from .concepts import Concept
+from .contexts import ContextPrompts
 from .erasure import erasure_level, make_probes
 from .errors import SPMError
 from .membrane import LayerWeights, Membrane
@@ -78,6 +79,10 @@ class TrainingConfig:
         "Where the search runs. tokens: free token embeddings in a prompt, through the text encoder (what an "
         "attacker with an embedding file has); conditioning: the encoder's output shifted directly.")})
     adversary_tokens: int = field(default=3, metadata={"help": "Free tokens in each adversarial prompt (1..16)."})
+    contexts: int = field(default=2, metadata={"help": (
+        "Erase the concept inside other prompts too: per iteration, this many prompts of random vocabulary words "
+        "with the concept among them are erased beside the concept's own prompt (each against the same words "
+        "without it), so the membrane learns the concept rather than one sentence. 0 = off.")})
     stop_at_erasure: float = field(default=0.0, metadata={"help": (
         "Stop when the erasure level of every concept reaches this; the iterations are then the cap. 0 = train all "
         "iterations. The level needs no classifier: 0 = the concept is predicted as by the bare model, 1 = as the "
@@ -104,6 +109,8 @@ class TrainingConfig:
             problems.append("anchor samples and anchor strength cannot be negative")
         if self.rollout_steps < 2:
             problems.append("rollout steps must be at least 2")
+        if not 0 <= self.contexts <= 16:
+            problems.append(f"contexts {self.contexts} is outside 0..16")
         if self.adversaries < 0 or self.adversary_every < 1 or self.adversary_steps < 1:
             problems.append("adversaries cannot be negative; adversary interval and steps must be at least 1")
         if not (0 <= self.stop_at_erasure <= 10) or not math.isfinite(self.stop_at_erasure):
@@ -254,15 +261,18 @@ class Trainer:
     """Runs the loop. `callback(report)` is called after every iteration (progress, cancel)."""
 
     def __init__(self, model: NoisePredictor, membrane: TrainableMembrane, concepts: Sequence[ConceptPrompts],
-                 empty: Prompt, surrogates, config: TrainingConfig, soft_prompts: SoftPrompts | None = None) -> None:
+                 empty: Prompt, surrogates, config: TrainingConfig, soft_prompts: SoftPrompts | None = None,
+                 contexts: ContextPrompts | None = None) -> None:
         if not concepts:
             raise SPMError("nothing to train: give at least one target concept")
         config.check()
         if config.adversaries and config.adversary_space == AdversarySpace.TOKENS.value and soft_prompts is None:
             raise SPMError("adversarial training in token space needs the text encoder; this model gives none "
                            "(use adversary space 'conditioning')")
+        if config.contexts and contexts is None:
+            raise SPMError("training with contexts needs context prompts (the text encoder); this model gives none")
         self.model, self.membrane, self.concepts, self.empty = model, membrane, list(concepts), empty
-        self.surrogates, self.config, self.soft_prompts = surrogates, config, soft_prompts
+        self.surrogates, self.config, self.soft_prompts, self.contexts = surrogates, config, soft_prompts, contexts
         self.optimizer = torch.optim.AdamW(membrane.parameters(), lr=config.learning_rate)
         cycle = max(1, math.ceil(config.iterations / max(1, config.restarts)))
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cycle)
@@ -317,10 +327,15 @@ class Trainer:
         # the empty prompt is always anchored: it is every CFG batch's uncond row
         anchors = [self.empty, *self.surrogates.sample(config.anchor_samples, generator)] if config.anchor_strength > 0 else []
 
+        pairs = self.contexts.sample(concept_index, config.contexts, generator) if config.contexts else []
+
         with torch.no_grad():
             self.membrane.enabled = False
-            off = self._eps(x, sigma, [concept.positive, concept.neutral, *anchors])
-        e_pos, e_neu, anchors_off = off[:1], off[1:2], off[2:]
+            off = self._eps(x, sigma, [concept.positive, concept.neutral, *(p.named for p in pairs),
+                                       *(p.neutral for p in pairs), *anchors])
+        e_pos, e_neu = off[:1], off[1:2]
+        named_off, neutral_off = off[2:2 + len(pairs)], off[2 + len(pairs):2 + 2 * len(pairs)]
+        anchors_off = off[2 + 2 * len(pairs):]
         target = e_neu - config.erase_guidance * (e_pos - e_neu)
         if config.adversaries and iteration % config.adversary_every == 0:
             started = time.perf_counter()
@@ -330,11 +345,14 @@ class Trainer:
 
         self.membrane.enabled = True
         try:
-            on = self._eps(x, sigma, [*erased, *anchors])
+            on = self._eps(x, sigma, [*erased, *(p.named for p in pairs), *anchors])
         finally:
             self.membrane.enabled = False
-        count = len(erased)
-        erase_loss = torch.nn.functional.mse_loss(on[:count].float(), target.float().expand(count, -1, -1, -1))
+        count = len(erased) + len(pairs)
+        erase_loss = torch.nn.functional.mse_loss(on[:len(erased)].float(), target.float().expand(len(erased), -1, -1, -1))
+        if pairs:  # in addition, so that the concept's own prompt keeps its full weight
+            context_targets = neutral_off - config.erase_guidance * (named_off - neutral_off)
+            erase_loss = erase_loss + torch.nn.functional.mse_loss(on[len(erased):count].float(), context_targets.float())
         anchor_loss = torch.nn.functional.mse_loss(on[count:].float(), anchors_off.float()) if anchors else torch.zeros(())
         loss = erase_loss + config.anchor_strength * anchor_loss
         if not torch.isfinite(loss):

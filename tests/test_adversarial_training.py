@@ -69,7 +69,7 @@ def make_trainer(patcher, clip, **overrides):
     runtime, concepts = pack_module("nodes.runtime"), pack_module("spm_core.concepts")
     surrogates = pack_module("spm_core.surrogates")
     values = dict(iterations=4, learning_rate=2e-2, latent_sizes=[8], rollout_steps=6, anchor_strength=3.0,
-                  anchor_samples=1, adversaries=2, adversary_every=1, adversary_steps=6)
+                  anchor_samples=1, adversaries=2, adversary_every=1, adversary_steps=6, contexts=0)
     values.update(overrides)
     config = core.TrainingConfig(**values)
     key_map, shapes = runtime.membrane_layers_of(patcher)

@@ -44,7 +44,8 @@ def test_probes_lie_on_the_trajectories_training_rolls_out(world):
     membrane = attached_membrane(patcher)
     try:
         trainer = core.Trainer(model, membrane, [concept], empty, None,
-                               core.TrainingConfig(rollout_steps=STEPS, rollout_cfg=CFG, anchor_strength=0.0))
+                               core.TrainingConfig(rollout_steps=STEPS, rollout_cfg=CFG, anchor_strength=0.0,
+                                                   contexts=0))
         probes = probes_for(world, seeds=(3, 4), at_steps=(0, 4))
         for probe, (seed, k) in zip(probes, [(3, 0), (4, 0), (3, 4), (4, 4)]):
             x, sigma = trainer._rollout(concept.target, SIZE, k, torch.Generator().manual_seed(seed))
@@ -105,7 +106,7 @@ def test_level_rises_while_a_membrane_trains(world):
     core, erasure = pack_module("spm_core.training"), pack_module("spm_core.erasure")
     membrane = attached_membrane(patcher)
     config = core.TrainingConfig(iterations=16, learning_rate=5e-3, latent_sizes=[SIZE], rollout_steps=STEPS,
-                                 rollout_cfg=CFG, anchor_strength=0.0, seed=0)
+                                 rollout_cfg=CFG, anchor_strength=0.0, seed=0, contexts=0)
     try:
         trainer = core.Trainer(model, membrane, [concept], empty, None, config)
         probes = probes_for(world)

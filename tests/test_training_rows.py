@@ -49,7 +49,7 @@ def trainer_for(spm_world, backward_scale=1.0, **overrides):
     target, empty = training.encode(clip, "snoopy"), training.encode(clip, "")
     concept = core.ConceptPrompts(pack_module("spm_core.concepts").Concept("snoopy"), target, target, empty)
     config = core.TrainingConfig(iterations=2, learning_rate=1e-2, latent_sizes=[8], rollout_steps=4, anchor_samples=1,
-                                 anchor_strength=1.0, **overrides)
+                                 anchor_strength=1.0, contexts=0, **overrides)
     sampler = surrogates.make_sampler("prompts", target, lambda: ["a bowl of fruit", "a red car"], lambda t: training.encode(clip, t))
     predictor = Recorder(training.ComfyNoisePredictor(patcher), backward_scale)
     return core.Trainer(predictor, membrane, [concept], empty, sampler, config), membrane, predictor, empty
