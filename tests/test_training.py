@@ -21,7 +21,7 @@ HELD_OUT = ("a bowl of fruit", "a city at night", "portrait of a woman", "a red 
 def config(**overrides):
     TrainingConfig = pack_module("spm_core.training").TrainingConfig
     values = dict(iterations=60, learning_rate=2e-2, latent_sizes=[8], rollout_steps=10, anchor_strength=3.0,
-                  anchor_samples=2, seed=0)
+                  anchor_samples=2, seed=0, contexts=0)  # the paper's loop; contexts: test_contexts.py
     values.update(overrides)
     return TrainingConfig(**values)
 
