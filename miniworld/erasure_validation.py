@@ -108,7 +108,7 @@ def classifier_erasure(lab: Lab, evaluator, concept: str, files: Sequence[str | 
     for file in files:
         setup = evaluator.bare if file is None else Chain(lab, file, [file], "always_open")
         m = measure(evaluator, setup, concept_panel, with_paraphrases=False)
-        results.append({"erased": m.erased, "erased_n": m.erased_n})
+        results.append({"erased": m.erased, "erased_n": m.erased_n, "erased_into_noise": m.erased_into_noise})
     return results
 
 

@@ -27,6 +27,8 @@ VARIANTS = {
     "no_anchoring": dataclasses.replace(MembraneSettings(), anchor_strength=0.0, anchor_samples=0),
     "adversarial": dataclasses.replace(MembraneSettings(), adversaries=4, adversary_space="conditioning"),
     "token_adversarial": dataclasses.replace(MembraneSettings(), adversaries=4),
+    # the robustness candidate: more capacity and more contexts (README, Robustness: it does not hold)
+    "rank4": dataclasses.replace(MembraneSettings(), rank=4, contexts=4),
 }
 
 

@@ -1,6 +1,6 @@
 """Erasure benchmark on the miniature world (miniworld/): prints tables, optionally writes JSON.
 
-usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --adversarial | --anchoring | --transfer
+usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --latent | --rank4 | --anchoring | --transfer
                                            | --attacks | --report JSON ...]
                                            [--count 32] [--json PATH] [--membranes DIR] [--embeddings DIR]
                                            [--comfyui PATH]
@@ -9,16 +9,17 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --a
 (default)      the full benchmark: the gate calibration; ten concepts erased one at a time with the
                paper and latent gates; on one concept per family every other transport, the official
                code's behaviour and no latent anchoring; ten and three membranes at once against the
-               official merge; paraphrase and gradient attacks; adversarially trained membranes; prompt
+               official merge; paraphrase and gradient attacks; rank-4 membranes with 4 contexts (open and gated); prompt
                vs Gaussian anchors over anchor strength; transfer to a fine-tuned copy of the model
                (trained by miniworld.train_model). Membranes are trained with the pack's own
                SPM Train Membrane code and kept in --membranes, so a second run only samples.
---quick        one concept (snowman), the main setups and the gradient attack: what CI runs
+--quick        one concept (snowman), the main setups, the rank-4 membrane and the gradient attacks: what CI runs
                (tests/test_erasure_benchmark.py).
 --bare         the shipped model without any membrane: the classifier's accuracy per concept and
                family, i.e. whether the model draws what it is asked for before anything is erased.
 --calibrate    only the gate calibration (ROC over the world's captions).
---adversarial  only the adversarially trained membranes.
+--latent       ten concepts one at a time and all ten at once, latent gate only (about 30 minutes).
+--rank4        only the rank-4 membranes with 4 contexts (the robustness candidate).
 --anchoring    only the sweep of prompt vs Gaussian anchors over anchor strength.
 --transfer     only the transfer of the default membranes to the fine-tuned copy.
 --attacks      every attack a user has (soft-token variants; textual-inversion embeddings learned on the
@@ -160,7 +161,7 @@ def report(paths: list[str]) -> None:
             run = json.load(handle)
         merged["count"] = run["count"]
         merged["seconds"] += run.get("seconds", 0.0)
-        for part in (run, run.get("adversarial", {})):
+        for part in (run, run.get("adversarial", {}), run.get("rank4", {})):
             for key in ("singles", "stacks", "attacks", "anchoring"):
                 merged[key] += part.get(key, [])
         merged["singles"] += run.get("transfer", [])
@@ -222,22 +223,45 @@ def print_stacks(results: list[dict], count: int) -> None:
               f"{r['attack']:>7.1%} {r['bare_attack']:>6.1%}")
 
 
-def adversarial_training(lab, evaluator, concepts) -> dict:
-    """Membranes trained with adversarial aliases (TrainingConfig.adversaries), measured like the
-    default ones: the same panels, and the gradient attack run afresh against them."""
+def latent_only(lab, evaluator) -> dict:
+    """The ten concepts one at a time and all ten at once (the four kept concepts beside them), with
+    the latent gate only: the main tables' latent rows in a fraction of the time."""
+    from miniworld.benchmark import measure, measure_stack, panel
+    from miniworld.membranes import ERASED, KEPT, VARIANTS, membrane
+    from miniworld.setups import Chain
+
+    files = [membrane(lab, concept, "default", VARIANTS["default"]) for concept in ERASED]
+    singles = [asdict(measure(evaluator, Chain(lab, "latent gate", [file], "latent"), panel(concept, [concept], TARGETS, OTHERS)))
+               for concept, file in zip(ERASED, files)]
+    stack = asdict(measure_stack(evaluator, Chain(lab, "latent gate", files, "latent"), ERASED, KEPT, {}))
+    return {"singles": singles, "stacks": [{**stack, "membranes": len(files)}]}
+
+
+ROBUST_TRANSPORTS = (("always open", "always_open"), ("latent gate", "latent"))
+# the attack of soft_token_attacks() that succeeded most against the default and rank-4 snowman
+# membranes (--attacks; README, Robustness); it also fits in CI's time
+STRONGEST_QUICK_ATTACK = "after-a-8"
+
+
+def rank4_membranes(lab, evaluator, concepts) -> dict:
+    """The robustness candidate (miniworld.membranes "rank4": rank 4, 4 contexts), measured like the
+    default membranes (the same panels) and attacked with the strongest attack, open and behind the
+    latent gate."""
     from miniworld.benchmark import measure, panel
     from miniworld.membranes import VARIANTS, membrane
     from miniworld.setups import Chain
 
     measures = []
     for concept in concepts:
-        hardened = [membrane(lab, concept, "adversarial", VARIANTS["adversarial"])]
-        for setup in (Chain(lab, "adversarial, paper gate", hardened, "paper"),
-                      Chain(lab, "adversarial, latent gate", hardened, "latent")):
+        candidate = [membrane(lab, concept, "rank4", VARIANTS["rank4"])]
+        for label, transport in ROBUST_TRANSPORTS:
+            setup = Chain(lab, f"rank4, {label}", candidate, transport)
             measures.append(asdict(measure(evaluator, setup, panel(concept, [concept], TARGETS, OTHERS))))
             print(f"  {concept:<9} {setup.label:<34} erased {measures[-1]['erased']:6.1%}  "
                   f"accuracy {measures[-1]['accuracy']:6.1%}  attack {measures[-1]['attack']:6.1%}", flush=True)
-    return {"singles": measures, "attacks": gradient_attacks(lab, evaluator, concepts, variant="adversarial")}
+    strongest = soft_token_attacks()[STRONGEST_QUICK_ATTACK][1]
+    return {"singles": measures, "attacks": gradient_attacks(lab, evaluator, concepts, variant="rank4",
+                                                             transports=ROBUST_TRANSPORTS, settings=strongest)}
 
 
 def finetuned_copy(membrane_dir: str) -> str:
@@ -308,18 +332,21 @@ def print_sweep(rows: list[dict], count: int) -> None:
               f"{r['accuracy']:>9.1%} {r['bare_accuracy']:>6.1%} {r['drift']:>6.3f}")
 
 
-def gradient_attacks(lab, evaluator, concepts, variant: str = "default") -> list[dict]:
+def gradient_attacks(lab, evaluator, concepts, variant: str = "default",
+                     transports=(("paper gate", "paper"), ("latent gate", "latent")), settings=None) -> list[dict]:
+    """`settings` (an AttackSettings; default: the benchmark's original attack) against each concept's
+    membrane of `variant` under each (label, transport)."""
     from miniworld.attack import AttackSettings, attack
     from miniworld.benchmark import found_share
     from miniworld.membranes import VARIANTS, membrane
     from miniworld.setups import Chain
 
-    settings = AttackSettings()
+    settings = settings or AttackSettings()
     results = []
     for concept in concepts:
         ours = [membrane(lab, concept, variant, VARIANTS[variant])]
         prefix = "" if variant == "default" else f"{variant}, "
-        for chain in (Chain(lab, f"{prefix}paper gate", ours, "paper"), Chain(lab, f"{prefix}latent gate", ours, "latent")):
+        for chain in (Chain(lab, f"{prefix}{label}", ours, transport) for label, transport in transports):
             conditioning, losses = attack(lab, chain.model, concept, settings)
             seed = evaluator.seed_for(f"attack on {concept}")
             under = lab.read(lab.generate(chain.model, conditioning, evaluator.count, seed))
@@ -329,7 +356,7 @@ def gradient_attacks(lab, evaluator, concepts, variant: str = "default") -> list
             share = found_share(under, concept)
             results.append({"concept": concept, "setup": chain.label, "found_under_membrane": share,
                             "found_bare": found_share(bare, concept),
-                            "gate": gate, "loss_first": losses[0], "loss_last": losses[-1]})
+                            "gate": gate, "loss_first": losses[0], "loss_last": losses[-1], "restarts": settings.restarts})
             print(f"  {concept:<9} {chain.label:<25} attack found {share:6.1%} (gate {gate:.2f}; "
                   f"bare model {results[-1]['found_bare']:6.1%}; loss {losses[0]:.4f} -> {losses[-1]:.4f})", flush=True)
     return results
@@ -340,18 +367,20 @@ def print_attacks(results: list[dict], count: int) -> None:
 
     settings = AttackSettings()
     print(f"\nGradient attack: {settings.soft_tokens} free token embeddings after \"a\", {settings.steps} Adam steps "
-          f"(lr {settings.learning_rate}, batch {settings.batch}), against the membrane and its gate; "
-          f"{count} generations through SPM Load Membrane")
-    print(f"{'setup':<25} {'concepts':>8} {'attack success':>15} {'gate':>6} {'bare model draws it':>20}")
+          f"(lr {settings.learning_rate}, batch {settings.batch}), the best of `restarts` runs, against the membrane and "
+          f"its gate; {count} generations through SPM Load Membrane")
+    print(f"{'setup':<25} {'concepts':>8} {'restarts':>8} {'attack success':>15} {'gate':>6} {'bare model draws it':>20}")
     for label in dict.fromkeys(r["setup"] for r in results):
         rows = [r for r in results if r["setup"] == label]
-        print(f"{label:<25} {len(rows):>8} {sum(r['found_under_membrane'] for r in rows) / len(rows):>15.1%} "
+        print(f"{label:<25} {len(rows):>8} {rows[0].get('restarts', 1):>8} "
+              f"{sum(r['found_under_membrane'] for r in rows) / len(rows):>15.1%} "
               f"{sum(r['gate'] for r in rows) / len(rows):>6.2f} {sum(r['found_bare'] for r in rows) / len(rows):>20.1%}")
 
 
 SUFFIX_WORDS = "a drawing on a dark background"  # words of the world's captions that name no concept
 TI_VECTORS = (1, 2, 4)
 GATES = ("paper", "latent")
+TRANSPORTS = (*GATES, "always_open")  # --attacks may also attack the membrane with no gate (the LoRA loader's way)
 
 
 def soft_token_attacks() -> dict:
@@ -491,11 +520,11 @@ def erasure_experiments(lab, quick: bool, count: int) -> dict:
         results["stacks"] = stacks(lab, evaluator, concepts)
     print("\ngradient attacks", flush=True)
     results["attacks"] = gradient_attacks(lab, evaluator, ablations)
+    print("\nrank-4 membranes with 4 contexts", flush=True)
+    rank4 = rank4_membranes(lab, evaluator, ablations)
+    results["singles"] += rank4["singles"]
+    results["attacks"] += rank4["attacks"]
     if not quick:
-        print("\nadversarially trained membranes", flush=True)
-        hardened = adversarial_training(lab, evaluator, ABLATION_CONCEPTS)
-        results["singles"] += hardened["singles"]
-        results["attacks"] += hardened["attacks"]
         print("\nanchoring sweep", flush=True)
         results["anchoring"] = anchoring_sweep(lab, evaluator)
         print("\ntransfer to a fine-tuned copy", flush=True)
@@ -516,7 +545,8 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="one concept, the main setups and the attack (what CI runs)")
     mode.add_argument("--bare", action="store_true", help="accuracy of the bare shipped model")
     mode.add_argument("--calibrate", action="store_true", help="only the gate calibration")
-    mode.add_argument("--adversarial", action="store_true", help="only the adversarially trained membranes")
+    mode.add_argument("--latent", action="store_true", help="ten concepts one at a time and at once, latent gate only")
+    mode.add_argument("--rank4", action="store_true", help="only the rank-4 membranes with 4 contexts")
     mode.add_argument("--anchoring", action="store_true", help="only the anchoring sweep")
     mode.add_argument("--transfer", action="store_true", help="only the transfer to a fine-tuned copy")
     mode.add_argument("--attacks", action="store_true", help="every attack a user has, the strongest per concept")
@@ -528,7 +558,7 @@ def main() -> None:
                         help="ComfyUI's embeddings folder for this run: where --attacks writes its textual inversions")
     parser.add_argument("--concepts", nargs="+", default=list(ABLATION_CONCEPTS), help="--attacks: the erased concepts")
     parser.add_argument("--variants", nargs="+", default=["default"], help="--attacks: membrane variants (miniworld.membranes)")
-    parser.add_argument("--gates", nargs="+", default=list(GATES), choices=list(GATES), help="--attacks: transports")
+    parser.add_argument("--gates", nargs="+", default=list(GATES), choices=list(TRANSPORTS), help="--attacks: transports")
     parser.add_argument("--attack-names", nargs="+", choices=attack_names(), help="--attacks: only these attacks")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: the host of scripts/install_host.sh)")
@@ -552,11 +582,16 @@ def main() -> None:
         results["bare"] = bare(lab, options.count)
     elif options.calibrate:
         results["calibration"] = print_calibration(calibrate(lab, ERASED))
-    elif options.adversarial:
+    elif options.latent:
+        results.update(latent_only(lab, Evaluator(lab, options.count)))
+        results["singles_summary"] = print_singles(results["singles"], options.count)
+        print_per_concept(results["singles"], "latent gate")
+        print_stacks(results["stacks"], options.count)
+    elif options.rank4:
         evaluator = Evaluator(lab, options.count)
-        results["adversarial"] = adversarial_training(lab, evaluator, ABLATION_CONCEPTS)
-        results["singles_summary"] = print_singles(results["adversarial"]["singles"], options.count)
-        print_attacks(results["adversarial"]["attacks"], options.count)
+        results["rank4"] = rank4_membranes(lab, evaluator, ABLATION_CONCEPTS)
+        results["singles_summary"] = print_singles(results["rank4"]["singles"], options.count)
+        print_attacks(results["rank4"]["attacks"], options.count)
     elif options.transfer:
         results["transfer"] = transfer(lab, Evaluator(lab, options.count), ABLATION_CONCEPTS)
         results["singles_summary"] = print_singles(results["transfer"], options.count)

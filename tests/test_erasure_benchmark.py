@@ -55,6 +55,16 @@ def test_the_gradient_attack_optimises_against_the_membrane(quick):
         assert attack["loss_last"] < attack["loss_first"], attack
 
 
+def test_the_rank4_membrane_erases_into_clean_pictures_and_keeps_the_rest(quick):
+    """The robustness candidate (rank 4, 4 contexts) against issue 15's targets: >= 95% erased into
+    clean pictures, accuracy within a point of bare. Its attack success is printed, not asserted:
+    against the strongest attack it misses the target (README, Robustness)."""
+    for setup in ("rank4, always open", "rank4, latent gate"):
+        row = summary(quick, setup)
+        assert row["erased"] >= 0.95, (setup, row)
+        assert row["accuracy"] >= row["bare_accuracy"] - 0.01, (setup, row)
+
+
 def controlled(lab, name: str, weights) -> str:
     """A copy of the trained snowman membrane with every down/up tensor replaced by weights(tensor)."""
     trained = next(f for f in sorted(os.listdir(lab.membrane_dir)) if f.startswith("snowman-default-"))
