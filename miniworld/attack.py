@@ -203,8 +203,3 @@ def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings
             best = run
     return best
 
-
-def attack(lab, model, concept: str, settings: AttackSettings = AttackSettings()) -> tuple[list, list[float]]:
-    """(CONDITIONING for the optimised prompt, loss per step) against `model`, an SPM Load Membrane output."""
-    result = optimise(lab, model, concept, settings)
-    return conditioning_of(lab.clip, settings, result.vectors), result.losses

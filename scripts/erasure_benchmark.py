@@ -336,7 +336,7 @@ def gradient_attacks(lab, evaluator, concepts, variant: str = "default",
                      transports=(("paper gate", "paper"), ("latent gate", "latent")), settings=None) -> list[dict]:
     """`settings` (an AttackSettings; default: the benchmark's original attack) against each concept's
     membrane of `variant` under each (label, transport)."""
-    from miniworld.attack import AttackSettings, attack
+    from miniworld.attack import AttackSettings, conditioning_of, optimise
     from miniworld.benchmark import found_share
     from miniworld.membranes import VARIANTS, membrane
     from miniworld.setups import Chain
@@ -347,7 +347,8 @@ def gradient_attacks(lab, evaluator, concepts, variant: str = "default",
         ours = [membrane(lab, concept, variant, VARIANTS[variant])]
         prefix = "" if variant == "default" else f"{variant}, "
         for chain in (Chain(lab, f"{prefix}{label}", ours, transport) for label, transport in transports):
-            conditioning, losses = attack(lab, chain.model, concept, settings)
+            result = optimise(lab, chain.model, concept, settings)
+            conditioning = conditioning_of(lab.clip, settings, result.vectors)
             seed = evaluator.seed_for(f"attack on {concept}")
             under = lab.read(lab.generate(chain.model, conditioning, evaluator.count, seed))
             gate = chain.state.last_gates.get("positive", [float("nan")])[0]
@@ -356,9 +357,10 @@ def gradient_attacks(lab, evaluator, concepts, variant: str = "default",
             share = found_share(under, concept)
             results.append({"concept": concept, "setup": chain.label, "found_under_membrane": share,
                             "found_bare": found_share(bare, concept),
-                            "gate": gate, "loss_first": losses[0], "loss_last": losses[-1], "restarts": settings.restarts})
-            print(f"  {concept:<9} {chain.label:<25} attack found {share:6.1%} (gate {gate:.2f}; "
-                  f"bare model {results[-1]['found_bare']:6.1%}; loss {losses[0]:.4f} -> {losses[-1]:.4f})", flush=True)
+                            "gate": gate, "start_loss": result.start_loss, "final_loss": result.final_loss,
+                            "restarts": settings.restarts})
+            print(f"  {concept:<9} {chain.label:<25} attack found {share:6.1%} (gate {gate:.2f}; bare model "
+                  f"{results[-1]['found_bare']:6.1%}; loss {result.start_loss:.4f} -> {result.final_loss:.4f})", flush=True)
     return results
 
 

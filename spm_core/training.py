@@ -9,6 +9,9 @@ Per iteration, for one of the membrane's concepts:
      every batch's uncond row, is always one of the anchors);
   3. membrane ON, one batched call with gradients: e_tar and every anchor's prediction;
   4. loss = ||e_tar - (e_neu - g (e_pos - e_neu))||² + lambda · mean ||anchor_on - anchor_off||².
+With `contexts` > 0 (spm_core.contexts), call 2 also predicts each drawn context's two prompts, call 3
+its prompt with the concept, and the erase term is one mean over the concept's row and the contexts'
+rows, each against the erase target built from its own pair.
 With `adversaries` > 0, every `adversary_every` iterations a prompt is searched by gradient descent
 that makes the model draw the concept *with the membrane on*; the last `adversaries` such aliases
 are erased beside the target, so the membrane learns to close the holes an optimised prompt would
