@@ -358,7 +358,7 @@ def gradient_attacks(lab, evaluator, concepts, variant: str = "default",
             results.append({"concept": concept, "setup": chain.label, "found_under_membrane": share,
                             "found_bare": found_share(bare, concept),
                             "gate": gate, "start_loss": result.start_loss, "final_loss": result.final_loss,
-                            "restarts": settings.restarts})
+                            "tokens": settings.soft_tokens, "steps": settings.steps, "restarts": settings.restarts})
             print(f"  {concept:<9} {chain.label:<25} attack found {share:6.1%} (gate {gate:.2f}; bare model "
                   f"{results[-1]['found_bare']:6.1%}; loss {result.start_loss:.4f} -> {result.final_loss:.4f})", flush=True)
     return results
@@ -368,13 +368,15 @@ def print_attacks(results: list[dict], count: int) -> None:
     from miniworld.attack import AttackSettings
 
     settings = AttackSettings()
-    print(f"\nGradient attack: {settings.soft_tokens} free token embeddings after \"a\", {settings.steps} Adam steps "
-          f"(lr {settings.learning_rate}, batch {settings.batch}), the best of `restarts` runs, against the membrane and "
-          f"its gate; {count} generations through SPM Load Membrane")
-    print(f"{'setup':<25} {'concepts':>8} {'restarts':>8} {'attack success':>15} {'gate':>6} {'bare model draws it':>20}")
+    print(f"\nGradient attack: free token embeddings after \"a\" optimised with Adam (lr {settings.learning_rate}, "
+          f"batch {settings.batch}), the best of `restarts` runs, against the membrane and its gate; {count} generations "
+          "through SPM Load Membrane")
+    print(f"{'setup':<25} {'concepts':>8} {'tokens':>6} {'steps':>5} {'restarts':>8} {'attack success':>15} {'gate':>6} "
+          f"{'bare model draws it':>20}")
     for label in dict.fromkeys(r["setup"] for r in results):
         rows = [r for r in results if r["setup"] == label]
-        print(f"{label:<25} {len(rows):>8} {rows[0].get('restarts', 1):>8} "
+        print(f"{label:<25} {len(rows):>8} {rows[0].get('tokens', settings.soft_tokens):>6} "
+              f"{rows[0].get('steps', settings.steps):>5} {rows[0].get('restarts', 1):>8} "
               f"{sum(r['found_under_membrane'] for r in rows) / len(rows):>15.1%} "
               f"{sum(r['gate'] for r in rows) / len(rows):>6.2f} {sum(r['found_bare'] for r in rows) / len(rows):>20.1%}")
 
