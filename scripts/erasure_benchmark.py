@@ -72,7 +72,11 @@ def bare(lab, count: int) -> dict:
         print(f"{family:<10} {value:>10.1%}")
     per_prompt = {r.text: request_accuracy(readings[r.text], r) for r in requests}
     print(f"\nall named concepts found, mean over {len(requests)} prompts: {sum(per_prompt.values()) / len(per_prompt):.1%}")
-    return {"count": count, "per_concept": per_concept, "per_family": per_family, "per_prompt": per_prompt}
+    verdicts = [v for reading in readings.values() for v in reading]
+    clean = sum(v.is_clean for v in verdicts)
+    print(f"clean pictures (the classifier's clean head): {clean} of {len(verdicts)} ({clean / len(verdicts):.1%})")
+    return {"count": count, "per_concept": per_concept, "per_family": per_family, "per_prompt": per_prompt,
+            "clean": clean / len(verdicts)}
 
 
 def single_setups(lab, concept: str, ablations: bool, quick: bool) -> list:
