@@ -4,7 +4,7 @@ each erased against the same words without it, beside the concept's own prompt."
 import pytest
 import torch
 from pack import pack_module
-from test_training import config, train
+from test_training import config, gated_predictions, train
 from tiny_models import build_clip, build_patcher
 
 
@@ -57,27 +57,12 @@ def test_a_context_that_is_the_concepts_own_prompt_is_erased_exactly_as_the_conc
 
 def distance_to_erase_target(patcher, clip, membrane, named: str, neutral: str) -> float:
     """How far the membrane-on prediction for `named` is from its erase target, on fixed latents."""
-    training, runtime, stack = pack_module("nodes.training"), pack_module("nodes.runtime"), pack_module("spm_core.stack")
-    predictor = training.ComfyNoisePredictor(patcher)
-    key_map, shapes = runtime.membrane_layers_of(patcher)
-    fused = stack.MembraneStack([stack.MembraneUse(membrane)], key_map, shapes)
-    hooks = stack.InstalledHooks(fused)
-    hooks.install({key: patcher.model.get_submodule(key) for key in fused.layers})
-    generator = torch.Generator().manual_seed(123)
-    x, sigma = torch.randn(4, 4, 8, 8, generator=generator), torch.tensor([3.0, 3.0, 1.0, 1.0])
+    training = pack_module("nodes.training")
     named_prompt, neutral_prompt = training.encode(clip, named), training.encode(clip, neutral)
-
-    def eps(prompt, gate):
-        with stack.gates_active(fused, torch.full((4, 1), gate)):
-            return predictor.eps(x, sigma, [prompt] * 4)
-
-    try:
-        with torch.no_grad():
-            e_named, e_neutral = eps(named_prompt, 0.0), eps(neutral_prompt, 0.0)
-            goal = e_neutral - (e_named - e_neutral)
-            return float((eps(named_prompt, 1.0) - goal).pow(2).mean())
-    finally:
-        hooks.remove()
+    with gated_predictions(patcher, membrane) as eps, torch.no_grad():
+        e_named, e_neutral = eps(named_prompt, 0.0), eps(neutral_prompt, 0.0)
+        goal = e_neutral - (e_named - e_neutral)
+        return float((eps(named_prompt, 1.0) - goal).pow(2).mean())
 
 
 def test_training_in_context_erases_the_concept_in_sentences_it_never_saw(tiny, tmp_path):

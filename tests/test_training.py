@@ -7,6 +7,7 @@ to the erase target to ~0.66x, held-out prompts drifted ~7.5%; without anchoring
 anything, which is the erasure benchmark's job.)
 """
 
+import contextlib
 import os
 import statistics
 
@@ -34,9 +35,9 @@ def train(patcher, clip, path, targets=("snoopy",), edits=(), resume=False, on_s
         return training.train(patcher, clip, request, on_step)
 
 
-def evaluate(patcher, clip, membrane):
-    """Distance of the membrane-ON target prediction to the erase target (before/after) and the
-    relative drift of held-out prompts, on fixed latents."""
+@contextlib.contextmanager
+def gated_predictions(patcher, membrane):
+    """eps(prompt, gate): the model's prediction with `membrane` at `gate`, on fixed latents."""
     training, runtime, stack = pack_module("nodes.training"), pack_module("nodes.runtime"), pack_module("spm_core.stack")
     predictor = training.ComfyNoisePredictor(patcher)
     key_map, shapes = runtime.membrane_layers_of(patcher)
@@ -51,6 +52,16 @@ def evaluate(patcher, clip, membrane):
             return predictor.eps(x, sigma, [prompt] * 4)
 
     try:
+        yield eps
+    finally:
+        hooks.remove()
+
+
+def evaluate(patcher, clip, membrane):
+    """Distance of the membrane-ON target prediction to the erase target (before/after) and the
+    relative drift of held-out prompts, on fixed latents."""
+    training = pack_module("nodes.training")
+    with gated_predictions(patcher, membrane) as eps:
         target, neutral = training.encode(clip, "snoopy"), training.encode(clip, "")
         bare_target = eps(target, 0.0)
         erase_target = eps(neutral, 0.0) - (bare_target - eps(neutral, 0.0))
@@ -59,8 +70,6 @@ def evaluate(patcher, clip, membrane):
         drift = statistics.mean(
             ((eps(p, 1.0) - eps(p, 0.0)).norm() / eps(p, 0.0).norm()).item()
             for p in (training.encode(clip, text) for text in HELD_OUT))
-    finally:
-        hooks.remove()
     return before, after, drift
 
 
