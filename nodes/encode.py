@@ -40,8 +40,9 @@ def tokenize_one_chunk(clip, text: str, what: str) -> dict:
 
 def encode_concept(clip, text: str) -> ConceptEmbedding:
     tokens = tokenize_one_chunk(clip, text, "concept prompt")
-    embedding = clip.encode_from_tokens(tokens)
-    return ConceptEmbedding(embedding=embedding[0].float().cpu(), token_ids=token_ids(clip, tokens))
+    embedding, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return ConceptEmbedding(embedding=embedding[0].float().cpu(), token_ids=token_ids(clip, tokens),
+                            pooled=None if pooled is None else pooled[0].float().cpu())
 
 
 def encode_empty(clip) -> torch.Tensor:

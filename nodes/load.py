@@ -9,7 +9,7 @@ from ..spm_core.file_format import load_membrane
 from ..spm_core.ramp import Ramp
 from ..spm_core.transport import Transport, TransportMode
 from . import paths
-from .encode import encode_concept, encode_empty, encode_with_tokens
+from .encode import encode_concept, encode_with_tokens
 from .runtime import POSITIVE_ONLY, ROWS_CHOICES, MembraneEntry, with_membrane
 
 TRANSPORT_MODES = [mode.value for mode in TransportMode]
@@ -91,8 +91,9 @@ class LoadSPM(io.ComfyNode):
         try:  # errors about the membrane's concepts name its file
             concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, p) for c in loaded.concepts
                                                                      for p in c.prompts]
-            empty = encode_empty(clip) if mode in (TransportMode.CALIBRATED, TransportMode.LATENT) else None
-            transport_rate = Transport([concepts], mode, empty=empty, floor=float(min_gate))
+            empty = encode_concept(clip, "") if mode in (TransportMode.CALIBRATED, TransportMode.LATENT) else None
+            transport_rate = Transport([concepts], mode, empty=None if empty is None else empty.embedding,
+                                       empty_pooled=None if empty is None else empty.pooled, floor=float(min_gate))
         except SPMError as error:
             raise SPMError(f"{membrane}: {error}") from None
         entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=transport_rate,

@@ -58,10 +58,12 @@ class TransportMode(Choice):
 
 @dataclass(frozen=True)
 class ConceptEmbedding:
-    """A concept prompt as the text encoder sees it: (L, D) output and its content token ids."""
+    """A concept prompt as the text encoder sees it: (L, D) output, its content token ids and its
+    pooled vector (P,), which models conditioned on a pooled vector (SDXL) also read."""
 
     embedding: torch.Tensor
     token_ids: frozenset[int] | None = None
+    pooled: torch.Tensor | None = None
 
 
 def content_tokens(token_ids: Iterable[int], special_ids: Iterable[int]) -> frozenset[int]:
@@ -115,13 +117,14 @@ class Transport:
 
     `membranes` lists, per membrane, the embeddings of its concept prompts (all encoded with the
     text encoder that will encode the prompts). `empty` is the empty prompt's embedding, needed by
-    the calibrated mode.
+    the calibrated mode; `empty_pooled` its pooled vector, which the latent mode gives the model
+    with the empty prompt where the model reads one (as each concept's own `pooled`).
     """
 
     def __init__(self, membranes: Sequence[Sequence[ConceptEmbedding]], mode: TransportMode,
                  empty: torch.Tensor | None = None, threshold: float = 0.3, saturation: float = 0.7,
                  latent_threshold: float = LATENT_THRESHOLD, latent_saturation: float = LATENT_SATURATION,
-                 floor: float = 0.0) -> None:
+                 floor: float = 0.0, empty_pooled: torch.Tensor | None = None) -> None:
         self.mode = mode
         self.membrane_count = len(membranes)
         if mode is TransportMode.ALWAYS_OPEN:
@@ -148,6 +151,10 @@ class Transport:
         embeddings = torch.stack([c.embedding.float() for c in flat])
         self.empty = None if empty is None else empty.float()
         self.concept_embeddings = embeddings  # the rows the latent gate asks the model about
+        pooled = [c.pooled for c in flat]
+        self.concept_pooled = None if empty_pooled is None or any(p is None for p in pooled) else torch.stack(
+            [p.float().reshape(-1) for p in pooled])
+        self.empty_pooled = None if self.concept_pooled is None else empty_pooled.float().reshape(-1)
         relative = mode in (TransportMode.CALIBRATED, TransportMode.LATENT)
         concepts = embeddings - self.empty if relative else embeddings
         # flattened and normalised once: per call only the rows are (a 50-concept bank is ~12 MB)
