@@ -11,8 +11,10 @@
   (nearest) so a 16 x 16 picture is seen at 128 x 128 and EmptyLatentImage(128, 128) fits.
 - Sampling: `CenteredSampling`, SD1's own noise schedule and epsilon prediction with two facts of
   this world added where ComfyUI's samplers ask for them (an object patch, like the stock
-  ModelSampling nodes): a sampler starts from the world's mean colour with noise whose
-  per-channel mean is removed, and channel 3 is always 0. SD1's schedule ends at sigma 14.6, where
+  ModelSampling nodes): a sampler that starts from an empty (all-zero) latent starts from the
+  world's mean colour with noise whose per-channel mean is removed, and channel 3 is always 0. A
+  real latent (img2img, the kept region of inpainting, a two-stage run's leftover noise) is noised
+  exactly as SD1 noises it. SD1's schedule ends at sigma 14.6, where
   a 16 x 16 picture's mean colour is still visible through the noise (its noise averages over 256
   pixels only); started from zero-mean noise alone, the model painted every picture in the colour
   cast of its noise.
@@ -143,8 +145,13 @@ def centered_sampling(unet_model):
 
     class CenteredSampling(base):
         def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
-            noise = noise - noise.mean(dim=(-2, -1), keepdim=True)
-            return super().noise_scaling(sigma, noise, latent_image, max_denoise) + mean.to(noise)
+            # An all-zero latent is ComfyUI's empty latent (its samplers leave it unshifted by the
+            # latent format for that reason): only those items start from the mean with centred
+            # noise. A real latent (img2img, inpainting, a later stage's leftover noise) is SD1's.
+            empty = (latent_image == 0).flatten(1).all(dim=1).reshape(-1, *(1,) * (noise.ndim - 1))
+            noise = torch.where(empty, noise - noise.mean(dim=(-2, -1), keepdim=True), noise)
+            scaled = super().noise_scaling(sigma, noise, latent_image, max_denoise)
+            return scaled + mean.to(scaled) * empty.to(scaled)
 
         def calculate_denoised(self, sigma, model_output, model_input):
             denoised = super().calculate_denoised(sigma, model_output, model_input)
