@@ -102,7 +102,7 @@ def conditioning_of(clip, settings: AttackSettings, vectors: torch.Tensor) -> li
 def _gates(state, conditioning: torch.Tensor, base, generator: torch.Generator) -> torch.Tensor:
     """(membranes,) gates for the attacker's conditioning (1, 77, D), differentiable, computed by the
     runtime's own code: the text gates and, for latent transport, the latent gate at a fresh noise."""
-    gates = state.gates_for(conditioning, None)
+    gates = state.gates_for(conditioning, None)[0]
     if not state.reads_model:
         return gates
     side = PICTURE_SIDE // 8
@@ -110,10 +110,12 @@ def _gates(state, conditioning: torch.Tensor, base, generator: torch.Generator) 
     sigma = base.model_sampling.sigma_max.reshape(1)
     x = base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise))
 
-    def run_bare(rows_x: torch.Tensor, rows_context: torch.Tensor) -> torch.Tensor:
-        return base.apply_model(rows_x, sigma.expand(rows_x.shape[0]), c_crossattn=rows_context.to(conditioning)).float()
+    def run_bare(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None) -> torch.Tensor:
+        rows_context = conditioning[sources] if contexts is None else contexts
+        rows = rows_context.shape[0]
+        return base.apply_model(x.expand(rows, *x.shape[1:]), sigma.expand(rows), c_crossattn=rows_context.to(conditioning)).float()
 
-    return torch.maximum(gates, state.latent_gates(run_bare, x, conditioning)[0])
+    return torch.maximum(gates, state.latent_gates(run_bare, None, [0])[0])
 
 
 class _Target:

@@ -52,7 +52,7 @@ class Chain:
         """The text gates (membranes,) SPM Load Membrane's runtime computes for this prompt's positive row."""
         encode = self.lab.pack("nodes.encode")
         embedding, options = self.lab.encode(text)[0]
-        return self.state.gates_for(embedding[:1], options.get(encode.TOKENS_KEY))
+        return self.state.gates_for(embedding[:1], options.get(encode.TOKENS_KEY))[0]
 
     def model_for(self, text: str):
         return self.model

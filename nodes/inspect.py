@@ -18,7 +18,7 @@ def gate_table(model, conditionings: dict[str, list]) -> tuple[list[str], list[l
     for label, conditioning in conditionings.items():
         for index, (embedding, options) in enumerate(conditioning):
             columns.append(label if len(conditioning) == 1 else f"{label}[{index}]")
-            gates.append(state.gates_for(embedding[:1].float().cpu(), options.get(TOKENS_KEY)))
+            gates.append(state.gates_for(embedding[:1].float().cpu(), options.get(TOKENS_KEY))[0])
     header = ["membrane", "transport", *columns]
     rows = [[entry.label, entry.transport.mode.value, *(f"{g[i].item():.3f}" for g in gates)]
             for i, entry in enumerate(state.entries)]

@@ -6,10 +6,12 @@ loads the model (and removes them when it unloads), and two keyed wrappers:
   CALC_COND_BATCH  computes each conditioning's gates once (by its uuid) from its embedding and,
                    when an SPM Text Encode made it, its token ids;
   APPLY_MODEL      assembles the per-row gate matrix for the batched call (chunks from
-                   transformer_options["uuids"]) and runs the model inside the stack's gate context;
-                   for latent transport, the first call of a sampling run first asks the bare model
-                   about each cond and each concept (extra calls, membranes closed, with the sampling
-                   call's patches but past the wrappers below ours: _pre_pass_options).
+                   transformer_options["uuids"]; a cond carrying several prompts gates each batch item
+                   by its own) and runs the model inside the stack's gate context; for latent
+                   transport, the first call that meets a cond first asks the bare model about it and
+                   about each concept (extra calls, membranes closed, no more rows per call than the
+                   sampling call has, with the sampling call's patches, control and per-row inputs
+                   but past the wrappers below ours: _pre_pass_options).
   OUTER_SAMPLE     learns each cond's role from the guider's named conds before sampling (by uuid:
                    ComfyUI's "cond_or_uncond" is a chunk's index in the guider's list, not a role)
                    and sends the gates that were used to the frontend when sampling ends.
@@ -25,19 +27,20 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 from uuid import uuid4
 
-import comfy.lora
+import comfy.model_base
 import numpy as np
 import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
-from ..spm_core.errors import SPMError, SPMModelMismatch
-from ..spm_core.file_format import is_membrane_layer
+from ..spm_core.errors import SPMError
 from ..spm_core.membrane import GateLaw, Membrane
 from ..spm_core.ramp import Ramp
-from ..spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active, module_shape
+from ..spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active
 from ..spm_core.transport import Transport, TransportMode
+from .architectures import membrane_layers
 from .encode import TOKENS_KEY, TOKENS_OF_KEY, embedding_fingerprint
 
 KEY = "spm_membranes"
@@ -47,6 +50,8 @@ MAX_STRENGTH = 1e4
 GATE_CACHE_SIZE = 512
 POSITIVE, NEGATIVE = "positive", "negative"
 NEGATIVE_COND_NAMES = frozenset({"negative", "empty_negative_prompt"})  # guider names of negative-role conds
+# models whose vector input `y` starts with the prompt's pooled text vector (the rest: sizes, crops)
+POOLED_FIRST_MODELS = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
 _call = threading.local()  # the chunk table of the calc_cond_batch call in progress (ComfyUI may run batches in threads)
 
 
@@ -78,14 +83,18 @@ class MembraneEntry:
 
 
 def membrane_layers_of(model) -> tuple[dict[str, str], dict[str, tuple[int, int, bool]]]:
-    """ComfyUI's own LoRA key map restricted to SPM layers, and those layers' shapes."""
-    key_map = {name: key[: -len(".weight")] for name, key in comfy.lora.model_lora_keys_unet(model.model, {}).items()
-               if is_membrane_layer(name)}
-    if not key_map:
-        raise SPMModelMismatch(f"{type(model.model).__name__} has no UNet transformer blocks; SPM membranes apply to "
-                               "Stable Diffusion 1.x / 2.x / XL UNets")
-    shapes = {key: module_shape(model.model.get_submodule(key)) for key in set(key_map.values())}
-    return key_map, shapes
+    """ComfyUI's own LoRA key map restricted to membrane layers (SD UNets, Flux: nodes.architectures),
+    and those layers' shapes."""
+    return membrane_layers(model)
+
+
+class Chunk(NamedTuple):
+    """What a calc_cond_batch call's chunk is: its cond's role, its text gates (items, membranes) and
+    the cond's identity (its uuid and its embedding: ComfyUI's area copies share a uuid)."""
+
+    role: str
+    gates: torch.Tensor | None
+    cond: tuple
 
 
 class MembraneState:
@@ -114,7 +123,9 @@ class MembraneState:
         self._ramped = any(e.ramp is not Ramp.CONSTANT for e in entries)
         self._percent_table: tuple[object, list[float], list[float]] | None = None
         self._latent_entries = [i for i, e in enumerate(entries) if e.transport.reads_model]
-        self._latent_gates: dict[object, torch.Tensor] = {}  # uuid -> (membranes,), for the sampling run in progress
+        # Chunk.cond -> (items, membranes), for the sampling run in progress
+        self._latent_gates: dict[tuple, torch.Tensor] = {}
+        self._official_gate: torch.Tensor | None = None  # official_code: the guider's first positive prompt's
         self.last_gates: dict[str, list[float]] = {}
 
     def on_model_patcher_clone(self) -> MembraneState:
@@ -132,20 +143,22 @@ class MembraneState:
 
     # --- gates
     def gates_for(self, embedding: torch.Tensor, token_ids: frozenset[int] | None) -> torch.Tensor:
-        """(membranes,) gates for one conditioning: embedding (1, N, D)."""
-        tokens = None if token_ids is None else [token_ids]
-        return torch.cat([entry.transport.gates(embedding, tokens)[0] for entry in self.entries])
+        """(items, membranes) gates for a conditioning's items: embedding (items, N, D), each item
+        gated by itself; `token_ids` (the prompt's, when recorded) count for every item."""
+        tokens = None if token_ids is None else [token_ids] * embedding.shape[0]
+        return torch.cat([entry.transport.gates(embedding, tokens) for entry in self.entries], dim=1)
 
     def cond_gates(self, cond: dict, tokens_by_embedding: dict) -> torch.Tensor | None:
-        """(membranes,) gates for one cond dict from its own embedding (and the token ids recorded for
-        that embedding, if any), cached; None when it carries no cross-attention."""
+        """(items, membranes) gates for one cond dict, one row per prompt it carries (batch-prompt
+        nodes give one per batch item), from its own embedding and the token ids recorded for that
+        embedding, if any; cached; None when it carries no cross-attention."""
         embedding = _embedding_of(cond)
         if embedding is None:
             return None
         key = (cond.get("uuid"), id(embedding))
         cached = self._gates.get(key)
         if cached is None or cached[0]() is not embedding:  # a dead reference: the id was reused
-            cached = (weakref.ref(embedding), self.gates_for(embedding[:1], tokens_by_embedding.get(self.fingerprint(embedding))))
+            cached = (weakref.ref(embedding), self.gates_for(embedding, tokens_by_embedding.get(self.fingerprint(embedding))))
             self._gates[key] = cached
             while len(self._gates) > GATE_CACHE_SIZE:
                 self._gates.popitem(last=False)
@@ -179,28 +192,57 @@ class MembraneState:
     def begin_sampling(self, named_conds: dict) -> None:
         self.remember_roles(named_conds)
         self._latent_gates.clear()
+        self._official_gate = self._first_positive_gate(named_conds) if self.official else None
 
-    def measure_latent_gates(self, run_bare, x: torch.Tensor, context: torch.Tensor, transformer_options: dict) -> None:
-        """Latent gates for every chunk's cond not yet measured in this sampling run, all at the
-        noisy latent of the batch's first row."""
+    def _first_positive_gate(self, named_conds: dict) -> torch.Tensor | None:
+        """(membranes,) text gates of the guider's first positive prompt: official_code gates every row
+        of a step by it, however ComfyUI splits the step's rows into model calls."""
+        first = next((cond for cond in named_conds.get(POSITIVE) or [] if torch.is_tensor(cond.get("cross_attn"))), None)
+        if first is None:
+            return None
+        embedding = first["cross_attn"]
+        tokens = first.get(TOKENS_KEY) if first.get(TOKENS_OF_KEY) == self.fingerprint(embedding) else None
+        return self.gates_for(embedding[:1].float().cpu(), tokens)[0]
+
+    def measure_latent_gates(self, run_bare, transformer_options: dict, rows: int) -> None:
+        """Latent gates for every chunk's cond not yet measured in this sampling run, one per prompt
+        the cond carries. `run_bare` as in `latent_gates`, its sources being rows of the sampling
+        call (`rows` of them)."""
         uuids = transformer_options.get("uuids") or []
-        pending = [(chunk, uuid) for chunk, uuid in enumerate(uuids) if uuid not in self._latent_gates]
-        if not self.reads_model or not pending:
+        indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
+        if not self.reads_model or not uuids:
             return
-        per_chunk = x.shape[0] // len(uuids)
-        contexts = torch.cat([context[chunk * per_chunk: chunk * per_chunk + 1] for chunk, _ in pending])
-        for gates, (_, uuid) in zip(self.latent_gates(run_bare, x[:1], contexts), pending):
-            self._latent_gates[uuid] = gates
+        table = getattr(_call, "chunks", None) or {}
+        per_chunk = rows // len(uuids)
+        pending = {}
+        for chunk, key in enumerate(zip(indices, uuids)):
+            known = table.get(key)
+            cond = key if known is None else known.cond
+            if cond not in self._latent_gates and cond not in pending:
+                items = 1 if known is None or known.gates is None else min(known.gates.shape[0], per_chunk)
+                pending[cond] = [chunk * per_chunk + item for item in range(items)]
+        if not pending:
+            return
+        sources = [row for chunk_rows in pending.values() for row in chunk_rows]
+        gates = self.latent_gates(run_bare, None, sources)
+        for cond, chunk_rows in pending.items():
+            self._latent_gates[cond], gates = gates[: len(chunk_rows)], gates[len(chunk_rows):]
 
-    def latent_gates(self, run_bare, reference: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
-        """(P, membranes) latent gates (Transport.latent_gates) of contexts (P, N, D) at the noisy
-        latent `reference` (1, ...); 0 for membranes gated by text alone. `run_bare(x, context)`
-        returns the model's prediction with every membrane closed."""
-        empty = self.entries[self._latent_entries[0]].transport.empty[None]
-        concept_rows = torch.cat([empty] + [self.entries[i].transport.concept_embeddings for i in self._latent_entries])
-        concept_predictions = run_bare(reference.expand(concept_rows.shape[0], *reference.shape[1:]), concept_rows)
+    def latent_gates(self, run_bare, contexts: torch.Tensor | None, sources: list[int]) -> torch.Tensor:
+        """(P, membranes) latent gates (Transport.latent_gates) of P prompts; 0 for membranes gated by
+        text alone. `run_bare(contexts, sources, pooled)` returns the model's predictions with every
+        membrane closed for rows of conditioning `contexts` (R, N, D) (None: the sources' own) whose
+        other inputs are those of the caller's rows `sources`, with `pooled` (R, P) as their pooled
+        text vectors (None: the sources' own). The concepts and the empty prompt take the first
+        prompt's other inputs and their own pooled vectors."""
+        transport = self.entries[self._latent_entries[0]].transport
+        concept_rows = torch.cat([transport.empty[None]] + [self.entries[i].transport.concept_embeddings
+                                                             for i in self._latent_entries])
+        pooled = [transport.empty_pooled] + [self.entries[i].transport.concept_pooled for i in self._latent_entries]
+        concept_pooled = None if any(p is None for p in pooled) else torch.cat([pooled[0][None], *pooled[1:]])
+        concept_predictions = run_bare(concept_rows, [sources[0]] * concept_rows.shape[0], concept_pooled)
         empty_prediction = concept_predictions[:1]
-        prompt_shifts = run_bare(reference.expand(contexts.shape[0], *reference.shape[1:]), contexts) - empty_prediction
+        prompt_shifts = run_bare(contexts, sources, None) - empty_prediction
         columns, offset = [], 1
         for index, entry in enumerate(self.entries):
             if index not in self._latent_entries:
@@ -212,8 +254,8 @@ class MembraneState:
             offset += count
         return torch.stack(columns, dim=1)
 
-    def chunk_table(self, cond_lists) -> dict[tuple[int, object], tuple[str, torch.Tensor | None]]:
-        """(role, gates) per (list index, uuid) for one calc_cond_batch call. ComfyUI's
+    def chunk_table(self, cond_lists) -> dict[tuple[int, object], Chunk]:
+        """A Chunk per (list index, uuid) for one calc_cond_batch call. ComfyUI's
         "cond_or_uncond" is a chunk's list index and a list's role is its first cond's (the guider
         named it); ComfyUI appends area copies of positive conds to the negative list *with the
         positive's uuid*, so a uuid alone does not say which cond a chunk is."""
@@ -227,7 +269,9 @@ class MembraneState:
         for index, conds in enumerate(lists):
             role = self._roles.get(conds[0].get("uuid"), POSITIVE) if conds else POSITIVE
             for cond in conds:
-                table[(index, cond.get("uuid"))] = (role, self.cond_gates(cond, tokens_by_embedding))
+                embedding = _embedding_of(cond)
+                table[(index, cond.get("uuid"))] = Chunk(role, self.cond_gates(cond, tokens_by_embedding),
+                                                         (cond.get("uuid"), None if embedding is None else id(embedding)))
         return table
 
     def row_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor,
@@ -237,8 +281,7 @@ class MembraneState:
         if transformer_options.get("uuids"):
             gates, strengths = self._chunk_gates(context, transformer_options, in_range)
         else:  # a call that bypassed the guider: each row gated by its own embedding, as a positive
-            gates = torch.stack([self.gates_for(context[r: r + 1], None) for r in range(context.shape[0])])
-            gates = gates * in_range * self._acting[POSITIVE]
+            gates = self.gates_for(context, None) * in_range * self._acting[POSITIVE]
             self.last_gates[POSITIVE] = gates[-1].tolist()
             strengths = self._strengths[POSITIVE].expand(context.shape[0], -1)
         if self.official:
@@ -254,22 +297,26 @@ class MembraneState:
         indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
         table = getattr(_call, "chunks", None) or {}
         per_chunk = context.shape[0] // len(uuids)
-        gates, strengths = [], []
-        for chunk, (index, uuid) in enumerate(zip(indices, uuids)):
-            role, gate = table.get((index, uuid), (POSITIVE, None))
-            if gate is None:  # a path that skipped calc_cond_batch: gate from the embedding alone
-                gate = self.gates_for(context[chunk * per_chunk: chunk * per_chunk + 1], None)
-            if uuid in self._latent_gates:
-                gate = torch.maximum(gate, self._latent_gates[uuid])
+        gates, strengths, roles = [], [], []
+        for chunk, key in enumerate(zip(indices, uuids)):
+            role, item_gates, cond = table.get(key) or Chunk(POSITIVE, None, key)
+            if item_gates is None:  # a path that skipped calc_cond_batch: gate from the embedding alone
+                item_gates = self.gates_for(context[chunk * per_chunk: chunk * per_chunk + 1], None)
+            gate = _per_row(item_gates, per_chunk)
+            if cond in self._latent_gates:
+                gate = torch.maximum(gate, _per_row(self._latent_gates[cond], per_chunk))
             gate = gate * in_range * self._acting[role]
-            self.last_gates[role] = gate.tolist()
-            gates.append(gate.expand(per_chunk, -1))
+            self.last_gates[role] = gate[0].tolist()
+            gates.append(gate)
             strengths.append(self._strengths[role].expand(per_chunk, -1))
-        if self.official:  # the official code: the first positive prompt's gate for every row of the batch
-            roles = [table.get((index, uuid), (POSITIVE, None))[0] for index, uuid in zip(indices, uuids)]
-            shared = gates[roles.index(POSITIVE)] if POSITIVE in roles else gates[0]
-            gates = [shared[:1].expand(per_chunk, -1)] * len(gates)
-            self.last_gates = {role: shared[0].tolist() for role in set(roles)}
+            roles.append(role)
+        if self.official:  # the official code: the first positive prompt's gate for every row of the step
+            if self._official_gate is not None:
+                shared = self._official_gate * in_range * self._acting[POSITIVE]
+            else:  # sampled without a guider naming a positive prompt: the batch's first positive row
+                shared = gates[roles.index(POSITIVE) if POSITIVE in roles else 0][0]
+            gates = [shared.expand(per_chunk, -1)] * len(gates)
+            self.last_gates = {role: shared.tolist() for role in set(roles)}
         return torch.cat(gates), torch.cat(strengths)
 
     def _ramp_factors(self, sigma: torch.Tensor, model_sampling) -> torch.Tensor:
@@ -293,6 +340,24 @@ class MembraneState:
         _, low, high = self._sigma_ranges
         current = float(sigma.reshape(-1)[0])
         return ((low <= current) & (current <= high)).float()
+
+
+def _per_row(item_gates: torch.Tensor, rows: int) -> torch.Tensor:
+    """(items, membranes) -> (rows, membranes) the way ComfyUI spreads a conditioning's items over a
+    batch (comfy.utils.repeat_to_batch_size): row r carries item r mod items."""
+    return item_gates[torch.arange(rows) % item_gates.shape[0]]
+
+
+def _rows_of(value, index: torch.Tensor, batch: int):
+    """`value` with every tensor of `batch` rows (nested in dicts, lists and tuples, as ControlNet
+    residuals are) cut down to the rows `index`; anything else as it is."""
+    if torch.is_tensor(value):
+        return value[index.to(value.device)] if value.ndim and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {key: _rows_of(item, index, batch) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_rows_of(item, index, batch) for item in value)
+    return value
 
 
 def _embedding_of(cond: dict) -> torch.Tensor | None:
@@ -320,16 +385,29 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
         state.hooks.install(state.modules_of(base_model))
     transformer_options = transformer_options or {}
     if state.reads_model:
-        def run_bare(rows_x: torch.Tensor, rows_context: torch.Tensor) -> torch.Tensor:
-            rows = rows_x.shape[0]
-            extra = {k: v[:1].expand(rows, *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == x.shape[0] else v
-                     for k, v in kwargs.items()}
-            concat = None if c_concat is None else c_concat[:1].expand(rows, *c_concat.shape[1:])
-            with gates_active(state.stack, torch.zeros(rows, state.stack.membrane_count)):
-                # the model itself (executor.original), past the APPLY_MODEL wrappers below ours: see _pre_pass_options
-                return executor.original(rows_x, t[:1].expand(rows), concat, rows_context.to(c_crossattn), None,
-                                         _pre_pass_options(transformer_options, rows), **extra)
-        state.measure_latent_gates(run_bare, x, c_crossattn, transformer_options)
+        pooled_first = isinstance(base_model, POOLED_FIRST_MODELS)
+
+        def run_bare(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None) -> torch.Tensor:
+            """The bare model at the noisy latent of the call's first row, never more rows per call than
+            this call has (ComfyUI sized it to fit in memory)."""
+            predictions = []
+            for start in range(0, len(sources), x.shape[0]):
+                index = torch.tensor(sources[start: start + x.shape[0]])
+                rows = len(index)
+                context = _rows_of(c_crossattn, index, x.shape[0]) if contexts is None else contexts[start: start + rows]
+                extra = _rows_of(kwargs, index, x.shape[0])
+                if pooled_first and pooled is not None and torch.is_tensor(extra.get("y")) \
+                        and pooled.shape[1] < extra["y"].shape[1]:
+                    own = pooled[start: start + rows].to(extra["y"])
+                    extra["y"] = torch.cat([own, extra["y"][:, own.shape[1]:]], dim=1)
+                with gates_active(state.stack, torch.zeros(rows, state.stack.membrane_count)):
+                    # the model itself (executor.original), past the APPLY_MODEL wrappers below ours: see _pre_pass_options
+                    predictions.append(executor.original(
+                        x[:1].expand(rows, *x.shape[1:]), t[:1].expand(rows), _rows_of(c_concat, index, x.shape[0]),
+                        context.to(c_crossattn), _rows_of(control, index, x.shape[0]),
+                        _pre_pass_options(transformer_options, rows), **extra))
+            return torch.cat(predictions)
+        state.measure_latent_gates(run_bare, transformer_options, x.shape[0])
     gates, strengths = state.row_gates(c_crossattn, transformer_options, t, base_model.model_sampling)
     with gates_active(state.stack, gates, strengths):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

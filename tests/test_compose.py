@@ -29,7 +29,7 @@ def latent_model(spm_world):
 def latent_gates_of_last_run(model) -> list[list[float]]:
     """The latent gates the last sampling run measured, one row per cond, in a stable order."""
     state = model.get_attachment(pack_module("nodes.runtime").KEY)
-    return sorted(gates.tolist() for gates in state._latent_gates.values())
+    return sorted(gates[0].tolist() for gates in state._latent_gates.values())
 
 
 def conds(spm_world):
@@ -43,11 +43,11 @@ def record_bare_predictions(model, monkeypatch) -> list[torch.Tensor]:
     state = model.get_attachment(pack_module("nodes.runtime").KEY)
     measure, recorded = state.latent_gates, []
 
-    def latent_gates(run_bare, reference, contexts):
-        def recording(rows_x, rows_context):
-            recorded.append(run_bare(rows_x, rows_context).clone())
+    def latent_gates(run_bare, contexts, sources):
+        def recording(*args):
+            recorded.append(run_bare(*args).clone())
             return recorded[-1]
-        return measure(recording, reference, contexts)
+        return measure(recording, contexts, sources)
 
     monkeypatch.setattr(state, "latent_gates", latent_gates)
     return recorded
