@@ -1,7 +1,9 @@
 """The SPM file format: read the public SPM files and kohya/LECO-style LoRAs unchanged, write
 ours with the same tensor keys (so stock LoRA loaders still read them) plus richer metadata.
 
-Tensor keys: `lora_unet_<diffusers module path, . -> _>.{lora_down.weight, lora_up.weight, alpha}`.
+Tensor keys: `lora_unet_<diffusers module path, . -> _>.{lora_down.weight, lora_up.weight, alpha}`;
+Flux membranes name their layers after the original (BFL) Flux modules, as kohya's Flux LoRAs do:
+`lora_unet_double_blocks_<i>_txt_attn_qkv`, `lora_unet_txt_in`, ...
 Public metadata: `prompts` (targets joined by ","), `rank`, `alpha`.
 Ours adds: `spm_format`, `concepts` (JSON list), `architecture`, `base_model`, `training`.
 Only `.safetensors` is read: pickled formats can run code when loaded and are refused.
@@ -28,7 +30,8 @@ FORMAT_VERSION = "1"
 PREFIX = "lora_unet_"
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 PICKLED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
-ARCHITECTURES = ("sd1", "sd2", "sdxl")
+ARCHITECTURES = ("sd1", "sd2", "sdxl", "flux")
+UNET_ARCHITECTURES = ("sd1", "sd2", "sdxl")
 CONTEXT_DIM_ARCHITECTURE = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 MAX_FILE_BYTES = 2 * 1024**3
 
@@ -37,13 +40,20 @@ MAX_FILE_BYTES = 2 * 1024**3
 _LAYER_IN_BLOCK = r"_(?:proj_in|proj_out|transformer_blocks_\d+_(?:attn[12]_to_(?:q|k|v|out_0)|ff_net_0_proj|ff_net_2))$"
 DIFFUSERS_LAYER = re.compile(r"^lora_unet_(?:(?:down|up)_blocks_\d+_attentions_\d+|mid_block_attentions_0)" + _LAYER_IN_BLOCK)
 ORIGINAL_UNET_LAYER = re.compile(r"^lora_unet_(?:input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)" + _LAYER_IN_BLOCK)
+# Flux (DESIGN.md §5, issue 17): where the text enters. The text-input projection and the text
+# stream of every double block (its attention's qkv and proj, its MLP) read text tokens only, so a
+# per-row update there touches no image token directly. Single blocks (one Linear over text and
+# image tokens together) and the image stream are not membrane layers: FLUX_OTHER_LAYER names them
+# so that a file adapting them is refused with the reason.
+FLUX_LAYER = re.compile(r"^lora_unet_(?:txt_in|double_blocks_\d+_txt_(?:attn_qkv|attn_proj|mlp_0|mlp_2))$")
+FLUX_OTHER_LAYER = re.compile(r"^lora_unet_(?:single_blocks_\d+_\w+|double_blocks_\d+_(?:img_\w+|txt_mod_lin))$")
 
 
 MAX_WEIGHT_SCALE = 1e4  # bound on |up| x |down| x alpha / rank: real adapters stay below ~10
 
 
 def is_membrane_layer(name: str) -> bool:
-    return bool(DIFFUSERS_LAYER.match(name) or ORIGINAL_UNET_LAYER.match(name))
+    return bool(DIFFUSERS_LAYER.match(name) or ORIGINAL_UNET_LAYER.match(name) or FLUX_LAYER.match(name))
 
 
 def module_key_map(module_names: Iterable[str]) -> dict[str, str]:
@@ -144,8 +154,14 @@ def _layers_from_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict[st
         else:
             foreign.append(key)
     if foreign:
-        hint = ("it also adapts the text encoder" if any(k.startswith("lora_te") for k in foreign)
-                else "it adapts layers outside the transformer blocks or uses another adapter type")
+        if any(k.startswith("lora_te") for k in foreign):
+            hint = "it also adapts the text encoder"
+        elif any(FLUX_OTHER_LAYER.match(k.split(".")[0]) for k in foreign):
+            hint = ("it adapts Flux layers that membranes do not use: single blocks (one layer over text and image "
+                    "tokens together) or the image stream; a Flux membrane adapts txt_in and the text stream of the "
+                    "double blocks")
+        else:
+            hint = "it adapts layers outside the transformer blocks or uses another adapter type"
         if not names:
             raise SPMFileError(path, f"not an SPM membrane or LoRA in the SPM key scheme (e.g. key {foreign[0]!r}); "
                                      "expected lora_unet_<transformer layer>.lora_down.weight / .lora_up.weight / .alpha")
@@ -238,7 +254,10 @@ def _check_metadata_agrees(path: str, metadata: dict[str, str], layers: dict[str
 
 
 def infer_architecture(layers: Mapping[str, LayerWeights]) -> str | None:
-    """sd1 / sd2 / sdxl from the cross-attention context width, or None if no layer tells."""
+    """flux from Flux layer names; sd1 / sd2 / sdxl from the cross-attention context width; None
+    if no layer tells."""
+    if any(FLUX_LAYER.match(name) for name in layers):
+        return "flux"
     for name, layer in layers.items():
         if name.endswith(("attn2_to_k", "attn2_to_v")):
             return CONTEXT_DIM_ARCHITECTURE.get(layer.down.shape[1])

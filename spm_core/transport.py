@@ -19,6 +19,11 @@ Modes, selectable by name:
               A prompt that draws the concept in words or embeddings the text gate does not match
               still opens the membrane (in the erasure benchmark it opened fully on optimised
               prompts the text gates left at 0.7-0.9). Costs one extra model call per run.
+  tokens      for encoders with no whole-prompt embedding to compare (T5 in Flux): how well the
+              prompt's token vectors match each of the concept's content-token vectors, measured
+              from the empty prompt's match (spm_core.token_gate), mapped linearly from
+              `token_threshold` (gate 0) to `token_saturation` (gate 1), then max with token
+              overlap. Needs each concept's content-token positions (ConceptEmbedding.content)
   official_code  the paper gate applied as the official inference code applies it: one gate per
               prompt for the whole CFG batch (the negative row too), gate² for one membrane and
               the merged adapter of a whole chain (spm_core.membrane.GateLaw.OFFICIAL_MERGE), to
@@ -39,11 +44,16 @@ import torch.nn.functional as F
 
 from .choice import Choice
 from .errors import SPMError
+from .token_gate import TokenBank, content_vectors
 
 # The latent gate's operating point, from `python scripts/erasure_benchmark.py --calibrate` on the
 # miniature world's captions (README, "Which gate"): the cosine below which 95% of captions that do
 # not ask for a concept fall, and the median cosine of captions that do.
 LATENT_THRESHOLD, LATENT_SATURATION = 0.44, 0.70
+# The token gate's operating point: a starting point, not a calibration. On the tiny random Flux
+# text encoders of tests/test_flux.py prompts holding the concept's words score 1.0 and unrelated
+# prompts up to ~0.4; no real T5 weights exist offline to measure it on.
+TOKEN_THRESHOLD, TOKEN_SATURATION = 0.5, 0.8
 
 
 class TransportMode(Choice):
@@ -51,6 +61,7 @@ class TransportMode(Choice):
     COSINE = "cosine"
     CALIBRATED = "calibrated"
     LATENT = "latent"
+    TOKENS = "tokens"
     OFFICIAL = "official_code"
     ALWAYS_OPEN = "always_open"
 
@@ -64,6 +75,7 @@ class ConceptEmbedding:
     embedding: torch.Tensor
     token_ids: frozenset[int] | None = None
     pooled: torch.Tensor | None = None
+    content: tuple[int, int] | None = None  # (start, stop): the positions of its content tokens in `embedding`
 
 
 def content_tokens(token_ids: Iterable[int], special_ids: Iterable[int]) -> frozenset[int]:
@@ -124,7 +136,8 @@ class Transport:
     def __init__(self, membranes: Sequence[Sequence[ConceptEmbedding]], mode: TransportMode,
                  empty: torch.Tensor | None = None, threshold: float = 0.3, saturation: float = 0.7,
                  latent_threshold: float = LATENT_THRESHOLD, latent_saturation: float = LATENT_SATURATION,
-                 floor: float = 0.0, empty_pooled: torch.Tensor | None = None) -> None:
+                 floor: float = 0.0, empty_pooled: torch.Tensor | None = None,
+                 token_threshold: float = TOKEN_THRESHOLD, token_saturation: float = TOKEN_SATURATION) -> None:
         self.mode = mode
         self.membrane_count = len(membranes)
         if mode is TransportMode.ALWAYS_OPEN:
@@ -135,14 +148,16 @@ class Transport:
         if any(len(concepts) == 0 for concepts in membranes):
             raise SPMError("a membrane has no concepts, so its gate cannot be computed; use transport mode "
                            "'always_open' or give it concepts")
-        if mode in (TransportMode.CALIBRATED, TransportMode.LATENT):
+        if mode in (TransportMode.CALIBRATED, TransportMode.LATENT, TransportMode.TOKENS):
             if empty is None:
                 raise SPMError(f"{mode.value} transport needs the empty prompt's embedding")
-            for low, high in ((threshold, saturation), (latent_threshold, latent_saturation)):
+            for low, high in ((threshold, saturation), (latent_threshold, latent_saturation),
+                              (token_threshold, token_saturation)):
                 if not -1.0 <= low < high <= 1.0:
                     raise SPMError(f"{mode.value} transport needs threshold < saturation within [-1, 1], got {low}, {high}")
         self.threshold, self.saturation = threshold, saturation
         self.latent_threshold, self.latent_saturation = latent_threshold, latent_saturation
+        self.token_threshold, self.token_saturation = token_threshold, token_saturation
         flat = [c for concepts in membranes for c in concepts]
         self.concept_owner = torch.tensor([m for m, concepts in enumerate(membranes) for _ in concepts])
         if len({tuple(c.embedding.shape) for c in flat}) > 1:
@@ -161,12 +176,18 @@ class Transport:
         self.length = concepts.shape[1]
         self.flat_concepts = F.normalize(concepts.reshape(concepts.shape[0], -1), dim=-1)
         self.concept_tokens = [c.token_ids for c in flat]
+        self.token_bank = _token_bank(flat, self.empty) if mode is TransportMode.TOKENS else None
 
     def gates(self, rows: torch.Tensor, row_tokens: Sequence[frozenset[int] | None] | None = None) -> torch.Tensor:
         """rows: (B, N, D) conditioning; row_tokens: content token ids per row, None where unknown."""
         batch = rows.shape[0]
         if self.mode is TransportMode.ALWAYS_OPEN:
             return torch.ones(batch, self.membrane_count)
+        if self.token_bank is not None:
+            similarity = _ramp(self.token_bank.relative(rows), self.token_threshold, self.token_saturation)
+            if row_tokens is not None:
+                similarity = torch.maximum(similarity, self._overlaps(row_tokens, batch))
+            return self._per_membrane(similarity).clamp(min=self.floor)
         relative = self.mode in (TransportMode.CALIBRATED, TransportMode.LATENT)
         if relative:
             chunks = -(-rows.shape[1] // self.empty.shape[0])
@@ -179,6 +200,11 @@ class Transport:
         if self.mode is not TransportMode.COSINE and row_tokens is not None:
             similarity = torch.maximum(similarity, self._overlaps(row_tokens, batch))
         return self._per_membrane(similarity.clamp(0.0, 1.0)).clamp(min=self.floor)
+
+    @property
+    def text_width(self) -> int | None:
+        """The width of the text-encoder output the concepts were encoded with; None for always_open."""
+        return None if self.mode is TransportMode.ALWAYS_OPEN else self.concept_embeddings.shape[2]
 
     @property
     def reads_model(self) -> bool:
@@ -204,3 +230,10 @@ class Transport:
             raise SPMError(f"token ids given for {len(row_tokens)} rows, embeddings for {batch}")
         return torch.tensor([[0.0 if tokens is None or concept is None else token_overlap(tokens, concept)
                               for concept in self.concept_tokens] for tokens in row_tokens])
+
+
+def _token_bank(concepts: Sequence[ConceptEmbedding], empty: torch.Tensor) -> TokenBank:
+    if any(c.content is None for c in concepts):
+        raise SPMError("tokens transport needs the positions of each concept's content tokens in its encoding "
+                       "(ConceptEmbedding.content)")
+    return TokenBank([content_vectors(c.embedding, c.content) for c in concepts], empty)

@@ -87,3 +87,37 @@ def build_clip(arch: str = "sd1", seed: int = 1, width: int = 32):
     clip = comfy.sd.CLIP(config.clip_target(), embedding_directory=None, model_options=options)
     randomize_(clip.cond_stage_model, seed, std=0.2)
     return clip
+
+
+def flux_config(width: int = 32, text_width: int = 32, pooled_width: int = 32, depth: int = 2, single_depth: int = 1) -> dict:
+    """A tiny Flux.1-dev: `width` wide with 2 heads (rotary axes 4 + 6 + 6 = 16 per head), `depth`
+    double and `single_depth` single blocks, T5 text `text_width` wide, pooled CLIP-L `pooled_width`."""
+    return {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": pooled_width,
+            "context_in_dim": text_width, "hidden_size": width, "mlp_ratio": 2.0, "num_heads": 2, "depth": depth,
+            "depth_single_blocks": single_depth, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2,
+            "qkv_bias": True, "guidance_embed": True}
+
+
+def build_flux_patcher(seed: int = 0, text_width: int = 32, std: float = 0.1):
+    """A ModelPatcher around a tiny random Flux.1 (comfy.model_base.Flux, comfy.ldm.flux.model.Flux)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model = comfy.supported_models.Flux(flux_config(text_width=text_width)).get_model({})
+    randomize_(model.diffusion_model, seed, std=std)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def build_flux_clip(seed: int = 1, width: int = 32):
+    """Flux's text encoders (ComfyUI's FluxClipModel: CLIP-L and T5 XXL) with the real bundled
+    tokenizers and tiny random weights: T5 `width` wide, CLIP-L `width` wide."""
+    import comfy.sd
+    import comfy.supported_models
+
+    options = {"dtype": torch.float32, "clip_l_model_config": tiny_text_config(width),
+               "t5xxl_model_config": {"d_model": width, "d_ff": 2 * width, "d_kv": 8, "num_heads": 4, "num_layers": 2}}
+    target = comfy.supported_models.Flux(flux_config(text_width=width, pooled_width=width)).clip_target()
+    clip = comfy.sd.CLIP(target, embedding_directory=None, model_options=options)
+    randomize_(clip.cond_stage_model, seed, std=0.2)
+    return clip

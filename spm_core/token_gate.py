@@ -1,0 +1,97 @@
+"""The token gate: how well a prompt's own token vectors match a concept's, for text encoders that
+give a sequence of token vectors and no whole-prompt embedding worth comparing (T5 in Flux:
+DESIGN.md §5, issue 17).
+
+For a concept with content-token vectors c_1..c_k (its encoding without start, end and padding
+tokens) and a prompt's conditioning e_1..e_N,
+
+    match(p, c) = max_i mean_j cos(c_j, e_{i+j})
+
+is 1 when the concept's tokens appear in the prompt, in order, with the same vectors, and falls the
+less the prompt holds them. In order, because T5's sentencepiece splits rare names into common
+pieces ("snoopy" -> 5 pieces): matching each piece anywhere in the prompt opened the gate on
+unrelated prompts that share pieces (0.55-0.57 for "a dog" and "a bowl of fruit on a table"
+against "snoopy" on the tiny test encoders; in order: 0.30 and 0.35). The prompt's positions are
+all used: ComfyUI's CONDITIONING keeps no token ids, so its padding cannot be cut by position.
+Padding and end tokens match a concept about as well as the empty prompt's do, so the gate is read
+from there:
+
+    relative(p, c) = (match(p, c) - match("", c)) / (1 - match("", c))
+
+0 for a prompt that matches the concept no better than the empty prompt, 1 for one that holds its
+tokens; Transport maps it linearly from its token threshold (gate 0) to its token saturation
+(gate 1). Unlike the flattened cosine of the paper it does not depend on where in the prompt the
+words stand or on how long the prompt is (on Flux's 256-token T5 conditioning the flattened cosine
+is 0.97-1.0 for every prompt on the test encoders: padding dominates it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SPMError
+
+# A concept whose tokens the empty prompt already matches this well gives no usable gate.
+MAX_BASELINE = 0.999
+
+
+def content_vectors(embedding: torch.Tensor, content: tuple[int, int]) -> torch.Tensor:
+    """The (k, D) vectors of a concept's content tokens in its (L, D) encoding."""
+    start, stop = content
+    if not 0 <= start < stop <= embedding.shape[0]:
+        raise SPMError(f"the concept's content tokens {start}..{stop} lie outside its {embedding.shape[0]}-token encoding")
+    return embedding[start:stop]
+
+
+class TokenBank:
+    """The content-token vectors of C concepts, unit length, each concept's (k_c, D) kept in order,
+    with the empty prompt's match of each concept as the baseline."""
+
+    def __init__(self, concepts: Sequence[torch.Tensor], empty: torch.Tensor) -> None:
+        if not concepts:
+            raise SPMError("the token gate needs at least one concept")
+        widths = {vectors.shape[1] for vectors in concepts}
+        if len(widths) > 1 or empty.shape[1] not in widths:
+            raise SPMError("the concepts and the empty prompt were encoded with different text encoders "
+                           f"(widths {sorted(widths | {empty.shape[1]})})")
+        self.concepts = [F.normalize(vectors.float(), dim=-1) for vectors in concepts]
+        self.vectors = torch.cat(self.concepts)  # (T, D): every concept's tokens, one product per call
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+        self.baseline = self.match(empty[None])[0]
+        if bool((self.baseline > MAX_BASELINE).any()):
+            index = int(self.baseline.argmax())
+            raise SPMError(f"concept {index + 1}'s tokens are matched by the empty prompt as well as by themselves "
+                           "(its prompt has no words of its own?), so the token gate cannot tell prompts apart")
+
+    @property
+    def width(self) -> int:
+        return self.vectors.shape[1]
+
+    def match(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, C): for each row's conditioning (B, N, D) and each concept, the best mean cosine of the
+        concept's k tokens with k consecutive positions of the row."""
+        if rows.shape[-1] != self.width:
+            raise SPMError(f"prompt embeddings are {rows.shape[-1]} wide but the concept embeddings {self.width}: "
+                           "they were encoded with a different text encoder")
+        vectors = self._on_device.get(rows.device)
+        if vectors is None:
+            vectors = self._on_device.setdefault(rows.device, self.vectors.to(rows.device))
+        longest = max(concept.shape[0] for concept in self.concepts)
+        rows = F.pad(F.normalize(rows.float(), dim=-1), (0, 0, 0, max(0, longest - rows.shape[1])))
+        cosines = (rows @ vectors.t()).cpu()  # (B, N, T)
+        columns, offset = [], 0
+        for concept in self.concepts:
+            k = concept.shape[0]
+            windows = cosines.shape[1] - k + 1
+            # window i scores positions i..i+k-1 against the concept's tokens 0..k-1
+            aligned = torch.stack([cosines[:, j: j + windows, offset + j] for j in range(k)], dim=-1)
+            columns.append(aligned.mean(dim=-1).amax(dim=1))
+            offset += k
+        return torch.stack(columns, dim=1)
+
+    def relative(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, C) match measured from the empty prompt's (0) to a perfect match (1), clamped to [0, 1]."""
+        return ((self.match(rows) - self.baseline) / (1.0 - self.baseline)).clamp(0.0, 1.0)

@@ -1,0 +1,433 @@
+"""Membranes on Flux.1 (issue 17, first slice): a tiny Flux built from ComfyUI's own classes
+(comfy.model_base.Flux around comfy.ldm.flux.model.Flux) and Flux's own text encoders (T5 XXL and
+CLIP-L classes with the bundled tokenizers, tiny random weights).
+
+What is checked: the layers a membrane binds (txt_in and the double blocks' text stream) read text
+tokens only, batch first; gate 0 is the bare model bit for bit; gate 1 is ComfyUI's own LoRA
+patching, and our Flux file loads in the stock LoraLoader; the token gate opens for prompts holding
+the concept's words and stays shut otherwise; each row is gated by its own prompt under KSampler
+at cfg 1 and under SamplerCustomAdvanced's BasicGuider (FluxGuidance, one row per prompt, no
+negative); a UNet membrane on Flux, a Flux membrane on a UNet and a membrane of another text width
+are refused naming the file and the model, with the incoming MODEL untouched."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from membrane_helpers import modules_of, random_membrane
+from pack import load_spm, pack_module
+from tiny_models import build_flux_clip, build_flux_patcher, build_patcher
+
+from spm_core.concepts import Concept
+from spm_core.file_format import load_membrane, lora_tensors, save_membrane
+from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active
+
+DEPTH = 2  # double blocks of the tiny Flux (tiny_models.flux_config)
+UNRELATED = "a bowl of fruit on a table"
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """The tiny Flux, its text encoders, its membrane layers and a models folder (spm + loras) holding
+    a Flux membrane for "snoopy" and an SD1 membrane."""
+    import folder_paths
+
+    pack_module("nodes")  # the pack loaded the way ComfyUI loads it
+    patcher, clip = build_flux_patcher(seed=3), build_flux_clip(seed=4)
+    key_map, _ = pack_module("nodes.architectures").membrane_layers(patcher)
+    modules = modules_of(patcher, key_map)
+    folder = tmp_path_factory.mktemp("flux_models")
+    for kind in ("spm", "loras"):
+        folder_paths.add_model_folder_path(kind, str(folder), is_default=True)
+    membrane = dataclasses.replace(random_membrane(key_map, modules, seed=1, target="snoopy", std=0.3),
+                                   architecture="flux")
+    save_membrane(str(folder / "flux_snoopy.safetensors"), membrane)
+    sd1 = build_patcher("sd1", seed=2)
+    sd1_map, _ = pack_module("nodes.architectures").membrane_layers(sd1)
+    save_membrane(str(folder / "sd1_snoopy.safetensors"), random_membrane(sd1_map, modules_of(sd1, sd1_map), seed=2))
+    return {"patcher": patcher, "clip": clip, "key_map": key_map, "modules": modules, "membrane": membrane,
+            "folder": folder, "sd1": sd1}
+
+
+def flux_inputs(batch: int = 2, tokens: int = 256, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(batch, 16, 8, 8, generator=generator), "timestep": torch.full((batch,), 0.7),
+            "context": torch.randn(batch, tokens, 32, generator=generator),
+            "y": torch.randn(batch, 32, generator=generator), "guidance": torch.full((batch,), 3.5)}
+
+
+def predict(patcher, inputs: dict) -> torch.Tensor:
+    return patcher.model.diffusion_model(**inputs)
+
+
+def hooked(flux, gates, inputs, membranes=None) -> torch.Tensor:
+    membranes = membranes or [flux["membrane"]]
+    shapes = {key: (m.weight.shape[0], m.weight.shape[1], False) for key, m in flux["modules"].items()}
+    stack = MembraneStack([MembraneUse(m) for m in membranes], flux["key_map"], shapes)
+    hooks = InstalledHooks(stack)
+    hooks.install(flux["modules"])
+    try:
+        with gates_active(stack, torch.as_tensor(gates, dtype=torch.float32)):
+            return predict(flux["patcher"], inputs)
+    finally:
+        hooks.remove()
+
+
+def state_before(patcher) -> tuple:
+    return (dict(patcher.attachments), {k: dict(v) for k, v in patcher.wrappers.items()}, dict(patcher.injections),
+            dict(patcher.patches))
+
+
+# --- binding
+
+
+def test_membrane_layers_are_txt_in_and_the_double_blocks_text_stream(flux):
+    key_map = flux["key_map"]
+    expected = {"diffusion_model.txt_in"} | {f"diffusion_model.double_blocks.{i}.{layer}" for i in range(DEPTH)
+                                             for layer in ("txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")}
+    assert set(key_map.values()) == expected
+    assert key_map["lora_unet_double_blocks_1_txt_attn_qkv"] == "diffusion_model.double_blocks.1.txt_attn.qkv"
+    assert len(key_map) == len(expected), "one file name per layer: the lora_unet_ (kohya / BFL) names"
+
+
+def test_bound_layers_read_text_tokens_only_batch_first(flux):
+    """Measured: every bound Linear sees (batch, text tokens, in) and nothing else, so a per-row gate
+    applies as on a UNet and no image token passes through a membrane layer."""
+    seen: dict[str, list[tuple[int, ...]]] = {}
+    handles = [module.register_forward_hook(lambda m, args, out, key=key: seen.setdefault(key, []).append(tuple(args[0].shape)))
+               for key, module in flux["modules"].items()]
+    try:
+        predict(flux["patcher"], flux_inputs(batch=3, tokens=40))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert set(seen) == set(flux["modules"])
+    for key, shapes in seen.items():
+        assert [shape[:2] for shape in shapes] == [(3, 40)], key  # 16 image tokens never reach these layers
+
+
+# --- gate 0, gate 1, rows
+
+
+def test_gate_zero_is_bit_identical_to_the_bare_model(flux):
+    inputs = flux_inputs()
+    assert torch.equal(hooked(flux, [[0.0], [0.0]], inputs), predict(flux["patcher"], inputs))
+
+
+def test_gate_one_equals_comfyui_lora_patching_of_our_file(flux, caplog):
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+
+    path = flux["folder"] / "flux_snoopy.safetensors"
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    with caplog.at_level("WARNING"):
+        patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(flux["patcher"].model, {}))
+    assert "not loaded" not in caplog.text
+    assert len(patches) == 1 + 4 * DEPTH
+    inputs = flux_inputs()
+    lora_patcher, _ = comfy.sd.load_lora_for_models(flux["patcher"], None, lora, 1.0, 0.0)
+    lora_patcher.patch_model()
+    try:
+        merged = predict(lora_patcher, inputs)
+    finally:
+        lora_patcher.unpatch_model()
+    ours = hooked(flux, [[1.0], [1.0]], inputs, membranes=[load_membrane(str(path))])
+    assert not torch.equal(merged, predict(flux["patcher"], inputs))
+    assert (ours - merged).abs().max() <= 1e-5 * merged.abs().max()
+
+
+def test_gates_apply_per_row(flux):
+    inputs = flux_inputs(batch=3)
+    together = hooked(flux, [[1.0], [0.0], [0.5]], inputs)
+    bare = predict(flux["patcher"], inputs)
+    assert torch.equal(together[1], bare[1])
+    for row, gate in ((0, 1.0), (2, 0.5)):
+        alone = hooked(flux, [[gate]] * 3, inputs)
+        assert (together[row] - alone[row]).abs().max() <= 1e-5
+        assert (together[row] - bare[row]).abs().max() > 1e-3
+
+
+def test_our_flux_file_in_the_stock_lora_loader_equals_always_open(flux):
+    import nodes
+
+    patcher, clip = flux["patcher"], flux["clip"]
+    positive, negative = encode(clip, "snoopy"), encode(clip, "")
+    (lora_model,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, "flux_snoopy.safetensors", 1.0)
+    membrane_model = load_spm(patcher, None, "flux_snoopy.safetensors", transport="always_open")
+    by_lora, by_membrane = ksample(lora_model, positive, negative), ksample(membrane_model, positive, negative)
+    assert not torch.equal(by_lora, ksample(patcher, positive, negative))
+    assert (by_lora - by_membrane).abs().max() <= 1e-5 * by_lora.abs().max()
+
+
+# --- the token gate
+
+
+def encode(clip, text: str) -> list:
+    """CLIP Text Encode then FluxGuidance 3.5, as ComfyUI's Flux workflows condition."""
+    from comfy_extras.nodes_flux import FluxGuidance
+
+    import nodes
+
+    (conditioning,) = nodes.CLIPTextEncode().encode(clip, text)
+    return FluxGuidance.execute(conditioning, 3.5).result[0]
+
+
+def token_transport(clip, *targets: str, **settings):
+    """A tokens-mode Transport for one membrane per target, its concepts encoded with their
+    content-token positions (nodes.architectures.content_span)."""
+    transport = pack_module("spm_core.transport")
+    architectures = pack_module("nodes.architectures")
+
+    def concept(text: str):
+        tokens = clip.tokenize(text)
+        return transport.ConceptEmbedding(embedding=clip.encode_from_tokens(tokens)[0].float(),
+                                          content=architectures.content_span(clip, tokens))
+
+    empty = clip.encode_from_tokens(clip.tokenize(""))[0].float()
+    return transport.Transport([[concept(t)] for t in targets], transport.TransportMode.TOKENS, empty=empty, **settings)
+
+
+def test_content_span_is_where_the_words_sit(flux):
+    architectures = pack_module("nodes.architectures")
+    clip = flux["clip"]
+    tokens = clip.tokenize("snoopy")
+    t5 = [token[0] for token in tokens["t5xxl"][0]]
+    start, stop = architectures.content_span(clip, tokens)
+    assert start == 0 and t5[stop] == 1 and set(t5[stop + 1:]) == {0}, "T5: words first, then end (1) and padding (0)"
+    sd1_clip = __import__("tiny_models").build_clip("sd1")
+    assert architectures.content_span(sd1_clip, sd1_clip.tokenize("snoopy dog")) == (1, 3), "CLIP: after the start token"
+
+
+def test_token_gate_opens_for_the_concepts_words_and_stays_shut_otherwise(flux):
+    clip = flux["clip"]
+    transport = token_transport(clip, "snoopy", "van gogh")
+    prompts = ["snoopy", "a photo of snoopy playing in the park", "a painting by van gogh", UNRELATED, ""]
+    rows = torch.cat([clip.encode_from_tokens(clip.tokenize(p)).float() for p in prompts])
+    gates = transport.gates(rows)
+    expected = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    assert torch.equal(gates, expected), gates
+    # where the words stand does not matter (the flattened cosine compares position by position)
+    for text in ("snoopy, a red house, a red house, a red house", "a red house, a red house, a red house, snoopy"):
+        assert transport.gates(clip.encode_from_tokens(clip.tokenize(text)).float())[0, 0] == 1.0, text
+
+
+def test_the_flattened_cosine_does_not_tell_flux_prompts_apart(flux):
+    """Why Flux needs the token gate: on 256-token T5 conditioning the paper's flattened cosine is
+    dominated by padding and opens the membrane for every prompt."""
+    transport = pack_module("spm_core.transport")
+    clip = flux["clip"]
+    tokens = clip.tokenize("snoopy")
+    paper = transport.Transport([[transport.ConceptEmbedding(embedding=clip.encode_from_tokens(tokens)[0].float())]],
+                                transport.TransportMode.PAPER)
+    unrelated = clip.encode_from_tokens(clip.tokenize(UNRELATED)).float()
+    assert paper.gates(unrelated)[0, 0] > 0.9
+    assert token_transport(clip, "snoopy").gates(unrelated)[0, 0] == 0.0
+
+
+def test_token_gate_refuses_what_it_cannot_compare(flux):
+    transport = pack_module("spm_core.transport")
+    errors = pack_module("spm_core.errors")
+    clip = flux["clip"]
+    embedding = clip.encode_from_tokens(clip.tokenize("snoopy"))[0].float()
+    empty = clip.encode_from_tokens(clip.tokenize(""))[0].float()
+    with pytest.raises(errors.SPMError, match="needs the positions of each concept's content tokens"):
+        transport.Transport([[transport.ConceptEmbedding(embedding=embedding)]], transport.TransportMode.TOKENS, empty=empty)
+    with pytest.raises(errors.SPMError, match="needs the empty prompt's embedding"):
+        transport.Transport([[transport.ConceptEmbedding(embedding=embedding, content=(0, 5))]],
+                            transport.TransportMode.TOKENS)
+    with pytest.raises(errors.SPMError, match="threshold < saturation"):
+        token_transport(clip, "snoopy", token_threshold=0.9, token_saturation=0.2)
+    with pytest.raises(errors.SPMError, match="prompt embeddings are 48 wide but the concept embeddings 32"):
+        token_transport(clip, "snoopy").gates(torch.randn(1, 256, 48))
+    with pytest.raises(errors.SPMError, match="has no words"):
+        pack_module("nodes.architectures").content_span(clip, clip.tokenize(""))
+
+
+# --- per-row gates under Flux's guiders
+
+
+class CallSpy:
+    """A DIFFUSION_MODEL wrapper recording, per model call, the gates the stack applies, the output
+    and the same call with every gate closed."""
+
+    def __init__(self, stack):
+        self.stack, self.calls = stack, []
+        self.stack_module = pack_module("spm_core.stack")
+
+    def __call__(self, executor, *args, **kwargs):
+        gates = self.stack_module.current_row_gates(self.stack)
+        out = executor(*args, **kwargs)
+        with self.stack_module.gates_active(self.stack, torch.zeros(1, self.stack.membrane_count)):
+            bare = executor(*args, **kwargs)
+        self.calls.append({"gates": None if gates is None else gates.clone(), "out": out.clone(), "bare": bare.clone()})
+        return out
+
+
+def gated_model(flux, spy_key: str = "test_flux_spy"):
+    from comfy.patcher_extension import WrappersMP
+
+    runtime = pack_module("nodes.runtime")
+    entry = runtime.MembraneEntry(membrane=pack_module("spm_core.file_format").load_membrane(
+        str(flux["folder"] / "flux_snoopy.safetensors")), strength=1.0, transport=token_transport(flux["clip"], "snoopy"))
+    model = runtime.with_membrane(flux["patcher"], entry)
+    spy = CallSpy(model.get_attachment(runtime.KEY).stack)
+    model = model.clone()
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, spy_key, spy)
+    return model, spy
+
+
+def ksample(model, positive, negative, cfg: float = 1.0, steps: int = 2) -> torch.Tensor:
+    import nodes
+
+    (latent,) = nodes.EmptyLatentImage().generate(64, 64, 1)
+    (out,) = nodes.KSampler().sample(model, 5, steps, cfg, "euler", "simple", positive, negative, latent)
+    return out["samples"]
+
+
+def basic_guider_sample(model, conditioning, steps: int = 2) -> torch.Tensor:
+    """SamplerCustomAdvanced with BasicGuider (one cond, no CFG), as ComfyUI's Flux template samples."""
+    from comfy_extras.nodes_custom_sampler import BasicGuider, BasicScheduler, KSamplerSelect, RandomNoise, SamplerCustomAdvanced
+
+    import nodes
+
+    guider = BasicGuider.execute(model, conditioning).result[0]
+    sampler = KSamplerSelect.execute("euler").result[0]
+    sigmas = BasicScheduler.execute(model, "simple", steps, 1.0).result[0]
+    noise = RandomNoise.execute(5).result[0]
+    (latent,) = nodes.EmptyLatentImage().generate(64, 64, 1)
+    return SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent).result[0]["samples"]
+
+
+def assert_rows_gated_by_their_own_prompt(spy) -> None:
+    assert spy.calls, "the sampler never called the model"
+    for call in spy.calls:
+        gates = call["gates"]
+        assert gates is not None and gates.shape[0] == 2, "two prompts, one row each, in one batch (cfg 1: no negative)"
+        assert sorted(gates[:, 0].tolist()) == [0.0, 1.0]
+        for row in range(2):
+            if gates[row, 0] == 0.0:
+                assert torch.equal(call["out"][row], call["bare"][row]), "a closed row must equal the bare model exactly"
+            else:
+                assert not torch.equal(call["out"][row], call["bare"][row])
+
+
+def test_rows_are_gated_by_their_own_prompt_under_ksampler_at_cfg_1(flux):
+    import nodes
+
+    clip = flux["clip"]
+    model, spy = gated_model(flux)
+    (positive,) = nodes.ConditioningCombine().combine(encode(clip, "a photo of snoopy"), encode(clip, UNRELATED))
+    ksample(model, positive, encode(clip, ""))
+    assert_rows_gated_by_their_own_prompt(spy)
+
+
+def test_rows_are_gated_by_their_own_prompt_under_basic_guider(flux):
+    import nodes
+
+    clip = flux["clip"]
+    model, spy = gated_model(flux)
+    (positive,) = nodes.ConditioningCombine().combine(encode(clip, UNRELATED), encode(clip, "snoopy in the snow"))
+    basic_guider_sample(model, positive)
+    assert_rows_gated_by_their_own_prompt(spy)
+
+
+def test_an_unrelated_prompt_samples_exactly_as_the_bare_model(flux):
+    clip = flux["clip"]
+    model, _ = gated_model(flux)
+    unrelated = encode(clip, UNRELATED)
+    assert torch.equal(basic_guider_sample(model, unrelated), basic_guider_sample(flux["patcher"], unrelated))
+    snoopy = encode(clip, "snoopy")
+    assert not torch.equal(basic_guider_sample(model, snoopy), basic_guider_sample(flux["patcher"], snoopy))
+
+
+# --- refusals
+
+
+def test_a_unet_membrane_on_flux_and_a_flux_membrane_on_a_unet_are_refused(flux):
+    errors = pack_module("spm_core.errors")
+    for model, name in ((flux["patcher"], "sd1_snoopy.safetensors"), (flux["sd1"], "flux_snoopy.safetensors")):
+        before = state_before(model)
+        with pytest.raises(errors.SPMModelMismatch) as caught:
+            load_spm(model, None, name, transport="always_open")
+        assert name in str(caught.value), str(caught.value)
+        assert state_before(model) == before
+
+
+def test_fit_check_names_the_file_and_the_model(flux):
+    architectures = pack_module("nodes.architectures")
+    errors = pack_module("spm_core.errors")
+    file_format = pack_module("spm_core.file_format")
+    folder = flux["folder"]
+    flux_membrane = file_format.load_membrane(str(folder / "flux_snoopy.safetensors"))
+    sd1_membrane = file_format.load_membrane(str(folder / "sd1_snoopy.safetensors"))
+    with pytest.raises(errors.SPMModelMismatch, match=r"sd1_snoopy.safetensors is a Stable Diffusion UNet membrane "
+                                                      r"\(sd1\) and the model is Flux, a Flux"):
+        architectures.check_membrane_fits(flux["patcher"], sd1_membrane)
+    with pytest.raises(errors.SPMModelMismatch, match=r"flux_snoopy.safetensors is a Flux membrane \(flux\) and the "
+                                                      r"model is SD15"):
+        architectures.check_membrane_fits(flux["sd1"], flux_membrane)
+    wide = build_flux_patcher(seed=5, text_width=48)  # a Flux reading 48-wide text
+    with pytest.raises(errors.SPMModelMismatch, match=r"flux_snoopy.safetensors reads 32-wide text \(its txt_in layer\) "
+                                                      r"but Flux reads 48-wide text"):
+        architectures.check_membrane_fits(wide, flux_membrane)
+    with pytest.raises(errors.SPMModelMismatch, match=r"flux_snoopy.safetensors: the text encoder gives 32-wide "
+                                                      r"embeddings but Flux reads 48-wide text"):
+        architectures.check_membrane_fits(wide, dataclasses.replace(flux_membrane, layers={
+            k: v for k, v in flux_membrane.layers.items() if k != "lora_unet_txt_in"}), text_width=32)
+    architectures.check_membrane_fits(flux["patcher"], flux_membrane, text_width=32)  # the right pair passes
+
+
+def test_a_membrane_of_another_text_width_is_refused_on_load(flux):
+    errors = pack_module("spm_core.errors")
+    wide = build_flux_patcher(seed=5, text_width=48)
+    before = state_before(wide)
+    with pytest.raises(errors.SPMModelMismatch) as caught:
+        load_spm(wide, None, "flux_snoopy.safetensors", transport="always_open")
+    assert "flux_snoopy.safetensors" in str(caught.value) and "does not fit" in str(caught.value)
+    assert state_before(wide) == before
+
+
+def test_a_flux_lora_of_single_blocks_is_refused_with_the_reason(flux, tmp_path):
+    from safetensors.torch import save_file
+
+    errors = pack_module("spm_core.errors")
+    path = tmp_path / "single.safetensors"
+    save_file({"lora_unet_single_blocks_0_linear1.lora_down.weight": torch.zeros(1, 32),
+               "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.zeros(224, 1),
+               "lora_unet_txt_in.lora_down.weight": torch.zeros(1, 32),
+               "lora_unet_txt_in.lora_up.weight": torch.zeros(32, 1)}, str(path))
+    with pytest.raises(errors.SPMFileError, match="single.safetensors: not an SPM membrane: it adapts Flux layers that "
+                                                  "membranes do not use: single blocks"):
+        pack_module("spm_core.file_format").load_membrane(str(path))
+
+
+def test_a_kohya_style_flux_file_loads_as_a_flux_membrane(flux, tmp_path):
+    """The public SPM metadata only (`prompts`) on kohya Flux LoRA keys: the architecture comes from
+    the layer names."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "kohya_style.safetensors"
+    save_file(lora_tensors(flux["membrane"]), str(path), metadata={"prompts": "snoopy"})
+    loaded = load_membrane(str(path))
+    assert loaded.architecture == "flux" and loaded.concepts == (Concept("snoopy"),)
+    assert set(loaded.layers) == set(flux["key_map"])
+    assert all(torch.equal(loaded.layers[k].up, flux["membrane"].layers[k].up) for k in loaded.layers)
+
+
+def test_a_model_that_takes_no_membranes_is_named(flux):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    errors = pack_module("spm_core.errors")
+    config = {"image_model": "flux2", "in_channels": 16, "out_channels": 16, "vec_in_dim": None, "context_in_dim": 32,
+              "hidden_size": 32, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+              "axes_dim": [4, 4, 4, 4], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
+              "global_modulation": True, "mlp_silu_act": True, "ops_bias": False}
+    flux2 = comfy.model_patcher.ModelPatcher(comfy.supported_models.Flux2(config).get_model({}),
+                                             load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    with pytest.raises(errors.SPMModelMismatch, match=r"Flux2 \(Flux2\) takes no membranes"):
+        pack_module("nodes.architectures").membrane_layers(flux2)
