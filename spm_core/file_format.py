@@ -47,6 +47,23 @@ ORIGINAL_UNET_LAYER = re.compile(r"^lora_unet_(?:input_blocks_\d+_1|middle_block
 # so that a file adapting them is refused with the reason.
 FLUX_LAYER = re.compile(r"^lora_unet_(?:txt_in|double_blocks_\d+_txt_(?:attn_qkv|attn_proj|mlp_0|mlp_2))$")
 FLUX_OTHER_LAYER = re.compile(r"^lora_unet_(?:single_blocks_\d+_\w+|double_blocks_\d+_(?:img_\w+|txt_mod_lin))$")
+# Public layouts of the same Flux layers, read into the names above: the original (BFL) module paths
+# with dots (`diffusion_model.double_blocks.0.txt_attn.qkv`) and diffusers / PEFT paths
+# (`transformer.transformer_blocks.0.attn.add_q_proj`; OneTrainer writes `lora_transformer_<path, _>`),
+# with lora_down/lora_up or PEFT's lora_A/lora_B tensors. Diffusers splits the text stream's qkv into
+# add_q/k/v_proj: those are joined into one qkv layer (ranks concatenated, each part's alpha / rank
+# folded into its rows of up), which is exactly their sum. The correspondences are ComfyUI's
+# (comfy.utils.flux_to_diffusers); tests/test_flux.py checks them against ComfyUI's LoRA loading.
+PAIRS = ((DOWN, UP), (".lora_A.weight", ".lora_B.weight"))
+SUFFIXES = (*(suffix for pair in PAIRS for suffix in pair), ALPHA)
+_LAYOUT_PREFIXES = ("transformer.", "base_model.model.", "diffusion_model.", "lora_transformer_")
+_DIFFUSERS_FLUX_LAYER = (
+    (re.compile(r"^context_embedder$"), "txt_in"),
+    (re.compile(r"^transformer_blocks_(\d+)_attn_add_([qkv])_proj$"), "double_blocks_{}_txt_attn_qkv"),
+    (re.compile(r"^transformer_blocks_(\d+)_attn_to_add_out$"), "double_blocks_{}_txt_attn_proj"),
+    (re.compile(r"^transformer_blocks_(\d+)_ff_context_net_0_proj$"), "double_blocks_{}_txt_mlp_0"),
+    (re.compile(r"^transformer_blocks_(\d+)_ff_context_net_2$"), "double_blocks_{}_txt_mlp_2"),
+)
 
 
 MAX_WEIGHT_SCALE = 1e4  # bound on |up| x |down| x alpha / rank: real adapters stay below ~10
@@ -54,6 +71,29 @@ MAX_WEIGHT_SCALE = 1e4  # bound on |up| x |down| x alpha / rank: real adapters s
 
 def is_membrane_layer(name: str) -> bool:
     return bool(DIFFUSERS_LAYER.match(name) or ORIGINAL_UNET_LAYER.match(name) or FLUX_LAYER.match(name))
+
+
+def layer_name(stem: str) -> tuple[str, int | None] | None:
+    """The membrane layer a file's layer name (its keys without the tensor suffix) adapts, in the
+    names above, and for a diffusers split of Flux's qkv which third it is (0 q, 1 k, 2 v); None
+    when it names no membrane layer."""
+    if is_membrane_layer(stem):
+        return stem, None
+    flat = _flat_path(stem)
+    if FLUX_LAYER.match(PREFIX + flat):
+        return PREFIX + flat, None
+    for pattern, template in _DIFFUSERS_FLUX_LAYER:
+        match = pattern.match(flat)
+        if match:
+            part = match.group(2) if pattern.groups > 1 else None
+            return PREFIX + template.format(match.group(1) if pattern.groups else ""), None if part is None else "qkv".index(part)
+    return None
+
+
+def _flat_path(stem: str) -> str:
+    """A layer path without its layout's prefix, `.` -> `_`."""
+    prefix = next((p for p in _LAYOUT_PREFIXES if stem.startswith(p)), "")
+    return stem[len(prefix):].replace(".", "_")
 
 
 def module_key_map(module_names: Iterable[str]) -> dict[str, str]:
@@ -69,9 +109,10 @@ def load_membrane(path: str) -> Membrane:
     path = os.fspath(path)
     _check_path(path)
     tensors, metadata = _read_safetensors(path)
-    layers = _layers_from_tensors(path, tensors)
+    file_layers = _layers_from_tensors(path, tensors)
     concepts = _concepts_from_metadata(path, metadata)
-    _check_metadata_agrees(path, metadata, layers)
+    _check_metadata_agrees(path, metadata, {stem: layer for stem, (_, _, layer) in file_layers.items()})
+    layers = _joined_layers(path, file_layers)
     architecture = _architecture(path, metadata, layers)
     extra = {"source": os.path.basename(path), "spm_format": metadata.get("spm_format")}
     for key in ("base_model", "training"):
@@ -143,20 +184,22 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-def _layers_from_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, LayerWeights]:
-    names: set[str] = set()
+def _layers_from_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, int | None, LayerWeights]]:
+    """file layer name -> (membrane layer name, qkv part or None, its weights)."""
+    names: dict[str, tuple[str, int | None]] = {}
     foreign: list[str] = []
     for key in tensors:
-        for suffix in (DOWN, UP, ALPHA):
-            if key.endswith(suffix) and is_membrane_layer(key[: -len(suffix)]):
-                names.add(key[: -len(suffix)])
+        for suffix in SUFFIXES:
+            layer = layer_name(key[: -len(suffix)]) if key.endswith(suffix) else None
+            if layer is not None:
+                names[key[: -len(suffix)]] = layer
                 break
         else:
             foreign.append(key)
     if foreign:
         if any(k.startswith("lora_te") for k in foreign):
             hint = "it also adapts the text encoder"
-        elif any(FLUX_OTHER_LAYER.match(k.split(".")[0]) for k in foreign):
+        elif any(_other_flux_layer(k) for k in foreign):
             hint = ("it adapts Flux layers that membranes do not use: single blocks (one layer over text and image "
                     "tokens together) or the image stream; a Flux membrane adapts txt_in and the text stream of the "
                     "double blocks")
@@ -169,13 +212,45 @@ def _layers_from_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict[st
                                  "Load it with ComfyUI's LoraLoader instead.")
     if not names:
         raise SPMFileError(path, "no membrane layers found")
-    return {name: _layer(path, name, tensors) for name in sorted(names)}
+    return {stem: (*names[stem], _layer(path, stem, tensors)) for stem in sorted(names)}
+
+
+def _other_flux_layer(key: str) -> bool:
+    """Whether a tensor key belongs to a Flux layer membranes do not use (single blocks, image stream)."""
+    flat = _flat_path(next((key[: -len(s)] for s in SUFFIXES if key.endswith(s)), key))
+    return bool(FLUX_OTHER_LAYER.match(flat if flat.startswith(PREFIX) else PREFIX + flat)
+                or re.match(r"^single_transformer_blocks_\d+_", flat))
+
+
+def _joined_layers(path: str, file_layers: dict[str, tuple[str, int | None, LayerWeights]]) -> dict[str, LayerWeights]:
+    """Membrane layers by name: each file layer as it is, diffusers' q/k/v parts of Flux's qkv joined."""
+    grouped: dict[str, list[tuple[str, int | None, LayerWeights]]] = {}
+    for stem, (name, part, layer) in file_layers.items():
+        grouped.setdefault(name, []).append((stem, part, layer))
+    layers = {}
+    for name, parts in sorted(grouped.items()):
+        split = [part for _, part, _ in parts]
+        if None in split or len(set(split)) != len(split):
+            if len(parts) > 1:
+                raise SPMFileError(path, f"layers {' and '.join(stem for stem, _, _ in parts)} adapt the same layer {name}")
+            layers[name] = parts[0][2]
+            continue
+        width = {layer.up.shape[0] for _, _, layer in parts}
+        if len(width) > 1:
+            raise SPMFileError(path, f"the q, k and v parts of {name} are of different widths {sorted(width)}")
+        rows = width.pop()
+        ups = [torch.zeros(3 * rows, layer.rank).index_copy_(0, torch.arange(part * rows, (part + 1) * rows),
+                                                             layer.up * layer.scale) for _, part, layer in parts]
+        down = torch.cat([layer.down for _, _, layer in parts])
+        layers[name] = LayerWeights(down=down, up=torch.cat(ups, dim=1), alpha=float(down.shape[0]))
+    return layers
 
 
 def _layer(path: str, name: str, tensors: dict[str, torch.Tensor]) -> LayerWeights:
-    down, up = tensors.get(name + DOWN), tensors.get(name + UP)
+    down_suffix, up_suffix = next((pair for pair in PAIRS if name + pair[0] in tensors or name + pair[1] in tensors), PAIRS[0])
+    down, up = tensors.get(name + down_suffix), tensors.get(name + up_suffix)
     if down is None or up is None:
-        missing = DOWN if down is None else UP
+        missing = down_suffix if down is None else up_suffix
         raise SPMFileError(path, f"layer {name} has no {missing.lstrip('.')} tensor")
     conv = down.ndim == 4
     if conv != (up.ndim == 4) or down.ndim not in (2, 4):

@@ -58,6 +58,15 @@ def flux_inputs(batch: int = 2, tokens: int = 256, seed: int = 0) -> dict:
             "y": torch.randn(batch, 32, generator=generator), "guidance": torch.full((batch,), 3.5)}
 
 
+@pytest.fixture(autouse=True)
+def _models_unloaded():
+    """Each test starts from the models' own weights: a sampling test leaves its (possibly LoRA-patched)
+    clone loaded, and ComfyUI patches the shared weights in place until it unloads it."""
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+
+
 def predict(patcher, inputs: dict) -> torch.Tensor:
     return patcher.model.diffusion_model(**inputs)
 
@@ -125,7 +134,7 @@ def test_gate_one_equals_comfyui_lora_patching_of_our_file(flux, caplog):
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
     with caplog.at_level("WARNING"):
         patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(flux["patcher"].model, {}))
-    assert "not loaded" not in caplog.text
+    assert "not loaded" not in caplog.text.lower()
     assert len(patches) == 1 + 4 * DEPTH
     inputs = flux_inputs()
     lora_patcher, _ = comfy.sd.load_lora_for_models(flux["patcher"], None, lora, 1.0, 0.0)
@@ -160,6 +169,87 @@ def test_our_flux_file_in_the_stock_lora_loader_equals_always_open(flux):
     by_lora, by_membrane = ksample(lora_model, positive, negative), ksample(membrane_model, positive, negative)
     assert not torch.equal(by_lora, ksample(patcher, positive, negative))
     assert (by_lora - by_membrane).abs().max() <= 1e-5 * by_lora.abs().max()
+
+
+# Public Flux LoRA layouts of the text stream: (txt_in, per double block q, k, v (diffusers splits
+# qkv), proj, mlp.0, mlp.2) -> layer path, the down/up suffixes, and whether alpha tensors are written.
+PUBLIC_LAYOUTS = {
+    "diffusers": (lambda i, kind: "transformer." + DIFFUSERS_PATHS[kind].format(i), (".lora_A.weight", ".lora_B.weight"), False),
+    "onetrainer": (lambda i, kind: "lora_transformer_" + DIFFUSERS_PATHS[kind].format(i).replace(".", "_"),
+                   (".lora_down.weight", ".lora_up.weight"), True),
+    "bfl": (lambda i, kind: "diffusion_model." + BFL_PATHS[kind].format(i), (".lora_A.weight", ".lora_B.weight"), False),
+}
+DIFFUSERS_PATHS = {"txt_in": "context_embedder", "q": "transformer_blocks.{}.attn.add_q_proj",
+                   "k": "transformer_blocks.{}.attn.add_k_proj", "v": "transformer_blocks.{}.attn.add_v_proj",
+                   "proj": "transformer_blocks.{}.attn.to_add_out", "mlp0": "transformer_blocks.{}.ff_context.net.0.proj",
+                   "mlp2": "transformer_blocks.{}.ff_context.net.2"}
+BFL_PATHS = {"txt_in": "txt_in", "qkv": "double_blocks.{}.txt_attn.qkv", "proj": "double_blocks.{}.txt_attn.proj",
+             "mlp0": "double_blocks.{}.txt_mlp.0", "mlp2": "double_blocks.{}.txt_mlp.2"}
+SHAPES = {"txt_in": (32, 32), "q": (32, 32), "k": (32, 32), "v": (32, 32), "qkv": (96, 32), "proj": (32, 32),
+          "mlp0": (64, 32), "mlp2": (32, 64)}
+
+
+def public_layout_file(path, layout: str) -> None:
+    """An erasure LoRA of the tiny Flux's text stream as another trainer writes it: block 0 gets q and
+    k only (EraseAnything's choice), block 1 q, k and v at ranks 2, 1, 1; alphas (OneTrainer) of 1."""
+    from safetensors.torch import save_file
+
+    name_of, (down_suffix, up_suffix), alphas = PUBLIC_LAYOUTS[layout]
+    split = layout != "bfl"
+    generator = torch.Generator().manual_seed(7)
+    tensors = {}
+    layers = [(None, "txt_in")] + [(i, kind) for i in range(DEPTH) for kind in
+                                   ((("q", "k") if i == 0 else ("q", "k", "v")) if split else ("qkv",)) + ("proj", "mlp0", "mlp2")]
+    for block, kind in layers:
+        rank = 2 if (block, kind) == (1, "q") else 1
+        out_features, in_features = SHAPES[kind]
+        name = name_of(block, kind)
+        tensors[name + down_suffix] = torch.randn(rank, in_features, generator=generator) * 0.3
+        tensors[name + up_suffix] = torch.randn(out_features, rank, generator=generator) * 0.3
+        if alphas:
+            tensors[name + ".alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path), metadata={"prompts": "snoopy"})
+
+
+@pytest.mark.parametrize("layout", sorted(PUBLIC_LAYOUTS))
+def test_public_flux_layouts_load_and_equal_comfyui_lora_patching(flux, layout, tmp_path, caplog):
+    """A Flux erasure LoRA in the diffusers (PEFT), OneTrainer or original BFL layout loads as a
+    membrane on the kohya names (diffusers' q/k/v parts joined into qkv), and at gate 1 equals
+    ComfyUI's own loading and patching of the same file: the name correspondences are ComfyUI's."""
+    import comfy.sd
+    import comfy.utils
+
+    path = tmp_path / f"{layout}.safetensors"
+    public_layout_file(path, layout)
+    membrane = load_membrane(str(path))
+    assert membrane.architecture == "flux"
+    assert set(membrane.layers) == set(flux["key_map"])
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    with caplog.at_level("WARNING"):
+        lora_patcher, _ = comfy.sd.load_lora_for_models(flux["patcher"], None, lora, 1.0, 0.0)
+    assert "not loaded" not in caplog.text.lower(), "ComfyUI reads every key of the file"
+    inputs = flux_inputs()
+    lora_patcher.patch_model()
+    try:
+        merged = predict(lora_patcher, inputs)
+    finally:
+        lora_patcher.unpatch_model()
+    ours = hooked(flux, [[1.0], [1.0]], inputs, membranes=[membrane])
+    assert not torch.equal(merged, predict(flux["patcher"], inputs))
+    assert (ours - merged).abs().max() <= 1e-5 * merged.abs().max()
+
+
+def test_two_layouts_of_one_layer_in_one_file_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    errors = pack_module("spm_core.errors")
+    path = tmp_path / "twice.safetensors"
+    save_file({"lora_unet_txt_in.lora_down.weight": torch.zeros(1, 32), "lora_unet_txt_in.lora_up.weight": torch.zeros(32, 1),
+               "transformer.context_embedder.lora_A.weight": torch.zeros(1, 32),
+               "transformer.context_embedder.lora_B.weight": torch.zeros(32, 1)}, str(path))
+    with pytest.raises(errors.SPMFileError, match="twice.safetensors: layers lora_unet_txt_in and "
+                                                  "transformer.context_embedder adapt the same layer lora_unet_txt_in"):
+        pack_module("spm_core.file_format").load_membrane(str(path))
 
 
 # --- the token gate
@@ -402,6 +492,12 @@ def test_a_flux_lora_of_single_blocks_is_refused_with_the_reason(flux, tmp_path)
     with pytest.raises(errors.SPMFileError, match="single.safetensors: not an SPM membrane: it adapts Flux layers that "
                                                   "membranes do not use: single blocks"):
         pack_module("spm_core.file_format").load_membrane(str(path))
+    save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1, 32),
+               "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 1),
+               "transformer.context_embedder.lora_A.weight": torch.zeros(1, 32),
+               "transformer.context_embedder.lora_B.weight": torch.zeros(32, 1)}, str(path))
+    with pytest.raises(errors.SPMFileError, match="it adapts Flux layers that membranes do not use: single blocks"):
+        pack_module("spm_core.file_format").load_membrane(str(path))
 
 
 def test_a_kohya_style_flux_file_loads_as_a_flux_membrane(flux, tmp_path):
@@ -431,3 +527,26 @@ def test_a_model_that_takes_no_membranes_is_named(flux):
                                              load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     with pytest.raises(errors.SPMModelMismatch, match=r"Flux2 \(Flux2\) takes no membranes"):
         pack_module("nodes.architectures").membrane_layers(flux2)
+
+
+def test_full_size_flux_dev_layout(flux):
+    """Flux.1-dev as ComfyUI's model detection configures it (meta device): 77 membrane layers of the
+    expected shapes; a rank-1 membrane on them has 941,056 parameters (3.8 MB in fp32)."""
+    import types
+
+    import comfy.supported_models
+
+    config = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+              "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+              "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+    model = comfy.supported_models.Flux(config).get_model({}, device="meta")
+    key_map, shapes = pack_module("nodes.architectures").membrane_layers(types.SimpleNamespace(model=model))
+    assert len(key_map) == 1 + 4 * 19
+    expected = {"txt_attn.qkv": (9216, 3072), "txt_attn.proj": (3072, 3072), "txt_mlp.0": (12288, 3072),
+                "txt_mlp.2": (3072, 12288)}
+    for name, key in key_map.items():
+        out_features, in_features, conv = shapes[key]
+        assert not conv
+        wanted = (3072, 4096) if name == "lora_unet_txt_in" else expected[key.split(".", 3)[3]]
+        assert (out_features, in_features) == wanted, key
+    assert sum(out_features + in_features for out_features, in_features, _ in shapes.values()) == 941_056
