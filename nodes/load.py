@@ -10,7 +10,8 @@ from ..spm_core.ramp import Ramp
 from ..spm_core.transport import Transport, TransportMode
 from . import paths
 from .encode import encode_concept, encode_with_tokens
-from .runtime import POSITIVE_ONLY, ROWS_CHOICES, MembraneEntry, with_membrane
+from .gating import MAX_STRENGTH, MembraneEntry, Rows
+from .runtime import with_membrane
 
 TRANSPORT_MODES = [mode.value for mode in TransportMode]
 
@@ -32,7 +33,7 @@ class LoadSPM(io.ComfyNode):
                                       "membrane's concepts for the gate; not needed with transport always_open."),
                 io.Combo.Input("membrane", options=paths.membrane_choices(),
                                tooltip="Membrane file from models/spm (or an SPM file in models/loras)."),
-                io.Float.Input("strength", default=1.0, min=-100.0, max=100.0, step=0.05,
+                io.Float.Input("strength", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.05,
                                tooltip="How strongly the membrane acts on the positive rows when fully open. 1 = as "
                                        "trained, 0 = off, negative values push toward the concept; the further from 1, "
                                        "the further from what the membrane was trained for."),
@@ -45,7 +46,7 @@ class LoadSPM(io.ComfyNode):
                                        "official_code: what the official SPM scripts do (paper gate, squared, one gate "
                                        "for the whole batch, a chain merged into one adapter), to reproduce them; "
                                        "always_open: gate 1 everywhere, like a plain LoRA."),
-                io.Combo.Input("rows", options=list(ROWS_CHOICES), default=POSITIVE_ONLY,
+                io.Combo.Input("rows", options=[r.value for r in Rows], default=Rows.POSITIVE_ONLY.value,
                                tooltip="Which CFG rows the membrane acts on: the positive prompt's (the paper), the "
                                        "negative prompt's, or both. Negative rows are gated by the negative prompt's own "
                                        "similarity to the concept, at negative_strength."),
@@ -58,7 +59,7 @@ class LoadSPM(io.ComfyNode):
                                        "formula alone; 1 = always fully open). For concepts that must never pass: a "
                                        "paraphrase or an optimised prompt that fools the gate still meets this much "
                                        "of the membrane."),
-                io.Float.Input("negative_strength", default=1.0, min=-100.0, max=100.0, step=0.05,
+                io.Float.Input("negative_strength", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.05,
                                tooltip="Strength on the negative rows, when rows include them (official_code: strength "
                                        "everywhere)."),
                 io.Combo.Input("ramp", options=[ramp.value for ramp in Ramp], default=Ramp.CONSTANT.value,
@@ -97,7 +98,7 @@ class LoadSPM(io.ComfyNode):
         except SPMError as error:
             raise SPMError(f"{membrane}: {error}") from None
         entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=transport_rate,
-                              rows=rows, start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id,
+                              rows=Rows.named(rows), start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id,
                               negative_strength=float(negative_strength), ramp=Ramp.named(ramp))
         patched = with_membrane(model, entry)
         return io.NodeOutput(patched, ui={"spm_membrane": [{

@@ -18,8 +18,10 @@ from ..spm_core.training import StepReport, TrainingConfig
 from ..spm_core.transport import Transport, TransportMode
 from . import paths
 from .encode import encode_concept
+from .frontend import send_progress_text
+from .gating import MembraneEntry
 from .inspect import image_tensor
-from .runtime import MembraneEntry, with_membrane
+from .runtime import with_membrane
 from .training import TrainingRequest, parse_lines, train
 
 CONTEXTS = TrainingConfig.contexts  # the default, written once on the config
@@ -190,14 +192,9 @@ def summary(path: str, training: dict, last_loss: float, config: TrainingConfig)
 
 
 def _show_eta(node_id, done: int, total: int, started: float, loss: float, erasure: float | None) -> None:
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    server = getattr(PromptServer, "instance", None)
-    if server is None or node_id is None or (done % max(1, total // 100) and done != total):
+    if node_id is None or (done % max(1, total // 100) and done != total):
         return
     elapsed = time.monotonic() - started
     remaining = elapsed / done * (total - done)
     level = "" if erasure is None else f"  erasure {erasure:.2f}"
-    server.send_progress_text(f"{done}/{total}  loss {loss:.4g}{level}  ETA {remaining:.0f}s", node_id)
+    send_progress_text(f"{done}/{total}  loss {loss:.4g}{level}  ETA {remaining:.0f}s", node_id)

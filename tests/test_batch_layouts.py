@@ -96,12 +96,14 @@ def test_each_batch_item_is_gated_by_its_own_prompt(spm_world, transport, order)
 
 
 def test_the_latent_pre_pass_never_runs_more_rows_than_sampling(spm_world):
-    """Three latent membranes ask the bare model about 1 + 3 prompts; sampling runs 2 rows per call.
-    The pre-pass splits its rows into calls no larger than the sampling call ComfyUI sized for memory."""
+    """Two latent membranes (and a calibrated one between them) ask the bare model about 1 + 2 prompts;
+    sampling runs 2 rows per call. The pre-pass splits its rows into calls no larger than the sampling
+    call ComfyUI sized for memory."""
     patcher, clip, _ = spm_world
     model = patcher
-    for index, membrane in enumerate(("snoopy.safetensors", "mickey_mouse.safetensors", "van_gogh.safetensors")):
-        model = load_spm(model, clip, membrane, transport="latent", uid=str(index + 1))
+    for index, (membrane, transport) in enumerate((("snoopy.safetensors", "latent"), ("mickey_mouse.safetensors", "calibrated"),
+                                                   ("van_gogh.safetensors", "latent"))):
+        model = load_spm(model, clip, membrane, transport=transport, uid=str(index + 1))
     rows_per_call = []
     original = model.model.diffusion_model._forward
 

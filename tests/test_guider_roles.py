@@ -150,11 +150,14 @@ def test_official_code_gates_the_whole_batch_by_the_positive_prompt(spm_world):
 
 
 def test_official_code_cannot_be_mixed_with_other_transports_in_a_chain(spm_world):
+    """The refusal names each node of the chain with its transport, so the user knows which to change."""
     patcher, clip, _ = spm_world
     errors = pack_module("spm_core.errors")
-    official = load_spm(patcher, clip, "snoopy.safetensors", transport="official_code")
-    with pytest.raises(errors.SPMError, match="on every SPM Load Membrane of the chain"):
-        load_spm(official, clip, "snoopy.safetensors", transport="paper", uid="2")
+    official = load_spm(patcher, clip, "snoopy.safetensors", transport="official_code", uid="7")
+    with pytest.raises(errors.SPMError, match="on every SPM Load Membrane of the chain") as caught:
+        load_spm(official, clip, "mickey_mouse.safetensors", transport="paper", uid="12")
+    assert "node 7: snoopy (official_code)" in str(caught.value)
+    assert "node 12: mickey_mouse (paper)" in str(caught.value)
 
 
 def test_official_code_refuses_rows_that_would_never_act(spm_world):

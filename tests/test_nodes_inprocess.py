@@ -108,7 +108,7 @@ def test_bad_inputs_give_clear_errors_and_leave_the_model_untouched(spm_world):
         (dict(membrane="snoopy.safetensors", strength=float("nan")), errors.SPMError, "strength is nan"),
         (dict(membrane="snoopy.safetensors", start=0.8, end=0.2), errors.SPMError, "sampling range"),
         (dict(membrane="snoopy.safetensors", transport="fuzzy"), errors.SPMError, "unknown transport mode"),
-        (dict(membrane="snoopy.safetensors", rows="sideways"), errors.SPMError, "rows is 'sideways'; choose one of"),
+        (dict(membrane="snoopy.safetensors", rows="sideways"), errors.SPMError, "unknown rows 'sideways'; choose one of"),
         (dict(membrane="snoopy.safetensors", min_gate=1.5), errors.SPMError, "minimum gate must lie in [0, 1]"),
         (dict(membrane="snoopy.safetensors", negative_strength=float("inf")), errors.SPMError, "negative_strength is inf"),
         (dict(membrane="snoopy.safetensors", strength=1e9), errors.SPMError, "strength is 1000000000.0; give a number"),

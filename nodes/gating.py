@@ -1,0 +1,325 @@
+"""How a chain of membranes is gated on each row of each model call: which membranes act on a row
+(its cond's role, read from the guider, and the rows setting), how far each opens (its transport's
+gate from the row's own prompt, per batch item; for latent transport also the bare model's answer,
+measured once per cond and sampling run) and at what strength (the sampling schedule). The
+ComfyUI wiring that feeds it lives in nodes/runtime.py.
+
+Roles: a guider's "negative" and "empty_negative_prompt" conds are negative rows; every other
+named cond (positive, DualCFG's middle, ...) and any cond no guider named is a positive row, gated
+by its own conditioning.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..spm_core.choice import Choice
+from ..spm_core.errors import SPMError
+from ..spm_core.membrane import GateLaw, Membrane
+from ..spm_core.ramp import Ramp, SamplingSchedule
+from ..spm_core.stack import InstalledHooks, MembraneStack, MembraneUse
+from ..spm_core.transport import Transport, TransportMode
+from .encode import TOKENS_KEY, TOKENS_OF_KEY, embedding_fingerprint
+
+MAX_STRENGTH = 100.0  # also the SPM Load Membrane widgets' limits
+GATE_CACHE_SIZE = 512
+POSITIVE, NEGATIVE = "positive", "negative"
+NEGATIVE_COND_NAMES = frozenset({"negative", "empty_negative_prompt"})  # guider names of negative-role conds
+
+
+class Rows(Choice):
+    """Which CFG rows a membrane acts on."""
+
+    POSITIVE_ONLY = "positive only"
+    NEGATIVE_ONLY = "negative only"
+    POSITIVE_AND_NEGATIVE = "positive and negative"
+
+
+@dataclass(frozen=True)
+class MembraneEntry:
+    """One SPM Load Membrane node's contribution: a membrane and how it is gated."""
+
+    membrane: Membrane
+    strength: float
+    transport: Transport
+    rows: Rows = Rows.POSITIVE_ONLY
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    node_id: str | None = None
+    negative_strength: float | None = None  # on negative rows; None: the same as `strength`
+    ramp: Ramp = Ramp.CONSTANT
+
+    def __post_init__(self) -> None:
+        """Everything that can be wrong with an entry is refused here, before any MODEL is cloned."""
+        if not isinstance(self.rows, Rows):
+            raise SPMError(f"rows is {self.rows!r}; choose one of {', '.join(repr(r.value) for r in Rows)}")
+        for name, value in (("strength", self.strength), ("negative_strength", self.negative_strength)):
+            if value is not None and not (math.isfinite(value) and abs(value) <= MAX_STRENGTH):
+                raise SPMError(f"{name} is {value}; give a number between -{MAX_STRENGTH:g} and {MAX_STRENGTH:g} "
+                               "(1.0 = as trained, 0 = off)")
+        official = self.transport.mode is TransportMode.OFFICIAL
+        if official and self.rows is Rows.NEGATIVE_ONLY:
+            raise SPMError(f"transport 'official_code' with rows {Rows.NEGATIVE_ONLY.value!r} would never act: the official "
+                           "scripts gate every row by the positive prompt, so a membrane kept off the positive rows stays "
+                           "closed on all of them (negative_strength is not used either). Set rows to "
+                           f"{Rows.POSITIVE_ONLY.value!r} to reproduce the official scripts, or choose another transport to "
+                           "act on negative rows only")
+        if official and self.ramp is not Ramp.CONSTANT:
+            raise SPMError("transport 'official_code' reproduces the official scripts, which have one strength for the "
+                           "whole run: set ramp to 'constant'")
+        SamplingSchedule([(self.start_percent, self.end_percent, self.ramp)])  # refuses an invalid range
+
+    def acts_on(self, role: str) -> bool:
+        if self.rows is Rows.POSITIVE_AND_NEGATIVE:
+            return True
+        return self.rows is (Rows.NEGATIVE_ONLY if role == NEGATIVE else Rows.POSITIVE_ONLY)
+
+    def strength_on(self, role: str) -> float:
+        if role == NEGATIVE and self.negative_strength is not None:
+            return self.negative_strength
+        return self.strength
+
+    @property
+    def label(self) -> str:
+        return f"{self.membrane.name} ({', '.join(self.membrane.concept_labels) or 'no concepts'})"
+
+
+class Chunk(NamedTuple):
+    """What a calc_cond_batch call's chunk is: its cond's role, its text gates (items, membranes) and
+    the cond's identity (its uuid and its embedding: ComfyUI's area copies share a uuid)."""
+
+    role: str
+    gates: torch.Tensor | None
+    cond: tuple
+
+
+class MembraneState:
+    """Everything one MODEL clone needs to apply its membranes. Immutable once built: chaining
+    another membrane builds a new state for a new clone."""
+
+    def __init__(self, entries: tuple[MembraneEntry, ...], key_map: dict[str, str],
+                 shapes: dict[str, tuple[int, int, bool]]) -> None:
+        self.entries = entries
+        official = [e.transport.mode is TransportMode.OFFICIAL for e in entries]
+        if any(official) and not all(official):
+            named = ", ".join(f"node {e.node_id}: {e.membrane.name} ({e.transport.mode.value})" if e.node_id
+                              else f"{e.membrane.name} ({e.transport.mode.value})" for e in entries)
+            raise SPMError("transport 'official_code' reproduces the official code for a whole chain of membranes: "
+                           f"set it on every SPM Load Membrane of the chain, or on none (this chain: {named})")
+        self.official = all(official)
+        gate_law = GateLaw.OFFICIAL_MERGE if self.official else GateLaw.LINEAR
+        self.stack = MembraneStack([MembraneUse(e.membrane, e.strength) for e in entries], key_map, shapes, gate_law)
+        self.hooks = InstalledHooks(self.stack)
+        self._gates: OrderedDict[object, tuple[weakref.ref, torch.Tensor]] = OrderedDict()
+        self._roles: OrderedDict[object, str] = OrderedDict()
+        self._fingerprints: OrderedDict[int, tuple[weakref.ref, tuple]] = OrderedDict()
+        # per role, (membranes,): which membranes act on such rows, and at what strength
+        self._acting = {role: torch.tensor([e.acts_on(role) for e in entries], dtype=torch.float32) for role in (POSITIVE, NEGATIVE)}
+        self._strengths = {role: torch.tensor([e.strength_on(role) for e in entries], dtype=torch.float32)
+                           for role in (POSITIVE, NEGATIVE)}
+        self.schedule = SamplingSchedule([(e.start_percent, e.end_percent, e.ramp) for e in entries])
+        self._latent_entries = [i for i, e in enumerate(entries) if e.transport.reads_model]
+        # Chunk.cond -> (items, membranes), for the sampling run in progress
+        self._latent_gates: dict[tuple, torch.Tensor] = {}
+        self._official_gate: torch.Tensor | None = None  # official_code: the guider's first positive prompt's
+        self.last_gates: dict[str, list[float]] = {}
+
+    def on_model_patcher_clone(self) -> MembraneState:
+        return self  # clones of this MODEL (made by samplers or other packs) share its membranes
+
+    def modules_of(self, base_model) -> dict[str, torch.nn.Module]:
+        return {key: base_model.get_submodule(key) for key in self.stack.layers}
+
+    # --- gates
+    def gates_for(self, embedding: torch.Tensor, token_ids: frozenset[int] | None) -> torch.Tensor:
+        """(items, membranes) gates for a conditioning's items: embedding (items, N, D), each item
+        gated by itself; `token_ids` (the prompt's, when recorded) count for every item."""
+        tokens = None if token_ids is None else [token_ids] * embedding.shape[0]
+        return torch.cat([entry.transport.gates(embedding, tokens) for entry in self.entries], dim=1)
+
+    def cond_gates(self, cond: dict, tokens_by_embedding: dict) -> torch.Tensor | None:
+        """(items, membranes) gates for one cond dict, one row per prompt it carries (batch-prompt
+        nodes give one per batch item), from its own embedding and the token ids recorded for that
+        embedding, if any; cached; None when it carries no cross-attention."""
+        embedding = _embedding_of(cond)
+        if embedding is None:
+            return None
+        key = (cond.get("uuid"), id(embedding))
+        cached = self._gates.get(key)
+        if cached is None or cached[0]() is not embedding:  # a dead reference: the id was reused
+            cached = (weakref.ref(embedding), self.gates_for(embedding, tokens_by_embedding.get(self.fingerprint(embedding))))
+            self._gates[key] = cached
+            while len(self._gates) > GATE_CACHE_SIZE:
+                self._gates.popitem(last=False)
+        return cached[1]
+
+    def fingerprint(self, embedding: torch.Tensor) -> tuple:
+        """embedding_fingerprint, once per tensor: it reads values back from the device, and
+        calc_cond_batch asks for it at every step."""
+        cached = self._fingerprints.get(id(embedding))
+        if cached is None or cached[0]() is not embedding:
+            cached = (weakref.ref(embedding), embedding_fingerprint(embedding))
+            self._fingerprints[id(embedding)] = cached
+            while len(self._fingerprints) > GATE_CACHE_SIZE:
+                self._fingerprints.popitem(last=False)
+        return cached[1]
+
+    def remember_roles(self, named_conds: dict) -> None:
+        """Each cond's role from the name the guider gives it."""
+        for name, conds in named_conds.items():
+            role = NEGATIVE if name in NEGATIVE_COND_NAMES else POSITIVE
+            for cond in conds or []:
+                if cond.get("uuid") is not None:
+                    self._roles[cond["uuid"]] = role
+        while len(self._roles) > GATE_CACHE_SIZE:
+            self._roles.popitem(last=False)
+
+    @property
+    def reads_model(self) -> bool:
+        return bool(self._latent_entries)
+
+    def begin_sampling(self, named_conds: dict) -> None:
+        self.remember_roles(named_conds)
+        self._latent_gates.clear()
+        self._official_gate = self._first_positive_gate(named_conds) if self.official else None
+
+    def _first_positive_gate(self, named_conds: dict) -> torch.Tensor | None:
+        """(membranes,) text gates of the guider's first positive prompt: official_code gates every row
+        of a step by it, however ComfyUI splits the step's rows into model calls."""
+        first = next((cond for cond in named_conds.get(POSITIVE) or [] if torch.is_tensor(cond.get("cross_attn"))), None)
+        if first is None:
+            return None
+        embedding = first["cross_attn"]
+        tokens = first.get(TOKENS_KEY) if first.get(TOKENS_OF_KEY) == self.fingerprint(embedding) else None
+        return self.gates_for(embedding[:1].float().cpu(), tokens)[0]
+
+    def measure_latent_gates(self, run_bare, transformer_options: dict, rows: int, table: dict) -> None:
+        """Latent gates for every chunk's cond not yet measured in this sampling run, one per prompt
+        the cond carries. `run_bare` as in `latent_gates`, its sources being rows of the sampling
+        call (`rows` of them); `table` the calc_cond_batch call's chunk_table."""
+        uuids = transformer_options.get("uuids") or []
+        indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
+        if not self.reads_model or not uuids:
+            return
+        per_chunk = rows // len(uuids)
+        pending = {}
+        for chunk, key in enumerate(zip(indices, uuids)):
+            known = table.get(key)
+            cond = key if known is None else known.cond
+            if cond not in self._latent_gates and cond not in pending:
+                items = 1 if known is None or known.gates is None else min(known.gates.shape[0], per_chunk)
+                pending[cond] = [chunk * per_chunk + item for item in range(items)]
+        if not pending:
+            return
+        sources = [row for chunk_rows in pending.values() for row in chunk_rows]
+        gates = self.latent_gates(run_bare, None, sources)
+        for cond, chunk_rows in pending.items():
+            self._latent_gates[cond], gates = gates[: len(chunk_rows)], gates[len(chunk_rows):]
+
+    def latent_gates(self, run_bare, contexts: torch.Tensor | None, sources: list[int]) -> torch.Tensor:
+        """(P, membranes) latent gates (Transport.latent_gates) of P prompts; 0 for membranes gated by
+        text alone. `run_bare(contexts, sources, pooled)` returns the model's predictions with every
+        membrane closed for rows of conditioning `contexts` (R, N, D) (None: the sources' own) whose
+        other inputs are those of the caller's rows `sources`, with `pooled` (R, P) as their pooled
+        text vectors (None: the sources' own). The concepts and the empty prompt take the first
+        prompt's other inputs and their own pooled vectors."""
+        transport = self.entries[self._latent_entries[0]].transport
+        concept_rows = torch.cat([transport.empty[None]] + [self.entries[i].transport.concept_embeddings
+                                                             for i in self._latent_entries])
+        pooled = [transport.empty_pooled] + [self.entries[i].transport.concept_pooled for i in self._latent_entries]
+        concept_pooled = None if any(p is None for p in pooled) else torch.cat([pooled[0][None], *pooled[1:]])
+        concept_predictions = run_bare(concept_rows, [sources[0]] * concept_rows.shape[0], concept_pooled)
+        empty_prediction = concept_predictions[:1]
+        prompt_shifts = run_bare(contexts, sources, None) - empty_prediction
+        columns, offset = [], 1
+        for index, entry in enumerate(self.entries):
+            if index not in self._latent_entries:
+                columns.append(torch.zeros(len(sources)))
+                continue
+            count = entry.transport.concept_embeddings.shape[0]
+            concept_shifts = concept_predictions[offset: offset + count] - empty_prediction
+            columns.append(entry.transport.latent_gates(prompt_shifts, concept_shifts)[:, 0])
+            offset += count
+        return torch.stack(columns, dim=1)
+
+    def chunk_table(self, cond_lists) -> dict[tuple[int, object], Chunk]:
+        """A Chunk per (list index, uuid) for one calc_cond_batch call. ComfyUI's
+        "cond_or_uncond" is a chunk's list index and a list's role is its first cond's (the guider
+        named it); ComfyUI appends area copies of positive conds to the negative list *with the
+        positive's uuid*, so a uuid alone does not say which cond a chunk is."""
+        lists = [cond_list or [] for cond_list in cond_lists]
+        # those copies also keep the positive's token ids: token ids count only for the embedding
+        # they were recorded with, wherever that embedding turns up
+        tokens_by_embedding = {cond[TOKENS_OF_KEY]: cond.get(TOKENS_KEY) for conds in lists for cond in conds
+                               if TOKENS_OF_KEY in cond and _embedding_of(cond) is not None
+                               and cond[TOKENS_OF_KEY] == self.fingerprint(_embedding_of(cond))}
+        table = {}
+        for index, conds in enumerate(lists):
+            role = self._roles.get(conds[0].get("uuid"), POSITIVE) if conds else POSITIVE
+            for cond in conds:
+                embedding = _embedding_of(cond)
+                table[(index, cond.get("uuid"))] = Chunk(role, self.cond_gates(cond, tokens_by_embedding),
+                                                         (cond.get("uuid"), None if embedding is None else id(embedding)))
+        return table
+
+    def row_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor,
+                  model_sampling, table: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, membranes) gates for one batched model call, and the strengths of those rows;
+        `table` the calc_cond_batch call's chunk_table (None for calls outside one)."""
+        step_sigma = float(sigma.reshape(-1)[0])
+        in_range = self.schedule.active(step_sigma, model_sampling)
+        if transformer_options.get("uuids"):
+            gates, strengths = self._chunk_gates(context, transformer_options, in_range, table or {})
+        else:  # a call that bypassed the guider: each row gated by its own embedding, as a positive
+            gates = self.gates_for(context, None) * in_range * self._acting[POSITIVE]
+            self.last_gates[POSITIVE] = gates[-1].tolist()
+            strengths = self._strengths[POSITIVE].expand(context.shape[0], -1)
+        if self.official:
+            return gates, self.stack.strengths.expand(context.shape[0], -1)
+        if self.schedule.ramped:
+            strengths = strengths * self.schedule.factors(step_sigma, model_sampling)
+        return gates, strengths
+
+    def _chunk_gates(self, context: torch.Tensor, transformer_options: dict, in_range: torch.Tensor,
+                     table: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates and strengths of a guider's batch, each chunk by its cond's role."""
+        uuids = transformer_options["uuids"]
+        indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
+        per_chunk = context.shape[0] // len(uuids)
+        gates, strengths, roles = [], [], []
+        for chunk, key in enumerate(zip(indices, uuids)):
+            role, item_gates, cond = table.get(key) or Chunk(POSITIVE, None, key)
+            if item_gates is None:  # a path that skipped calc_cond_batch: gate from the embedding alone
+                item_gates = self.gates_for(context[chunk * per_chunk: chunk * per_chunk + 1], None)
+            gate = _per_row(item_gates, per_chunk)
+            if cond in self._latent_gates:
+                gate = torch.maximum(gate, _per_row(self._latent_gates[cond], per_chunk))
+            gate = gate * in_range * self._acting[role]
+            self.last_gates[role] = gate[0].tolist()
+            gates.append(gate)
+            strengths.append(self._strengths[role].expand(per_chunk, -1))
+            roles.append(role)
+        if self.official:  # the official code: the first positive prompt's gate for every row of the step
+            if self._official_gate is not None:
+                shared = self._official_gate * in_range * self._acting[POSITIVE]
+            else:  # sampled without a guider naming a positive prompt: the batch's first positive row
+                shared = gates[roles.index(POSITIVE) if POSITIVE in roles else 0][0]
+            gates = [shared.expand(per_chunk, -1)] * len(gates)
+            self.last_gates = {role: shared.tolist() for role in set(roles)}
+        return torch.cat(gates), torch.cat(strengths)
+
+
+def _per_row(item_gates: torch.Tensor, rows: int) -> torch.Tensor:
+    """(items, membranes) -> (rows, membranes) the way ComfyUI spreads a conditioning's items over a
+    batch (comfy.utils.repeat_to_batch_size): row r carries item r mod items."""
+    return item_gates[torch.arange(rows) % item_gates.shape[0]]
+
+
+def _embedding_of(cond: dict) -> torch.Tensor | None:
+    return getattr(cond.get("model_conds", {}).get("c_crossattn"), "cond", None)
