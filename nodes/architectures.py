@@ -14,7 +14,7 @@ from __future__ import annotations
 import comfy.lora
 import comfy.model_base
 
-from ..spm_core.errors import SPMError, SPMModelMismatch
+from ..spm_core.errors import SPMModelMismatch
 from ..spm_core.file_format import UNET_ARCHITECTURES, is_membrane_layer
 from ..spm_core.membrane import Membrane
 from ..spm_core.stack import module_shape
@@ -87,15 +87,13 @@ def check_membrane_fits(model, membrane: Membrane, text_width: int | None = None
                                f"{width}-wide text: connect the text encoder of this model")
 
 
-def content_span(clip, tokens: dict) -> tuple[int, int]:
+def content_span(clip, tokens: dict) -> tuple[int, int] | None:
     """(start, stop): where the content tokens of a one-chunk tokenized prompt sit in the text
-    encoder output a model reads. Flux reads T5's output (no start token, then an end token and
-    padding to 256); UNets read CLIP's (start token first). Textual-inversion embeddings count
-    as content."""
+    encoder output a model reads (None for a prompt without any, the empty prompt). Flux reads T5's
+    output (no start token, then an end token and padding to 256); UNets read CLIP's (start token
+    first). Textual-inversion embeddings count as content."""
     key = "t5xxl" if "t5xxl" in tokens else ("l" if "l" in tokens else next(iter(tokens)))
     tokenizer = getattr(clip.tokenizer, key if key == "t5xxl" else f"clip_{key}", None)
     special = {getattr(tokenizer, name, None) for name in ("start_token", "end_token", "pad_token")} - {None}
     positions = [i for i, token in enumerate(tokens[key][0]) if not (isinstance(token[0], int) and token[0] in special)]
-    if not positions:
-        raise SPMError("the prompt has no words for the token gate to compare")
-    return (positions[0], positions[-1] + 1)
+    return (positions[0], positions[-1] + 1) if positions else None
