@@ -180,6 +180,10 @@ class MembraneState:
         while len(self._roles) > GATE_CACHE_SIZE:
             self._roles.popitem(last=False)
 
+    def measured_latent_gates(self) -> list[torch.Tensor]:
+        """(items, membranes) latent gates of each cond measured in the current or last sampling run."""
+        return list(self._latent_gates.values())
+
     @property
     def reads_model(self) -> bool:
         return bool(self._latent_entries)

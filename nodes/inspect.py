@@ -11,18 +11,46 @@ from .encode import TOKENS_KEY
 from .runtime import state_of
 
 
-def gate_table(model, conditionings: dict[str, list]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per membrane, one column per conditioning entry."""
+def gate_table(model, conditionings: dict[str, list], latent: dict | None = None,
+               seed: int = 0) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per membrane, one column per conditioning entry. Latent transport
+    also shows what the bare model answers at the first step of sampling `latent` with `seed`;
+    without a latent such membranes are marked as showing the text gate alone."""
     state = state_of(model)
     columns, gates = [], []
     for label, conditioning in conditionings.items():
         for index, (embedding, options) in enumerate(conditioning):
             columns.append(label if len(conditioning) == 1 else f"{label}[{index}]")
-            gates.append(state.gates_for(embedding[:1].float().cpu(), options.get(TOKENS_KEY))[0])
+            gate = state.gates_for(embedding[:1].float().cpu(), options.get(TOKENS_KEY))[0]
+            if state.reads_model and latent is not None:
+                gate = torch.maximum(gate, first_step_latent_gates(model, [embedding, options], latent, seed))
+            gates.append(gate)
     header = ["membrane", "transport", *columns]
-    rows = [[entry.label, entry.transport.mode.value, *(f"{g[i].item():.3f}" for g in gates)]
+    rows = [[entry.label, _transport_label(entry, latent), *(f"{g[i].item():.3f}" for g in gates)]
             for i, entry in enumerate(state.entries)]
     return header, rows
+
+
+def _transport_label(entry, latent: dict | None) -> str:
+    if entry.transport.reads_model and latent is None:
+        return f"{entry.transport.mode.value} (text gate only: connect the latent)"
+    return entry.transport.mode.value
+
+
+def first_step_latent_gates(model, entry: list, latent: dict, seed: int) -> torch.Tensor:
+    """(membranes,) the latent gates a full-denoise run from `latent` with `seed` measures for this
+    conditioning entry: its first step, run through ComfyUI's own guider (cfg 1: the entry alone)."""
+    import comfy.sample
+    import comfy.samplers
+
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 1)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds([entry], [])
+    guider.set_cfg(1.0)
+    guider.sample(noise, samples, comfy.samplers.sampler_object("euler"), sigmas, seed=seed, disable_pbar=True)
+    return state_of(model).measured_latent_gates()[0][0]
 
 
 def as_text(header: list[str], rows: list[list[str]]) -> str:
@@ -62,6 +90,12 @@ class SPMTransportInspector(io.ComfyNode):
                 io.Model.Input("model", tooltip="A model with membranes (from SPM Load Membrane)."),
                 io.Conditioning.Input("positive", tooltip="Positive prompt conditioning."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt conditioning (optional)."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="The latent your sampler starts from (with its seed below): membranes with "
+                                        "transport latent then show the gate sampling measures at its first step, "
+                                        "not only the text gate. Costs one model step per prompt."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
+                             tooltip="The sampler's noise seed, used with the latent input."),
             ],
             outputs=[
                 io.String.Output(display_name="table", tooltip="The gate table as text."),
@@ -70,7 +104,7 @@ class SPMTransportInspector(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative=None) -> io.NodeOutput:
+    def execute(cls, model, positive, negative=None, latent=None, seed=0) -> io.NodeOutput:
         conditionings = {"positive": positive} if negative is None else {"positive": positive, "negative": negative}
-        text = as_text(*gate_table(model, conditionings))
+        text = as_text(*gate_table(model, conditionings, latent, seed))
         return io.NodeOutput(text, as_image(text), ui={"text": [text]})

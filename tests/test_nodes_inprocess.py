@@ -272,3 +272,32 @@ def test_clip_is_needed_only_by_transports_that_compare_prompts(spm_world):
     errors = pack_module("spm_core.errors")
     with pytest.raises(errors.SPMError, match="snoopy.safetensors: transport 'paper' .* needs the clip input"):
         load_spm(patcher, None, "snoopy.safetensors", transport="paper")
+
+
+def test_inspector_shows_the_latent_gate_sampling_measures(spm_world):
+    """A conditioning whose token rows are reversed draws exactly what the original draws (the UNet's
+    cross-attention does not see token order), while its text gate stays low. Given the sampler's
+    latent and seed, the Inspector shows the gate the sampler's first step then uses; without them it
+    says it shows the text gate only."""
+    from comfy.patcher_extension import WrappersMP
+    from test_guider_roles import RowSpy
+
+    import nodes
+
+    patcher, clip, _ = spm_world
+    model = load_spm(patcher, clip, "snoopy.safetensors", transport="latent")
+    (snoopy,) = nodes.CLIPTextEncode().encode(clip, "snoopy")
+    reversed_rows = [[snoopy[0][0].flip(1), {}]]
+    (latent,) = nodes.EmptyLatentImage().generate(64, 64, 1)
+    inspector = node("SPMTransportInspector")
+    text_only = inspector.execute(model, reversed_rows).result[0].splitlines()[-1]
+    measured = inspector.execute(model, reversed_rows, None, latent, 3).result[0].splitlines()[-1]
+    assert "text gate only: connect the latent" in text_only and float(text_only.split()[-1]) < 0.5
+
+    spy = RowSpy(model.get_attachment(pack_module("nodes.runtime").KEY).stack)
+    spied = model.clone()
+    spied.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "row_spy", spy)
+    nodes.KSampler().sample(spied, 3, 2, 6.0, "euler", "normal", reversed_rows, encode(clip, "a bowl of fruit"), latent)
+    gates, context = spy.calls[0]
+    row = next(r for r in range(context.shape[0]) if torch.equal(context[r], reversed_rows[0][0][0]))
+    assert float(measured.split()[-1]) == pytest.approx(gates[row, 0].item(), abs=1e-3) == 1.0
