@@ -17,7 +17,7 @@ import dataclasses
 import pytest
 import torch
 from membrane_helpers import modules_of, random_membrane
-from pack import load_spm, pack_module
+from pack import load_spm, node, pack_module
 from tiny_models import build_flux_clip, build_flux_patcher, build_patcher
 
 from spm_core.concepts import Concept
@@ -250,6 +250,27 @@ def test_two_layouts_of_one_layer_in_one_file_are_refused(tmp_path):
     with pytest.raises(errors.SPMFileError, match="twice.safetensors: layers lora_unet_txt_in and "
                                                   "transformer.context_embedder adapt the same layer lora_unet_txt_in"):
         pack_module("spm_core.file_format").load_membrane(str(path))
+
+
+def test_save_as_lora_and_merge_into_model_work_on_flux(flux, caplog):
+    """SPM Save as LoRA writes a Flux chain as one plain LoRA the stock loader reads completely, and
+    SPM Merge into Model patches it into the weights: both equal the always-open membranes."""
+    import comfy.lora
+    import comfy.utils
+
+    patcher, clip = flux["patcher"], flux["clip"]
+    positive, negative = encode(clip, "snoopy"), encode(clip, "")
+    model = load_spm(load_spm(patcher, None, "flux_snoopy.safetensors", transport="always_open", strength=0.5),
+                     None, "flux_snoopy.safetensors", transport="always_open", strength=0.25)
+    path = node("SPMSaveAsLoRA").execute(model, "flux_baked", overwrite=True).result[0]
+    lora = comfy.utils.load_torch_file(path, safe_load=True)
+    with caplog.at_level("WARNING"):
+        patches = comfy.lora.load_lora(lora, comfy.lora.model_lora_keys_unet(patcher.model, {}))
+    assert "not loaded" not in caplog.text.lower() and len(patches) == 1 + 4 * DEPTH
+    merged = node("SPMMergeIntoModel").execute(model).result[0]
+    by_hooks, by_weights = ksample(model, positive, negative), ksample(merged, positive, negative)
+    assert not torch.equal(by_hooks, ksample(patcher, positive, negative))
+    assert (by_hooks - by_weights).abs().max() <= 1e-5 * by_hooks.abs().max()
 
 
 # --- the token gate
