@@ -37,6 +37,7 @@ from .gating import MembraneEntry, MembraneState
 KEY = "spm_membranes"
 # models whose vector input `y` starts with the prompt's pooled text vector (the rest: sizes, crops)
 POOLED_FIRST_MODELS = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
+TEXT_TO_IMAGE_START = 0.99  # a first sigma at least this share of the largest: sampling starts from pure noise
 _call = threading.local()  # the chunk table of the calc_cond_batch call in progress (ComfyUI may run batches in threads)
 
 
@@ -91,10 +92,11 @@ def _bare_runner(executor, state: MembraneState, x, t, c_concat, c_crossattn, co
                  kwargs: dict):
     """`run_bare` (MembraneState.latent_gates) for the APPLY_MODEL call these are the arguments of."""
     pooled_first = isinstance(executor.class_obj, POOLED_FIRST_MODELS)
+    reference, reference_t = _latent_gate_reference(executor.class_obj.model_sampling, x, t)
 
     def run_bare(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None) -> torch.Tensor:
-        """The bare model at the noisy latent of the call's first row, never more rows per call than
-        this call has (ComfyUI sized it to fit in memory)."""
+        """The bare model at the reference latent, never more rows per call than this call has
+        (ComfyUI sized it to fit in memory)."""
         predictions = []
         for start in range(0, len(sources), x.shape[0]):
             index = torch.tensor(sources[start: start + x.shape[0]])
@@ -108,12 +110,26 @@ def _bare_runner(executor, state: MembraneState, x, t, c_concat, c_crossattn, co
             with gates_active(state.stack, torch.zeros(rows, state.stack.membrane_count)):
                 # the model itself (executor.original), past the APPLY_MODEL wrappers below ours: see _pre_pass_options
                 predictions.append(executor.original(
-                    x[:1].expand(rows, *x.shape[1:]), t[:1].expand(rows), _rows_of(c_concat, index, x.shape[0]),
+                    reference.expand(rows, *x.shape[1:]), reference_t.expand(rows), _rows_of(c_concat, index, x.shape[0]),
                     context.to(c_crossattn), _rows_of(control, index, x.shape[0]),
                     _pre_pass_options(transformer_options, rows), **extra))
         return torch.cat(predictions)
 
     return run_bare
+
+
+def _latent_gate_reference(model_sampling, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noisy latent (1, ...) and sigma (1,) the latent gate asks the bare model at. Its operating
+    point (LATENT_THRESHOLD, LATENT_SATURATION) was calibrated at the start of text-to-image sampling,
+    from pure noise at the largest sigma: a run that starts there (within 1%) is asked at its own first
+    row. A run that starts lower (img2img, inpainting, a later stage) holds a picture in its latent,
+    which moves every prompt's prediction alike and lifts unrelated prompts' cosines; it is asked at
+    fixed noise at the largest sigma instead, where the calibration holds."""
+    sigma_max = model_sampling.sigma_max.reshape(1).to(t)
+    if float(t[0]) >= TEXT_TO_IMAGE_START * float(sigma_max[0]):
+        return x[:1], t[:1]
+    noise = torch.randn(x[:1].shape, generator=torch.Generator().manual_seed(0)).to(x)
+    return model_sampling.noise_scaling(sigma_max, noise, torch.zeros_like(noise), max_denoise=True), sigma_max
 
 
 def _pre_pass_options(transformer_options: dict, rows: int) -> dict:

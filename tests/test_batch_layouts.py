@@ -184,3 +184,27 @@ def test_sdxl_pre_pass_gives_each_row_its_own_pooled_vector(sdxl_world):
         del model.model.diffusion_model._forward
     first = pre_pass_prompts[""]
     assert all(torch.equal(first, y) for y in pre_pass_prompts.values())
+
+
+def test_img2img_latent_gate_is_measured_where_it_was_calibrated(spm_world, monkeypatch):
+    """The latent gate's operating point holds at the start of text-to-image sampling (pure noise at the
+    largest sigma). Runs that start from a picture at a lower sigma (img2img at any denoise) ask the bare
+    model there too, so what it is asked does not depend on the picture or the denoise."""
+    from test_compose import record_bare_predictions
+
+    patcher, clip, _ = spm_world
+    model = load_spm(patcher, clip, "snoopy.safetensors", transport="latent")
+    predictions = record_bare_predictions(model, monkeypatch)
+    positive, negative = encode(clip, "a bowl of fruit"), encode(clip, "blurry")
+    asked = {}
+    for denoise in (0.3, 0.5, 0.8):
+        for picture_seed in (1, 2):
+            picture = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(picture_seed))
+            predictions.clear()
+            nodes.KSampler().sample(model, 3, 4, 6.0, "euler", "normal", positive, negative, {"samples": picture},
+                                    denoise=denoise)
+            asked[(denoise, picture_seed)] = [p.clone() for p in predictions]
+    first = asked[(0.3, 1)]
+    assert len(first) == 2, "one pre-pass: the concepts, then the conds"
+    for answers in asked.values():
+        assert all(torch.equal(a, b) for a, b in zip(answers, first))
