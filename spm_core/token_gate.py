@@ -38,6 +38,15 @@ from .errors import SPMError
 MAX_BASELINE = 0.999
 
 
+def case_variants(text: str) -> list[str]:
+    """The concept as written, in lower case, with capitalised words and in upper case, each once.
+    T5's vocabulary is case-sensitive and splits a name differently by case ("van gogh" and
+    "Van Gogh" share no token), so the token gate compares the prompt with every variant; CLIP
+    lower-cases everything."""
+    capitalised = " ".join(word[:1].upper() + word[1:] for word in text.split(" "))
+    return list(dict.fromkeys((text, text.lower(), capitalised, text.upper())))
+
+
 def content_vectors(embedding: torch.Tensor, content: tuple[int, int]) -> torch.Tensor:
     """The (k, D) vectors of a concept's content tokens in its (L, D) encoding."""
     start, stop = content

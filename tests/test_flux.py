@@ -287,10 +287,11 @@ def encode(clip, text: str) -> list:
 
 
 def token_transport(clip, *targets: str, **settings):
-    """A tokens-mode Transport for one membrane per target, its concepts encoded with their
-    content-token positions (nodes.architectures.content_span)."""
+    """A tokens-mode Transport for one membrane per target, its concepts encoded in every case variant
+    (spm_core.token_gate.case_variants) with their content-token positions (nodes.architectures.content_span)."""
     transport = pack_module("spm_core.transport")
     architectures = pack_module("nodes.architectures")
+    variants = pack_module("spm_core.token_gate").case_variants
 
     def concept(text: str):
         tokens = clip.tokenize(text)
@@ -298,7 +299,14 @@ def token_transport(clip, *targets: str, **settings):
                                           content=architectures.content_span(clip, tokens))
 
     empty = clip.encode_from_tokens(clip.tokenize(""))[0].float()
-    return transport.Transport([[concept(t)] for t in targets], transport.TransportMode.TOKENS, empty=empty, **settings)
+    return transport.Transport([[concept(v) for v in variants(t)] for t in targets], transport.TransportMode.TOKENS,
+                               empty=empty, **settings)
+
+
+def test_case_variants():
+    case_variants = pack_module("spm_core.token_gate").case_variants
+    assert case_variants("van gogh") == ["van gogh", "Van Gogh", "VAN GOGH"]
+    assert case_variants("Snoopy's house") == ["Snoopy's house", "snoopy's house", "Snoopy's House", "SNOOPY'S HOUSE"]
 
 
 def test_content_span_is_where_the_words_sit(flux):
@@ -321,6 +329,9 @@ def test_token_gate_opens_for_the_concepts_words_and_stays_shut_otherwise(flux):
     gates = transport.gates(rows)
     expected = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
     assert torch.equal(gates, expected), gates
+    # T5 is case-sensitive ("Van Gogh" shares no token with "van gogh": gate 0 without the variants)
+    for text, column in (("a painting by Van Gogh", 1), ("A PAINTING BY VAN GOGH", 1), ("Snoopy's house", 0)):
+        assert transport.gates(clip.encode_from_tokens(clip.tokenize(text)).float())[0, column] == 1.0, text
     # where the words stand does not matter (the flattened cosine compares position by position)
     for text in ("snoopy, a red house, a red house, a red house", "a red house, a red house, a red house, snoopy"):
         assert transport.gates(clip.encode_from_tokens(clip.tokenize(text)).float())[0, 0] == 1.0, text
