@@ -136,3 +136,38 @@ def test_latent_gate_gives_attention_patches_the_chunk_labels_of_every_call(spm_
     for batch, labels, uuids, sigmas in pre_pass:
         assert labels == [0] * batch and len(set(uuids)) == batch, (batch, labels)
         assert torch.equal(sigmas, sampling[0][3]), "the pre-pass runs at the first step's sigma"
+
+
+def tiny_controlnet(seed: int = 5):
+    """A ControlNet for the tiny SD1 UNet, built from ComfyUI's own classes with random weights."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.ops
+    from tiny_models import model_config_for, randomize_
+
+    config = dict(model_config_for("sd1").unet_config)
+    config.pop("out_channels")
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device="cpu")
+    control_model = randomize_(comfy.cldm.cldm.ControlNet(**config), seed, std=0.2)
+    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
+
+
+def test_latent_gate_sees_the_controlnet_that_sampling_sees(spm_world, monkeypatch):
+    """A ControlNet adds its residuals to every sampling call; the pre-pass asks the bare model with the
+    same residuals (row by row), so the gate measures what the controlled model is about to draw."""
+    import nodes
+
+    model = latent_model(spm_world)
+    predictions = record_bare_predictions(model, monkeypatch)
+    positive, negative = conds(spm_world)
+    plain = sample(model, positive, negative)
+    plain_predictions = predictions[:]
+    predictions.clear()
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    controlled_positive, controlled_negative = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        positive, negative, tiny_controlnet(), hint, 1.0, 0.0, 1.0)
+    controlled = sample(model, controlled_positive, controlled_negative)
+    assert torch.isfinite(controlled).all() and (controlled - plain).abs().max() > 1e-3, "the ControlNet did nothing"
+    assert len(predictions) == len(plain_predictions) == 2
+    assert all((with_control - without).abs().max() > 1e-4 for with_control, without in zip(predictions, plain_predictions))
