@@ -119,3 +119,23 @@ def test_half_precision_weights(tiny, dtype):
     assert opened.dtype == dtype
     effect = (reference - eps(patcher, x, context)).abs().max()
     assert (opened.float() - reference).abs().max() < 0.1 * effect
+
+
+def test_membrane_gates_the_rows_of_conds_that_carry_hooks(spm_world):
+    """ComfyUI's hooks (a LoRA on the positive cond only, as the Create Hook LoRA and Cond Set Props
+    nodes make): the step runs one model call per hook group with the hook's weights patched in, and
+    every row still gets its own cond's gate."""
+    import comfy.hooks
+    from test_batch_layouts import gates_by_row
+    from test_guider_roles import run_guider, spied_model
+
+    patcher, clip, _ = spm_world
+    positive, negative = encode(clip, "snoopy"), encode(clip, "a bowl of fruit")
+    hooked = comfy.hooks.set_hooks_for_conditioning(positive, comfy.hooks.create_hook_lora(random_lora(patcher), 1.0, 1.0))
+    outputs = {}
+    for name, conditioning in (("plain", positive), ("hooked", hooked)):
+        model, spy = spied_model(spm_world, "positive only")
+        run_guider("KSampler", model, {"positive": conditioning, "negative": negative})
+        assert gates_by_row(spy, {"snoopy": positive[0][0][0], "fruit": negative[0][0][0]}) == {"snoopy": {1.0}, "fruit": {0.0}}
+        outputs[name] = [context.shape[0] for _, context in spy.calls]
+    assert outputs["plain"][0] == 4 and outputs["hooked"][0] == 2, "the hook group did not get calls of its own"
