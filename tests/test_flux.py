@@ -117,6 +117,18 @@ def test_bound_layers_read_text_tokens_only_batch_first(flux):
         assert [shape[:2] for shape in shapes] == [(3, 40)], key  # 16 image tokens never reach these layers
 
 
+def test_every_bound_layer_reaches_the_prediction(flux):
+    """Measured: a membrane on any one bound layer alone changes the noise prediction (the last double
+    block's text stream reaches the image through the single blocks), so no bound layer is dead."""
+    inputs = flux_inputs()
+    bare = predict(flux["patcher"], inputs)
+    membrane = flux["membrane"]
+    for name in sorted(membrane.layers):
+        alone = dataclasses.replace(membrane, layers={name: membrane.layers[name]})
+        change = (hooked(flux, [[1.0], [1.0]], inputs, membranes=[alone]) - bare).abs().max()
+        assert change > 1e-5 * bare.abs().max(), name  # fp32 rounding is ~1e-7
+
+
 # --- gate 0, gate 1, rows
 
 
