@@ -36,9 +36,9 @@ NEGATIVE_COND_NAMES = frozenset({"negative", "empty_negative_prompt"})  # guider
 class Rows(Choice):
     """Which CFG rows a membrane acts on."""
 
-    POSITIVE_ONLY = "positive only"
-    NEGATIVE_ONLY = "negative only"
-    POSITIVE_AND_NEGATIVE = "positive and negative"
+    POSITIVE_ONLY = "positive only", "the positive prompt's rows (the paper); negative rows stay closed"
+    NEGATIVE_ONLY = "negative only", "the negative prompt's rows alone, gated by the negative prompt, at negative_strength"
+    POSITIVE_AND_NEGATIVE = "positive and negative", "both, each row gated by its own prompt"
 
 
 @dataclass(frozen=True)

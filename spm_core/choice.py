@@ -9,7 +9,20 @@ from .errors import SPMError
 
 
 class Choice(enum.Enum):
-    """An enum whose values are the names users pick; `named` turns a name into a member."""
+    """An enum whose values are the names users pick; `named` turns a name into a member. A member
+    may be written `NAME = "value", "what it does"`: that description, written once beside the
+    member, is what tooltips and help pages show (`described`)."""
+
+    def __new__(cls, value: str, description: str = ""):
+        member = object.__new__(cls)
+        member._value_ = value
+        member.description = description
+        return member
+
+    @classmethod
+    def described(cls) -> str:
+        """`value: description` for every member, as one line of a tooltip."""
+        return "; ".join(f"{member.value}: {member.description}" for member in cls)
 
     @classmethod
     def named(cls, name: str):

@@ -14,11 +14,9 @@ from .errors import SPMError
 
 
 class Ramp(Choice):
-    CONSTANT = "constant"
-    FADE_IN = "fade in"
-    """0 at the start of the range, full strength at its end (the membrane acts on details)."""
-    FADE_OUT = "fade out"
-    """full strength at the start, 0 at the end (the membrane acts on composition)."""
+    CONSTANT = "constant", "full strength over the whole range"
+    FADE_IN = "fade in", "0 at the start of the range, full strength at its end (the membrane acts on details)"
+    FADE_OUT = "fade out", "full strength at the start, 0 at the end (the membrane acts on composition)"
 
     def factor(self, percent: float, start: float, end: float) -> float:
         """The share of the strength at `percent` of sampling, for a membrane acting from `start` to `end`."""

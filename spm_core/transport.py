@@ -57,13 +57,17 @@ TOKEN_THRESHOLD, TOKEN_SATURATION = 0.5, 0.8
 
 
 class TransportMode(Choice):
-    PAPER = "paper"
-    COSINE = "cosine"
-    CALIBRATED = "calibrated"
-    LATENT = "latent"
-    TOKENS = "tokens"
-    OFFICIAL = "official_code"
-    ALWAYS_OPEN = "always_open"
+    PAPER = "paper", ("the paper's formula: cosine of the flattened text embeddings, or token overlap for prompts "
+                      "from SPM Text Encode")
+    COSINE = "cosine", "the embedding cosine only"
+    CALIBRATED = "calibrated", "cosine relative to the empty prompt; unrelated prompts get exactly 0"
+    LATENT = "latent", ("calibrated, or higher when the model is about to draw the concept, whatever the words "
+                        "(one extra model call per prompt and run)")
+    TOKENS = "tokens", ("the concept's tokens found in order among the prompt's own token vectors (for T5 text "
+                        "encoders: Flux)")
+    OFFICIAL = "official_code", ("what the official SPM scripts do (paper gate, squared, one gate for the whole batch, "
+                                 "a chain merged into one adapter), to reproduce them; set it on every membrane of a chain")
+    ALWAYS_OPEN = "always_open", "gate 1 for every prompt, like a plain LoRA"
 
 
 
