@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import comfy.model_management
 import comfy.samplers
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..spm_core.concepts import Concept, clean_prompt
 from ..spm_core.contexts import ContextPrompts, context_texts
@@ -111,6 +112,12 @@ def partial_path(path: str) -> str:
     return path[: -len(".safetensors")] + PARTIAL_SUFFIX
 
 
+def state_path(path: str) -> str:
+    """Where a cancelled run keeps what resuming needs beside the partial membrane (the optimiser's
+    moments, the adversarial bank): a safetensors file whose name no loader lists."""
+    return partial_path(path)[: -len(".safetensors")] + ".state"
+
+
 def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport], None] | None = None):
     """Train, save `request.path` (or, when cancelled, the partial file) and return
     (membrane, reports, unet rows per iteration)."""
@@ -151,6 +158,8 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
         token_search = config.adversaries > 0 and config.adversary_space == AdversarySpace.TOKENS.value
         soft_prompts = ClipSoftPrompts(clip, [c.target for c in concepts]) if token_search else None
         trainer = Trainer(ComfyNoisePredictor(model), membrane, prompts, empty, sampler, config, soft_prompts, contexts)
+        if request.resume and os.path.exists(partial_path(request.path)) and os.path.exists(state_path(request.path)):
+            trainer.restore(_read_state(state_path(request.path)), os.path.basename(state_path(request.path)))
         name = os.path.basename(request.path)[: -len(".safetensors")]
         completed = start
 
@@ -169,13 +178,15 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
             except BaseException:  # cancel included: keep what was trained, resumable
                 if completed > start or request.resume:
                     _save(membrane, name, concepts, architecture, config, completed, partial_path(request.path), trainer)
+                    _write_state(trainer, state_path(request.path))
                 raise
             finally:
                 membrane.detach()
     result = _save(membrane, name, concepts, architecture, config, trainer.stopped_at or config.iterations, request.path,
                    trainer)
-    if os.path.exists(partial_path(request.path)):
-        os.remove(partial_path(request.path))
+    for leftover in (partial_path(request.path), state_path(request.path)):
+        if os.path.exists(leftover):
+            os.remove(leftover)
     rows = trainer.unet_rows / max(1, config.iterations - start)
     return result, reports, rows
 
@@ -188,6 +199,20 @@ def _resume_point(request: TrainingRequest, membrane: TrainableMembrane) -> int:
             return int((saved.metadata.get("training") or {}).get("completed_iterations", 0))
     raise SPMError(f"nothing to resume: neither {os.path.basename(partial_path(request.path))} nor "
                    f"{os.path.basename(request.path)} exists in {os.path.dirname(request.path)}")
+
+
+def _write_state(trainer: Trainer, path: str) -> None:
+    temporary = path + ".tmp"
+    save_file({key: value.contiguous() for key, value in trainer.state().items()}, temporary)
+    os.replace(temporary, path)
+
+
+def _read_state(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises several kinds for a damaged file
+        raise SPMError(f"{os.path.basename(path)}: not a readable training state ({error}); delete it to resume "
+                       "with fresh optimiser moments") from None
 
 
 def _save(membrane: TrainableMembrane, name, concepts, architecture, config, completed, path, trainer):

@@ -288,6 +288,47 @@ class Trainer:
         self.stopped_at: int | None = None  # the iteration count at which the erasure level was reached
         self._probes: list | None = None
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a stopped run needs, beside the membrane's weights, to continue exactly as if it had not
+        stopped: the optimiser's moments, the adversarial bank and the count of skipped iterations."""
+        tensors = {f"optimizer.{index}.{key}": torch.as_tensor(value).detach().clone()
+                   for index, moments in self.optimizer.state_dict()["state"].items() for key, value in moments.items()}
+        for number, (concept_index, alias) in enumerate(self.aliases):
+            tensors[f"alias.{number}.concept"] = torch.tensor(concept_index)
+            tensors[f"alias.{number}.embedding"] = alias.embedding.detach().clone()
+            if alias.pooled is not None:
+                tensors[f"alias.{number}.pooled"] = alias.pooled.detach().clone()
+        tensors["skipped_steps"] = torch.tensor(self.skipped_steps)
+        return tensors
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+        """Continue from `state()`, saved by a run of the same membrane and settings (`source` names
+        it in errors). Nothing changes when it does not fit."""
+        parameters = list(self.membrane.parameters())
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                moments.setdefault(int(index), {})[name] = value
+        for index, entry in moments.items():
+            shapes_fit = index < len(parameters) and all(
+                entry[name].shape == parameters[index].shape for name in ("exp_avg", "exp_avg_sq") if name in entry)
+            if not shapes_fit:
+                raise SPMError(f"{source}: its optimiser state does not fit this membrane (another rank or model?); "
+                               "delete it to resume with fresh optimiser moments")
+        aliases = []
+        while f"alias.{len(aliases)}.embedding" in tensors:
+            number = len(aliases)
+            pooled = tensors.get(f"alias.{number}.pooled")
+            aliases.append((int(tensors[f"alias.{number}.concept"]), Prompt(tensors[f"alias.{number}.embedding"], pooled)))
+        if any(concept_index >= len(self.concepts) for concept_index, _ in aliases):
+            raise SPMError(f"{source}: its adversarial prompts belong to other concepts than this training's")
+        optimizer_state = self.optimizer.state_dict()
+        optimizer_state["state"] = moments
+        self.optimizer.load_state_dict(optimizer_state)
+        self.aliases = aliases
+        self.skipped_steps = int(tensors.get("skipped_steps", torch.tensor(0)))
+
     def run(self, start: int = 0, callback: Callable[[StepReport], None] | None = None) -> list[StepReport]:
         for _ in range(start):
             self.scheduler.step()  # a resumed run continues the same learning-rate schedule

@@ -164,6 +164,31 @@ def test_cancel_leaves_a_resumable_partial_file(tiny, tmp_path):
         str(tmp_path / "never.partial.safetensors")).metadata["training"]["completed_iterations"] == 1
 
 
+def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny, tmp_path):
+    """Cancelled after 5 of 12 iterations and resumed, a run with adversarial prompts ends with exactly the
+    weights of the run that was never stopped: the optimiser's moments and the adversarial bank are kept
+    beside the partial file (and removed with it when the run completes)."""
+    patcher, clip = tiny
+    settings = dict(iterations=12, adversaries=2, adversary_every=3, adversary_steps=2, adversary_space="conditioning")
+
+    class Cancel(Exception):
+        pass
+
+    def stop_after_five(report):
+        if report.iteration == 4:
+            raise Cancel
+
+    whole, _, _ = train(patcher, clip, tmp_path / "whole.safetensors", **settings)
+    with pytest.raises(Cancel):
+        train(patcher, clip, tmp_path / "stopped.safetensors", on_step=stop_after_five, **settings)
+    assert (tmp_path / "stopped.partial.state").exists()
+    resumed, reports, _ = train(patcher, clip, tmp_path / "stopped.safetensors", resume=True, **settings)
+    assert [r.iteration for r in reports] == list(range(5, 12))
+    assert not (tmp_path / "stopped.partial.state").exists() and not (tmp_path / "stopped.partial.safetensors").exists()
+    for name, layer in whole.layers.items():
+        assert torch.equal(layer.down, resumed.layers[name].down) and torch.equal(layer.up, resumed.layers[name].up), name
+
+
 @pytest.mark.parametrize("arch, v_prediction", [("sd2", True), ("sdxl", False)])
 def test_sd2_v_prediction_and_sdxl_paths_train(arch, v_prediction, tmp_path, spm_world):
     patcher = build_patcher(arch, seed=2, v_prediction=v_prediction, prompt_gain=8)
