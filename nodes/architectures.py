@@ -14,14 +14,18 @@ from __future__ import annotations
 import comfy.lora
 import comfy.model_base
 
-from ..spm_core.errors import SPMModelMismatch
+from ..spm_core.errors import SPMError, SPMModelMismatch
 from ..spm_core.file_format import UNET_ARCHITECTURES, is_membrane_layer
 from ..spm_core.membrane import Membrane
 from ..spm_core.stack import module_shape
+from ..spm_core.transport import Transport, TransportMode
 
 UNET, FLUX = "Stable Diffusion UNet", "Flux"
 FLUX_TEXT_INPUT = "lora_unet_txt_in"
 SUPPORTED = "Stable Diffusion 1.x / 2.x / XL UNets and Flux.1"
+# gates built on the flattened prompt cosine (the latent gate's text part is the calibrated one)
+FLATTENED_PROMPT_MODES = (TransportMode.PAPER, TransportMode.COSINE, TransportMode.CALIBRATED, TransportMode.LATENT,
+                          TransportMode.OFFICIAL)
 
 
 def model_family(model) -> str | None:
@@ -65,10 +69,11 @@ def membrane_layers(model) -> tuple[dict[str, str], dict[str, tuple[int, int, bo
     return key_map, shapes
 
 
-def check_membrane_fits(model, membrane: Membrane, text_width: int | None = None) -> None:
+def check_membrane_fits(model, membrane: Membrane, transport: Transport | None = None) -> None:
     """Refuse, naming the membrane's file and the model, a membrane made for another family of
-    models, a Flux membrane whose text input is of another width than the model's, and concept
-    embeddings (`text_width`, from the gate's text encoder) of another width than the model reads."""
+    models, a Flux membrane whose text input is of another width than the model's, concept
+    embeddings (encoded by the gate's text encoder) of another width than the model reads, and on
+    Flux a gate that compares whole flattened prompts."""
     source = membrane.metadata.get("source", membrane.name)
     label = model_label(model)
     family, made_for = model_family(model), membrane_family(membrane)
@@ -82,9 +87,14 @@ def check_membrane_fits(model, membrane: Membrane, text_width: int | None = None
     if text_input is not None and width is not None and text_input.down.shape[1] != width:
         raise SPMModelMismatch(f"{source} reads {text_input.down.shape[1]}-wide text (its txt_in layer) but {label} "
                                f"reads {width}-wide text: it was trained with another text encoder")
+    text_width = None if transport is None else transport.text_width
     if text_width is not None and width is not None and text_width != width:
         raise SPMModelMismatch(f"{source}: the text encoder gives {text_width}-wide embeddings but {label} reads "
                                f"{width}-wide text: connect the text encoder of this model")
+    if family == FLUX and transport is not None and transport.mode in FLATTENED_PROMPT_MODES:
+        raise SPMError(f"{source}: transport {transport.mode.value!r} compares whole flattened prompts; on {label}'s "
+                       "256-token T5 conditioning that is mostly padding and opens the membrane for every prompt. "
+                       f"Choose {TransportMode.TOKENS.value!r} (or {TransportMode.ALWAYS_OPEN.value!r})")
 
 
 def content_span(clip, tokens: dict) -> tuple[int, int] | None:

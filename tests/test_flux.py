@@ -523,8 +523,15 @@ def test_fit_check_names_the_file_and_the_model(flux):
     with pytest.raises(errors.SPMModelMismatch, match=r"flux_snoopy.safetensors: the text encoder gives 32-wide "
                                                       r"embeddings but Flux reads 48-wide text"):
         architectures.check_membrane_fits(wide, dataclasses.replace(flux_membrane, layers={
-            k: v for k, v in flux_membrane.layers.items() if k != "lora_unet_txt_in"}), text_width=32)
-    architectures.check_membrane_fits(flux["patcher"], flux_membrane, text_width=32)  # the right pair passes
+            k: v for k, v in flux_membrane.layers.items() if k != "lora_unet_txt_in"}), token_transport(flux["clip"], "snoopy"))
+    transport = pack_module("spm_core.transport")
+    tokens = flux["clip"].tokenize("snoopy")
+    paper = transport.Transport([[transport.ConceptEmbedding(embedding=flux["clip"].encode_from_tokens(tokens)[0].float())]],
+                                transport.TransportMode.PAPER)
+    with pytest.raises(errors.SPMError, match=r"flux_snoopy.safetensors: transport 'paper' compares whole flattened "
+                                              r"prompts; on Flux's 256-token T5 conditioning .* Choose 'tokens'"):
+        architectures.check_membrane_fits(flux["patcher"], flux_membrane, paper)
+    architectures.check_membrane_fits(flux["patcher"], flux_membrane, token_transport(flux["clip"], "snoopy"))  # fits
 
 
 def test_a_membrane_of_another_text_width_is_refused_on_load(flux):
@@ -533,7 +540,9 @@ def test_a_membrane_of_another_text_width_is_refused_on_load(flux):
     before = state_before(wide)
     with pytest.raises(errors.SPMModelMismatch) as caught:
         load_spm(wide, None, "flux_snoopy.safetensors", transport="always_open")
-    assert "flux_snoopy.safetensors" in str(caught.value) and "does not fit" in str(caught.value)
+    # the shape check names the txt_in layer's 32 x 48 mismatch; the fit check (once SPM Load Membrane
+    # runs it) the 32- and 48-wide text
+    assert "flux_snoopy.safetensors" in str(caught.value) and "48" in str(caught.value), str(caught.value)
     assert state_before(wide) == before
 
 
