@@ -30,8 +30,8 @@ UNRELATED = "a bowl of fruit on a table"
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    """The tiny Flux, its text encoders, its membrane layers and a models folder (spm + loras) holding
-    a Flux membrane for "snoopy" and an SD1 membrane."""
+    """The tiny Flux, its text encoders, its membrane layers and a models folder (spm + loras, the
+    default ones while this module runs) holding a Flux membrane for "snoopy" and an SD1 membrane."""
     import folder_paths
 
     pack_module("nodes")  # the pack loaded the way ComfyUI loads it
@@ -47,8 +47,10 @@ def flux(tmp_path_factory):
     sd1 = build_patcher("sd1", seed=2)
     sd1_map, _ = pack_module("nodes.architectures").membrane_layers(sd1)
     save_membrane(str(folder / "sd1_snoopy.safetensors"), random_membrane(sd1_map, modules_of(sd1, sd1_map), seed=2))
-    return {"patcher": patcher, "clip": clip, "key_map": key_map, "modules": modules, "membrane": membrane,
-            "folder": folder, "sd1": sd1}
+    yield {"patcher": patcher, "clip": clip, "key_map": key_map, "modules": modules, "membrane": membrane,
+           "folder": folder, "sd1": sd1}
+    for kind in ("spm", "loras"):  # later test modules find their own folders where they left them
+        folder_paths.folder_names_and_paths[kind][0].remove(str(folder))
 
 
 def flux_inputs(batch: int = 2, tokens: int = 256, seed: int = 0) -> dict:
