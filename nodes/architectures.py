@@ -2,7 +2,7 @@
 each text encoder's output.
 
 Stable Diffusion 1.x / 2.x / XL UNets: the transformer blocks' Linears and 1x1 convolutions
-(DESIGN.md §1). Flux.1 (comfy.ldm.flux): where the text enters, i.e. txt_in and the text stream of
+(DESIGN.md §1). Flux.1 (comfy.ldm.flux; Chroma shares its blocks): where the text enters, i.e. txt_in and the text stream of
 every double block (txt_attn.qkv, txt_attn.proj, txt_mlp.0, txt_mlp.2); every one of them maps a
 (batch, text tokens, width) input row by row, so the per-row gate applies as on a UNet. Layer names
 and module keys come from ComfyUI's own LoRA key map (comfy.lora.model_lora_keys_unet), which
@@ -31,7 +31,9 @@ FLATTENED_PROMPT_MODES = (TransportMode.PAPER, TransportMode.COSINE, TransportMo
 def model_family(model) -> str | None:
     """UNET or FLUX for a ModelPatcher whose model takes membranes, else None."""
     base = model.model
-    if type(base) is comfy.model_base.Flux:  # Flux.1 dev / schnell / Fill / Kontext; not Flux2 or Chroma (untested)
+    # Flux.1 dev / schnell / Fill / Kontext, and Chroma (Flux.1's double blocks and txt_in, T5 text);
+    # not Flux2 (another text encoder and layout) nor Chroma Radiance (pixel space, untested)
+    if type(base) in (comfy.model_base.Flux, comfy.model_base.Chroma):
         return FLUX
     if "context_dim" in base.model_config.unet_config and hasattr(base.diffusion_model, "input_blocks"):
         return UNET
@@ -92,8 +94,8 @@ def check_membrane_fits(model, membrane: Membrane, transport: Transport | None =
         raise SPMModelMismatch(f"{source}: the text encoder gives {text_width}-wide embeddings but {label} reads "
                                f"{width}-wide text: connect the text encoder of this model")
     if family == FLUX and transport is not None and transport.mode in FLATTENED_PROMPT_MODES:
-        raise SPMError(f"{source}: transport {transport.mode.value!r} compares whole flattened prompts; on {label}'s "
-                       "256-token T5 conditioning that is mostly padding and opens the membrane for every prompt. "
+        raise SPMError(f"{source}: transport {transport.mode.value!r} compares whole flattened prompts, which does not "
+                       f"tell {label}'s T5 prompts apart (Flux pads them to 256 tokens: every prompt opens the membrane). "
                        f"Choose {TransportMode.TOKENS.value!r} (or {TransportMode.ALWAYS_OPEN.value!r})")
 
 

@@ -36,6 +36,7 @@ Prompts longer than one 77-token chunk are compared chunk by chunk; the best chu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -163,6 +164,8 @@ class Transport:
         self.latent_threshold, self.latent_saturation = latent_threshold, latent_saturation
         self.token_threshold, self.token_saturation = token_threshold, token_saturation
         flat = [c for concepts in membranes for c in concepts]
+        if mode is TransportMode.TOKENS:  # encoders that do not pad (Chroma's T5) give concepts their own lengths
+            flat = _padded_to_longest(flat)
         self.concept_owner = torch.tensor([m for m, concepts in enumerate(membranes) for _ in concepts])
         if len({tuple(c.embedding.shape) for c in flat}) > 1:
             raise SPMError("concept embeddings differ in length: every concept prompt must fit in one text-encoder "
@@ -234,6 +237,14 @@ class Transport:
             raise SPMError(f"token ids given for {len(row_tokens)} rows, embeddings for {batch}")
         return torch.tensor([[0.0 if tokens is None or concept is None else token_overlap(tokens, concept)
                               for concept in self.concept_tokens] for tokens in row_tokens])
+
+
+def _padded_to_longest(concepts: Sequence[ConceptEmbedding]) -> list[ConceptEmbedding]:
+    """Concept embeddings zero-padded to the longest one's length: the token gate reads only each
+    concept's content positions."""
+    longest = max(c.embedding.shape[0] for c in concepts)
+    return [dataclasses.replace(c, embedding=F.pad(c.embedding, (0, 0, 0, longest - c.embedding.shape[0])))
+            for c in concepts]
 
 
 def _token_bank(concepts: Sequence[ConceptEmbedding], empty: torch.Tensor) -> TokenBank:

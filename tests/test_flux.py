@@ -18,7 +18,7 @@ import pytest
 import torch
 from membrane_helpers import modules_of, random_membrane
 from pack import load_spm, node, pack_module
-from tiny_models import build_flux_clip, build_flux_patcher, build_patcher
+from tiny_models import build_chroma_clip, build_chroma_patcher, build_flux_clip, build_flux_patcher, build_patcher
 
 from spm_core.concepts import Concept
 from spm_core.file_format import load_membrane, lora_tensors, save_membrane
@@ -401,13 +401,16 @@ class CallSpy:
         return out
 
 
-def gated_model(flux, spy_key: str = "test_flux_spy"):
+def gated_model(flux, spy_key: str = "test_flux_spy", patcher=None, clip=None):
+    """The tiny Flux (or `patcher`, gated with `clip`) with the "snoopy" membrane on the tokens gate, and
+    a spy on its model calls."""
     from comfy.patcher_extension import WrappersMP
 
     runtime = pack_module("nodes.runtime")
     entry = runtime.MembraneEntry(membrane=pack_module("spm_core.file_format").load_membrane(
-        str(flux["folder"] / "flux_snoopy.safetensors")), strength=1.0, transport=token_transport(flux["clip"], "snoopy"))
-    model = runtime.with_membrane(flux["patcher"], entry)
+        str(flux["folder"] / "flux_snoopy.safetensors")), strength=1.0,
+        transport=token_transport(clip or flux["clip"], "snoopy"))
+    model = runtime.with_membrane(patcher or flux["patcher"], entry)
     spy = CallSpy(model.get_attachment(runtime.KEY).stack)
     model = model.clone()
     model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, spy_key, spy)
@@ -436,15 +439,20 @@ def basic_guider_sample(model, conditioning, steps: int = 2) -> torch.Tensor:
     return SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent).result[0]["samples"]
 
 
-def assert_rows_gated_by_their_own_prompt(spy, rows: int = 2) -> None:
-    """Every model call batched `rows` prompts, one row each; exactly one row (the concept's prompt)
-    opened, and the closed rows equal the bare model exactly."""
+def assert_rows_gated_by_their_own_prompt(spy, rows: int = 2, steps: int = 2, batched: bool = True) -> None:
+    """Each step evaluated `rows` prompts, one row each (in one batch when `batched`: prompts of one
+    length); exactly one of them (the concept's prompt) opened, and closed rows equal the bare model
+    exactly."""
     assert spy.calls, "the sampler never called the model"
+    for call in spy.calls:  # no gate context: every row of the call closed (the stack's early exit)
+        call["gates"] = torch.zeros(call["out"].shape[0], 1) if call["gates"] is None else call["gates"]
+    seen = torch.cat([call["gates"][:, 0] for call in spy.calls])
+    assert len(seen) == rows * steps and sorted(seen.tolist()) == [0.0] * ((rows - 1) * steps) + [1.0] * steps
     for call in spy.calls:
         gates = call["gates"]
-        assert gates is not None and gates.shape[0] == rows, "one batch, one row per prompt"
-        assert sorted(gates[:, 0].tolist()) == [0.0] * (rows - 1) + [1.0]
-        for row in range(rows):
+        if batched:
+            assert gates.shape[0] == rows, "one batch, one row per prompt"
+        for row in range(gates.shape[0]):
             if gates[row, 0] == 0.0:
                 assert torch.equal(call["out"][row], call["bare"][row]), "a closed row must equal the bare model exactly"
             else:
@@ -531,7 +539,7 @@ def test_fit_check_names_the_file_and_the_model(flux):
     paper = transport.Transport([[transport.ConceptEmbedding(embedding=flux["clip"].encode_from_tokens(tokens)[0].float())]],
                                 transport.TransportMode.PAPER)
     with pytest.raises(errors.SPMError, match=r"flux_snoopy.safetensors: transport 'paper' compares whole flattened "
-                                              r"prompts; on Flux's 256-token T5 conditioning .* Choose 'tokens'"):
+                                              r"prompts, which does not tell Flux's T5 prompts apart .* Choose 'tokens'"):
         architectures.check_membrane_fits(flux["patcher"], flux_membrane, paper)
     architectures.check_membrane_fits(flux["patcher"], flux_membrane, token_transport(flux["clip"], "snoopy"))  # fits
 
@@ -618,3 +626,64 @@ def test_full_size_flux_dev_layout(flux):
         wanted = (3072, 4096) if name == "lora_unet_txt_in" else expected[key.split(".", 3)[3]]
         assert (out_features, in_features) == wanted, key
     assert sum(out_features + in_features for out_features, in_features, _ in shapes.values()) == 941_056
+
+
+# --- Chroma: Flux.1's blocks, T5 text without padding, sampled with CFG
+
+
+@pytest.fixture(scope="module")
+def chroma(flux):
+    patcher = build_chroma_patcher(seed=6)
+    key_map, _ = pack_module("nodes.architectures").membrane_layers(patcher)
+    return {**flux, "patcher": patcher, "clip": build_chroma_clip(seed=7), "key_map": key_map,
+            "modules": modules_of(patcher, key_map)}
+
+
+def chroma_inputs(batch: int = 2) -> dict:
+    inputs = flux_inputs(batch=batch, tokens=12)
+    return {k: v for k, v in inputs.items() if k != "y"}
+
+
+def test_chroma_binds_like_flux_and_gate_one_equals_comfyui_lora_patching(chroma):
+    import comfy.sd
+    import comfy.utils
+
+    assert set(chroma["key_map"]) == set(chroma["membrane"].layers), "the same layers under the same names"
+    inputs = chroma_inputs()
+    bare = predict(chroma["patcher"], inputs)
+    assert torch.equal(hooked(chroma, [[0.0], [0.0]], inputs), bare)
+    lora = comfy.utils.load_torch_file(str(chroma["folder"] / "flux_snoopy.safetensors"), safe_load=True)
+    lora_patcher, _ = comfy.sd.load_lora_for_models(chroma["patcher"], None, lora, 1.0, 0.0)
+    lora_patcher.patch_model()
+    try:
+        merged = predict(lora_patcher, inputs)
+    finally:
+        lora_patcher.unpatch_model()
+    assert not torch.equal(merged, bare)
+    assert (hooked(chroma, [[1.0], [1.0]], inputs) - merged).abs().max() <= 1e-5 * merged.abs().max()
+
+
+def test_chroma_token_gate_and_rows_under_cfg(chroma):
+    """Chroma's T5 prompts are not padded (each its own length, so context moves a word's vectors more
+    than in Flux's 256 padded tokens: on these encoders prompts naming the concept score 0.49-1.0,
+    unrelated ones 0-0.46): the token gate orders them, and a CFG'd KSampler run gates each row by
+    its own prompt."""
+    import nodes
+
+    clip = chroma["clip"]
+    transport = token_transport(clip, "snoopy")
+
+    def gate(text: str) -> float:
+        return float(transport.gates(clip.encode_from_tokens(clip.tokenize(text)).float())[0, 0])
+
+    assert gate("snoopy") == 1.0 and gate(UNRELATED) == 0.0 and gate("") == 0.0
+    assert min(gate(t) for t in ("a photo of Snoopy", "snoopy playing in the park")) > max(
+        gate(t) for t in ("a dog", "a red house", "a city street at night"))
+    model, spy = gated_model(chroma, patcher=chroma["patcher"], clip=clip)
+
+    def encode_chroma(text: str) -> list:
+        return nodes.CLIPTextEncode().encode(clip, text)[0]
+
+    (positive,) = nodes.ConditioningCombine().combine(encode_chroma("snoopy"), encode_chroma(UNRELATED))
+    ksample(model, positive, encode_chroma("snoopy"), cfg=3.0)
+    assert_rows_gated_by_their_own_prompt(spy, rows=3, batched=False)  # ComfyUI batches equal lengths only

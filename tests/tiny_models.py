@@ -121,3 +121,31 @@ def build_flux_clip(seed: int = 1, width: int = 32):
     clip = comfy.sd.CLIP(target, embedding_directory=None, model_options=options)
     randomize_(clip.cond_stage_model, seed, std=0.2)
     return clip
+
+
+def build_chroma_patcher(seed: int = 0, std: float = 0.1):
+    """A ModelPatcher around a tiny random Chroma (comfy.model_base.Chroma, comfy.ldm.chroma): Flux.1's
+    double and single blocks (as flux_config) with the modulation from its small approximator network."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = {key: value for key, value in flux_config().items() if key not in ("vec_in_dim", "guidance_embed")}
+    config.update(image_model="chroma", in_channels=64, out_channels=64, in_dim=64, out_dim=config["hidden_size"],
+                  hidden_dim=64, n_layers=2)
+    model = comfy.supported_models.Chroma(config).get_model({})
+    randomize_(model.diffusion_model, seed, std=std)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def build_chroma_clip(seed: int = 1, width: int = 32):
+    """Chroma's text encoder (ComfyUI's PixArt T5 XXL: no padding) with the bundled tokenizer and tiny random weights."""
+    import comfy.sd
+    import comfy.supported_models
+
+    options = {"dtype": torch.float32,
+               "t5xxl_model_config": {"d_model": width, "d_ff": 2 * width, "d_kv": 8, "num_heads": 4, "num_layers": 2}}
+    target = comfy.supported_models.Chroma({"image_model": "chroma"}).clip_target()
+    clip = comfy.sd.CLIP(target, embedding_directory=None, model_options=options)
+    randomize_(clip.cond_stage_model, seed, std=0.2)
+    return clip
