@@ -51,9 +51,10 @@ from .token_gate import TokenBank, content_vectors
 # miniature world's captions (README, "Which gate"): the cosine below which 95% of captions that do
 # not ask for a concept fall, and the median cosine of captions that do.
 LATENT_THRESHOLD, LATENT_SATURATION = 0.44, 0.70
-# The token gate's operating point: a starting point, not a calibration. On the tiny random Flux
-# text encoders of tests/test_flux.py prompts holding the concept's words score 1.0 and unrelated
-# prompts up to ~0.4; no real T5 weights exist offline to measure it on.
+# The token gate's operating point: a starting point, not a calibration. On the tiny random text
+# encoders of tests/test_flux.py, prompts holding the concept's words score 1.0 (Flux's T5 padded to
+# 256 tokens) or 0.49-1.0 (Chroma's unpadded T5: context moves a word's vectors more) and unrelated
+# prompts 0-0.46; no real T5 weights exist offline to measure it on.
 TOKEN_THRESHOLD, TOKEN_SATURATION = 0.5, 0.8
 
 
