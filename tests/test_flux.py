@@ -173,12 +173,16 @@ def test_gates_apply_per_row(flux):
         assert (together[row] - bare[row]).abs().max() > 1e-3
 
 
-def test_our_flux_file_in_the_stock_lora_loader_equals_always_open(flux):
+def test_our_flux_file_in_the_stock_lora_loader_equals_always_open(flux, caplog):
+    """The stock LoraLoader (model and CLIP, from models/loras) reads every key of our Flux file and
+    samples as SPM Load Membrane with always_open does."""
     import nodes
 
     patcher, clip = flux["patcher"], flux["clip"]
     positive, negative = encode(clip, "snoopy"), encode(clip, "")
-    (lora_model,) = nodes.LoraLoaderModelOnly().load_lora_model_only(patcher, "flux_snoopy.safetensors", 1.0)
+    with caplog.at_level("WARNING"):
+        lora_model, _ = nodes.LoraLoader().load_lora(patcher, clip, "flux_snoopy.safetensors", 1.0, 1.0)
+    assert "not loaded" not in caplog.text.lower()
     membrane_model = load_spm(patcher, None, "flux_snoopy.safetensors", transport="always_open")
     by_lora, by_membrane = ksample(lora_model, positive, negative), ksample(membrane_model, positive, negative)
     assert not torch.equal(by_lora, ksample(patcher, positive, negative))
