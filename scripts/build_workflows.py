@@ -196,7 +196,7 @@ def chain_three_membranes() -> None:
 
 def before_after() -> None:
     flow = Workflow()
-    title = "SPM - Before and after with the same seed (SD1.5)"
+    title = "SPM - Before and after (SD1.5)"
     checkpoint, positive, negative, latent = sd15_base(
         flow, title, "The same prompt and seed without and with the membrane, side by side.",
         "snoopy sitting on a red doghouse")
@@ -224,7 +224,7 @@ def inspector() -> None:
 
 def train_then_apply() -> None:
     flow = Workflow()
-    title = "SPM - Train a membrane, then apply it (SD1.5)"
+    title = "SPM - Train, then apply (SD1.5)"
     checkpoint, positive, negative, latent = sd15_base(
         flow, title, "SPM Train Membrane erases a concept from this checkpoint (Latent Anchoring keeps the rest), saves "
                      "`models/spm/snoopy_trained.safetensors` and hands the model on with the new membrane; the "
@@ -253,7 +253,7 @@ def miniworld_train() -> None:
     """SPM Train Membrane on the miniature model: a snowman membrane in about a minute and a half on a CPU
     (settings of miniworld.lab.MembraneSettings)."""
     flow = Workflow()
-    title = "SPM - Miniature world 1 - train a snowman membrane"
+    title = "SPM - Miniature world 1, train"
     world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
     flow.add("MarkdownNote", (0, flow.below(world)), [MINIWORLD_NOTE.format(
         title=title, what="SPM Train Membrane erases *snowman* from the miniature model in about a minute and a half on a CPU "
@@ -268,7 +268,7 @@ def miniworld_train() -> None:
 def miniworld_erase() -> None:
     """Before / after on the miniature model with the membrane the training workflow saved."""
     flow = Workflow()
-    title = "SPM - Miniature world 2 - erase the snowman"
+    title = "SPM - Miniature world 2, erase"
     world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])
     flow.add("MarkdownNote", (0, flow.below(world)), [MINIWORLD_NOTE.format(
         title=title, what="The same prompt and seeds without and with the snowman membrane: the snowman goes, the "

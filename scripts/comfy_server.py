@@ -30,10 +30,15 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """`with ComfyServer(comfy_root, base_dir) as server:` starts main.py --cpu and waits for it."""
+    """`with ComfyServer(comfy_root, base_dir) as server:` starts main.py --cpu and waits for it.
 
-    def __init__(self, comfy_root: str, base_dir: str, python: str = sys.executable, startup_timeout: float = 240) -> None:
+    front_end_root: a frontend's static folder (`<dir>/comfyui_frontend_package/static` of a
+    `comfyui-frontend-package` installed elsewhere) served instead of the one the host pins."""
+
+    def __init__(self, comfy_root: str, base_dir: str, python: str = sys.executable, startup_timeout: float = 240,
+                 front_end_root: str | None = None) -> None:
         self.comfy_root, self.base_dir, self.python = comfy_root, os.path.abspath(base_dir), python
+        self.front_end_root = front_end_root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout = startup_timeout
@@ -49,7 +54,8 @@ class ComfyServer:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", self.base_dir, "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
+             "--base-directory", self.base_dir, "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+             *(["--front-end-root", self.front_end_root] if self.front_end_root else [])],
             cwd=self.comfy_root, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -196,11 +202,11 @@ WORKFLOWS = os.path.join(REPO, "workflows")
 SHIPPED = {  # what the tests and the demo call the shipped workflows (the file names are their titles)
     "erase": "SPM - Erase one concept (SD1.5).json",
     "chain": "SPM - Chain three membranes (SD1.5).json",
-    "before_after": "SPM - Before and after with the same seed (SD1.5).json",
+    "before_after": "SPM - Before and after (SD1.5).json",
     "inspector": "SPM - Inspect the gates (SD1.5).json",
-    "train_then_apply": "SPM - Train a membrane, then apply it (SD1.5).json",
-    "miniworld_train": "SPM - Miniature world 1 - train a snowman membrane.json",
-    "miniworld_erase": "SPM - Miniature world 2 - erase the snowman.json",
+    "train_then_apply": "SPM - Train, then apply (SD1.5).json",
+    "miniworld_train": "SPM - Miniature world 1, train.json",
+    "miniworld_erase": "SPM - Miniature world 2, erase.json",
 }
 SD15_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Debian Chromium for tests/test_browser.py (headless, driven over the DevTools protocol).
-# Idempotent: does nothing when /usr/bin/chromium exists. Needs root (or sudo) for apt.
+# What tests/test_browser.py needs: Debian Chromium (headless, driven over the DevTools protocol)
+# and the newest ComfyUI frontend (scripts/install_frontend.sh). Idempotent: apt runs only when
+# /usr/bin/chromium is missing (it needs root or sudo).
 set -euo pipefail
-[ -x /usr/bin/chromium ] && exit 0
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO=sudo
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
+if [ ! -x /usr/bin/chromium ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium
+fi
+bash "$(dirname "${BASH_SOURCE[0]}")/install_frontend.sh"
