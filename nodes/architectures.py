@@ -2,11 +2,13 @@
 each text encoder's output.
 
 Stable Diffusion 1.x / 2.x / XL UNets: the transformer blocks' Linears and 1x1 convolutions
-(DESIGN.md §1). Flux.1 (comfy.ldm.flux; Chroma shares its blocks): where the text enters, i.e. txt_in and the text stream of
-every double block (txt_attn.qkv, txt_attn.proj, txt_mlp.0, txt_mlp.2); every one of them maps a
-(batch, text tokens, width) input row by row, so the per-row gate applies as on a UNet. Layer names
-and module keys come from ComfyUI's own LoRA key map (comfy.lora.model_lora_keys_unet), which
-gives Flux's original (BFL) module names the same `lora_unet_` names kohya's Flux LoRAs use.
+(DESIGN.md §1). Flux.1 (comfy.ldm.flux) and Chroma (Flux.1's blocks): where the text enters, i.e.
+txt_in and the text stream of every double block (txt_attn.qkv, txt_attn.proj, txt_mlp.0,
+txt_mlp.2); each maps a (batch, text tokens, width) input row by row, so the per-row gate applies
+as on a UNet, and no image token passes through them. Single blocks (one Linear over text and
+image tokens) would need the update masked to the text tokens: not bound. Layer names and module
+keys come from ComfyUI's own LoRA key map (comfy.lora.model_lora_keys_unet), which gives Flux's
+original (BFL) module names the same `lora_unet_` names kohya's Flux LoRAs use.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..spm_core.transport import Transport, TransportMode
 
 UNET, FLUX = "Stable Diffusion UNet", "Flux"
 FLUX_TEXT_INPUT = "lora_unet_txt_in"
-SUPPORTED = "Stable Diffusion 1.x / 2.x / XL UNets and Flux.1"
+SUPPORTED = "Stable Diffusion 1.x / 2.x / XL UNets, Flux.1 and Chroma"
 # gates built on the flattened prompt cosine (the latent gate's text part is the calibrated one)
 FLATTENED_PROMPT_MODES = (TransportMode.PAPER, TransportMode.COSINE, TransportMode.CALIBRATED, TransportMode.LATENT,
                           TransportMode.OFFICIAL)
