@@ -66,8 +66,11 @@ class TokenBank:
         if len(widths) > 1 or empty.shape[1] not in widths:
             raise SPMError("the concepts and the empty prompt were encoded with different text encoders "
                            f"(widths {sorted(widths | {empty.shape[1]})})")
-        self.concepts = [F.normalize(vectors.float(), dim=-1) for vectors in concepts]
-        self.vectors = torch.cat(self.concepts)  # (T, D): every concept's tokens, one product per call
+        lengths = [vectors.shape[0] for vectors in concepts]
+        self.vectors = F.normalize(torch.cat([vectors.float() for vectors in concepts]), dim=-1)  # (T, D)
+        self.owner = torch.cat([torch.full((k,), c, dtype=torch.long) for c, k in enumerate(lengths)])  # (T,)
+        self.place = torch.cat([torch.arange(k) for k in lengths])  # (T,): each token's place in its concept
+        self.lengths = torch.tensor(lengths)
         self._on_device: dict[torch.device, torch.Tensor] = {}
         self.baseline = self.match(empty[None])[0]
         if bool((self.baseline > MAX_BASELINE).any()):
@@ -88,18 +91,19 @@ class TokenBank:
         vectors = self._on_device.get(rows.device)
         if vectors is None:
             vectors = self._on_device.setdefault(rows.device, self.vectors.to(rows.device))
-        longest = max(concept.shape[0] for concept in self.concepts)
-        rows = F.pad(F.normalize(rows.float(), dim=-1), (0, 0, 0, max(0, longest - rows.shape[1])))
-        cosines = (rows @ vectors.t()).cpu()  # (B, N, T)
-        columns, offset = [], 0
-        for concept in self.concepts:
-            k = concept.shape[0]
-            windows = cosines.shape[1] - k + 1
-            # window i scores positions i..i+k-1 against the concept's tokens 0..k-1
-            aligned = torch.stack([cosines[:, j: j + windows, offset + j] for j in range(k)], dim=-1)
-            columns.append(aligned.mean(dim=-1).amax(dim=1))
-            offset += k
-        return torch.stack(columns, dim=1)
+        batch, longest = rows.shape[0], int(self.lengths.max())
+        positions = max(rows.shape[1], longest)  # window starts considered (the invalid ones masked below)
+        cosines = (F.normalize(rows.float(), dim=-1) @ vectors.t()).cpu()  # (B, N, T)
+        cosines = F.pad(cosines, (0, 0, 0, positions + longest - rows.shape[1]))  # room for every window
+        # window i holds positions i..i+k-1: token j of a concept is read at position i + j
+        at = (torch.arange(positions)[:, None] + self.place[None, :]).expand(batch, -1, -1)
+        aligned = cosines.gather(1, at)  # (B, windows, T)
+        sums = torch.zeros(batch, positions, self.lengths.shape[0]).index_add_(2, self.owner, aligned)
+        means = sums / self.lengths
+        # a window must lie within the row (or start at 0 when the row is shorter than the concept)
+        last = (max(rows.shape[1], 1) - self.lengths).clamp(min=0)  # (C,)
+        means = means.masked_fill(torch.arange(positions)[None, :, None] > last[None, None, :], -2.0)
+        return means.amax(dim=1)
 
     def relative(self, rows: torch.Tensor) -> torch.Tensor:
         """(B, C) match measured from the empty prompt's (0) to a perfect match (1), clamped to [0, 1]."""
