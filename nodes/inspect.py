@@ -94,7 +94,7 @@ class SPMTransportInspector(io.ComfyNode):
                                 tooltip="The latent your sampler starts from (with its seed below): membranes with "
                                         "transport latent then show the gate sampling measures at its first step, "
                                         "not only the text gate. Costs one model step per prompt."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True, control_after_generate=True,
                              tooltip="The sampler's noise seed, used with the latent input."),
             ],
             outputs=[

@@ -40,8 +40,8 @@ NODES = {
     "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")], [210, 46]),
     "SaveImage": ([("images", "IMAGE")], [], [400, 420]),
     "PreviewImage": ([("images", "IMAGE")], [], [400, 300]),
-    "SPMTransportInspector": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
-                              [("table", "STRING"), ("image", "IMAGE")], [320, 66]),
+    "SPMTransportInspector": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                               ("latent", "LATENT")], [("table", "STRING"), ("image", "IMAGE")], [320, 130]),
     "SPMTrain": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("loss", "IMAGE"), ("path", "STRING")],
                  [360, 766]),
     "SPMExampleLoadMiniatureWorld": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 66]),
@@ -216,7 +216,7 @@ def inspector() -> None:
                      "sampling.", "snoopy sitting on a red doghouse", with_latent=False)
     model = spm(flow, (400, 0), checkpoint, checkpoint, "snoopy.safetensors")
     model = spm(flow, (780, 0), model, checkpoint, "van_gogh.safetensors", transport="calibrated")
-    table = flow.add("SPMTransportInspector", (1160, 0), [], model=(model, 0), positive=(positive, 0),
+    table = flow.add("SPMTransportInspector", (1160, 0), [0, "fixed"], model=(model, 0), positive=(positive, 0),
                      negative=(negative, 0))
     flow.add("PreviewImage", (1160, flow.below(table)), [], title="Gate table", images=(table, 1))
     flow.save(title)

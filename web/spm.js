@@ -19,6 +19,7 @@ import { api } from "../../scripts/api.js";
 const EXTENSION = "comfyui_spm.membrane_info";
 const LOADER = "SPMLoader";
 const TRAINER = "SPMTrain";
+const KEEPS_SEED = new Set([TRAINER, "SPMTransportInspector"]);
 const OURS = new Set([LOADER, TRAINER, "SPMTextEncode", "SPMTransportInspector", "SPMSaveAsLoRA", "SPMMergeIntoModel"]);
 const WIDGET = "spm_info";
 const FONT = "12px Arial, sans-serif";
@@ -265,9 +266,10 @@ app.registerExtension({
   },
 
   nodeCreated(node) {
-    if ((node.comfyClass ?? node.type) === TRAINER) {
+    if (KEEPS_SEED.has(node.comfyClass ?? node.type)) {
       // a new SPM Train Membrane keeps its seed: "randomize" would retrain (and refuse to overwrite) on every
-      // queue. A workflow's own setting is restored after this, so saved graphs keep theirs.
+      // queue; the Inspector's seed stands for the sampler's, which a change would no longer match. A
+      // workflow's own setting is restored after this, so saved graphs keep theirs.
       const control = node.widgets?.find((w) => w.name === "seed")?.linkedWidgets?.[0];
       if (control) control.value = "fixed";
       return;
