@@ -76,8 +76,9 @@ def membrane_layers(model) -> tuple[dict[str, str], dict[str, tuple[int, int, bo
 def check_membrane_fits(model, membrane: Membrane, transport: Transport | None = None) -> None:
     """Refuse, naming the membrane's file and the model, a membrane made for another family of
     models, a Flux membrane whose text input is of another width than the model's, concept
-    embeddings (encoded by the gate's text encoder) of another width than the model reads, and on
-    Flux a gate that compares whole flattened prompts."""
+    embeddings (encoded by the gate's text encoder) of another width than the model reads, a gate
+    the model's text encoder defeats: on Flux one that compares whole flattened prompts, on a UNet
+    the token gate."""
     source = membrane.metadata.get("source", membrane.name)
     label = model_label(model)
     family, made_for = model_family(model), membrane_family(membrane)
@@ -95,6 +96,10 @@ def check_membrane_fits(model, membrane: Membrane, transport: Transport | None =
     if text_width is not None and width is not None and text_width != width:
         raise SPMModelMismatch(f"{source}: the text encoder gives {text_width}-wide embeddings but {label} reads "
                                f"{width}-wide text: connect the text encoder of this model")
+    if family == UNET and transport is not None and transport.mode is TransportMode.TOKENS:
+        raise SPMError(f"{source}: transport {transport.mode.value!r} looks for the concept's token vectors in the prompt's, "
+                       f"and {label}'s CLIP is causal: a word's vector depends on the words before it, so the concept "
+                       "after other words is missed. Choose another transport (calibrated, latent, paper)")
     if family == FLUX and transport is not None and transport.mode in FLATTENED_PROMPT_MODES:
         raise SPMError(f"{source}: transport {transport.mode.value!r} compares whole flattened prompts, which does not "
                        f"tell {label}'s T5 prompts apart (Flux pads them to 256 tokens: every prompt opens the membrane). "

@@ -386,6 +386,23 @@ def test_the_flattened_cosine_does_not_tell_flux_prompts_apart(flux):
     assert token_transport(clip, "snoopy").gates(unrelated)[0, 0] == 0.0
 
 
+def test_the_token_gate_is_refused_on_clip_unets(flux):
+    """CLIP is causal: "snoopy" after "a photo of" is another vector than "snoopy" alone (the token
+    gate gives it 0.06 on the tiny SD1 encoders, and 1.0 to "snoopy playing in the park"), so the
+    token gate is refused on UNets, naming the file and the model."""
+    sd1_clip = __import__("tiny_models").build_clip("sd1", seed=8)
+    transport = token_transport(sd1_clip, "snoopy")
+
+    def gate(text: str) -> float:
+        return float(transport.gates(sd1_clip.encode_from_tokens(sd1_clip.tokenize(text)).float())[0, 0])
+
+    assert gate("snoopy playing in the park") == 1.0 and gate("a photo of snoopy") == 0.0
+    membrane = pack_module("spm_core.file_format").load_membrane(str(flux["folder"] / "sd1_snoopy.safetensors"))
+    with pytest.raises(pack_module("spm_core.errors").SPMError,
+                       match=r"sd1_snoopy.safetensors: transport 'tokens' .* and SD15's CLIP is causal"):
+        pack_module("nodes.architectures").check_membrane_fits(flux["sd1"], membrane, transport)
+
+
 def test_token_gate_refuses_what_it_cannot_compare(flux):
     transport = pack_module("spm_core.transport")
     errors = pack_module("spm_core.errors")
