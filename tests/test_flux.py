@@ -628,20 +628,26 @@ def test_a_kohya_style_flux_file_loads_as_a_flux_membrane(flux, tmp_path):
     assert all(torch.equal(loaded.layers[k].up, flux["membrane"].layers[k].up) for k in loaded.layers)
 
 
-def test_a_model_that_takes_no_membranes_is_named(flux):
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    errors = pack_module("spm_core.errors")
-    config = {"image_model": "flux2", "in_channels": 16, "out_channels": 16, "vec_in_dim": None, "context_in_dim": 32,
+OTHER_MODELS = {  # diffusion transformers whose text enters elsewhere: refused by name (issue 17: SD3 "otherwise a clear refusal")
+    "Flux2": {"image_model": "flux2", "in_channels": 16, "out_channels": 16, "vec_in_dim": None, "context_in_dim": 32,
               "hidden_size": 32, "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
               "axes_dim": [4, 4, 4, 4], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
-              "global_modulation": True, "mlp_silu_act": True, "ops_bias": False}
-    flux2 = comfy.model_patcher.ModelPatcher(comfy.supported_models.Flux2(config).get_model({}),
-                                             load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
-    with pytest.raises(errors.SPMModelMismatch, match=r"Flux2 \(Flux2\) takes no membranes"):
-        pack_module("nodes.architectures").membrane_layers(flux2)
+              "global_modulation": True, "mlp_silu_act": True, "ops_bias": False},
+    "SD3": {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "adm_in_channels": 32,
+            "pos_embed_scaling_factor": None, "num_patches": 64, "pos_embed_max_size": 8,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_MODELS))
+def test_a_model_that_takes_no_membranes_is_named(flux, name):
+    import types
+
+    import comfy.supported_models
+
+    model = getattr(comfy.supported_models, name)(dict(OTHER_MODELS[name])).get_model({}, device="meta")
+    with pytest.raises(pack_module("spm_core.errors").SPMModelMismatch, match=rf"{name} \({name}\) takes no membranes"):
+        pack_module("nodes.architectures").membrane_layers(types.SimpleNamespace(model=model))
 
 
 def test_full_size_flux_dev_layout(flux):
