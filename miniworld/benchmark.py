@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -143,13 +143,49 @@ class StackMeasure:
     drift: float
     attack: float                    # paraphrases of every erased concept: share still found
     bare_attack: float
+    # per membrane (by its concept), the mean gate it took on the prompts that do not name its concept;
+    # empty for setups without per-membrane gates (the official merge)
+    off_target_gate: dict[str, float] = field(default_factory=dict)
+    # (prompt, membrane, gate) wherever a membrane opened at least halfway on a prompt not naming its concept
+    opened_off_target: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+def prompt_gates(setup, text: str) -> list[float] | None:
+    """(membranes,) the gates `setup`'s membranes took on `text`'s positive row, read right after it
+    was sampled: for a latent gate those measured in that run, else the text gates (which a cached
+    reading shares); None for a setup without SPM Load Membrane gates."""
+    state = getattr(setup, "state", None)
+    if state is None:
+        return None
+    if state.reads_model:
+        return list(state.last_gates.get("positive", []))
+    return [float(g) for g in setup.gates(text)]
+
+
+def off_target_gates(gates: dict[str, list[float]], requests: Sequence[Request], membranes: Sequence[str]
+                     ) -> tuple[dict[str, float], list[tuple[str, str, float]]]:
+    """From each prompt's gates (in `membranes` order): each membrane's mean gate over the prompts
+    not naming its concept, and every such gate of at least 0.5 (prompt, membrane, gate)."""
+    means, opened = {}, []
+    for index, name in enumerate(membranes):
+        others = [r for r in requests if name not in r.concepts and r.text in gates]
+        means[name] = mean([gates[r.text][index] for r in others])
+        opened += [(r.text, name, round(gates[r.text][index], 3)) for r in others if gates[r.text][index] >= 0.5]
+    return means, opened
 
 
 def measure_stack(evaluator: Evaluator, setup, erased: Sequence[str], kept: Sequence[str],
                   attack_prompts: dict[str, list[Request]]) -> StackMeasure:
+    """`setup`'s membranes erase `erased`, in that order (one membrane per concept)."""
     bare = evaluator.bare
     requests = evaluation_prompts()
-    readings = {r.text: evaluator.read(setup, r.text) for r in requests}
+    readings, gates = {}, {}
+    for r in requests:
+        readings[r.text] = evaluator.read(setup, r.text)
+        used = prompt_gates(setup, r.text)
+        if used is not None:
+            gates[r.text] = used
+    off_target, opened = off_target_gates(gates, requests, erased) if gates else ({}, [])
     clean = [r for r in requests if not set(erased) & set(r.concepts)]
     attacks = [(c, evaluator.read(setup, r.text), evaluator.read(bare, r.text))
                for c, prompts in attack_prompts.items() for r in prompts]
@@ -163,4 +199,5 @@ def measure_stack(evaluator: Evaluator, setup, erased: Sequence[str], kept: Sequ
         bare_accuracy=mean([request_accuracy(evaluator.read(bare, r.text).verdicts, r) for r in clean]),
         drift=mean([float((readings[r.text].pictures - evaluator.read(bare, r.text).pictures).abs().mean()) for r in clean]),
         attack=mean([found_share(a.verdicts, c) for c, a, _ in attacks]),
-        bare_attack=mean([found_share(b.verdicts, c) for c, _, b in attacks]))
+        bare_attack=mean([found_share(b.verdicts, c) for c, _, b in attacks]),
+        off_target_gate=off_target, opened_off_target=opened)

@@ -1,6 +1,6 @@
 """Erasure benchmark on the miniature world (miniworld/): prints tables, optionally writes JSON.
 
-usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --latent | --rank4 | --anchoring | --transfer
+usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --latent | --stack | --rank4 | --anchoring | --transfer
                                            | --attacks | --report JSON ...]
                                            [--count 32] [--json PATH] [--membranes DIR] [--embeddings DIR]
                                            [--comfyui PATH]
@@ -19,6 +19,8 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
                family, i.e. whether the model draws what it is asked for before anything is erased.
 --calibrate    only the gate calibration (ROC over the world's captions).
 --latent       ten concepts one at a time and all ten at once, latent gate only (about 30 minutes).
+--stack        only the ten at once of --latent, with where each membrane's gate opened on prompts that do not
+               name its concept (about 3 minutes once the membranes exist).
 --rank4        only the rank-4 membranes with 4 contexts (the robustness candidate).
 --anchoring    only the sweep of prompt vs Gaussian anchors over anchor strength.
 --transfer     only the transfer of the default membranes to the fine-tuned copy.
@@ -225,20 +227,40 @@ def print_stacks(results: list[dict], count: int) -> None:
         print(f"{r['membranes']:>9} {r['setup']:<26} {sum(erased) / len(erased):>7.1%} {min(erased):>6.1%} {noise:>6} "
               f"{sum(kept) / len(kept):>10.1%} {r['accuracy']:>9.1%} {r['bare_accuracy']:>6.1%} {r['drift']:>6.3f} "
               f"{r['attack']:>7.1%} {r['bare_attack']:>6.1%}")
+    for r in results:  # runs saved before the gates were logged have none
+        if r.get("off_target_gate"):
+            print_stack_gates(r)
 
 
-def latent_only(lab, evaluator) -> dict:
-    """The ten concepts one at a time and all ten at once (the four kept concepts beside them), with
-    the latent gate only: the main tables' latent rows in a fraction of the time."""
+def print_stack_gates(result: dict) -> None:
+    """Where a stack's membranes opened on prompts that do not name their concept."""
+    print(f"\n{result['membranes']} membranes, {result['setup']}: per concept, erased / found where named, and its "
+          "membrane's mean gate on the prompts that do not name it")
+    print(f"{'concept':<9} {'erased':>7} {'off-target gate':>16}")
+    for concept, gate in result["off_target_gate"].items():
+        print(f"{concept:<9} {result['erased'][concept]:>7.1%} {gate:>16.3f}")
+    kept = ", ".join(f"{c} {v:.1%}" for c, v in result["kept_found"].items())
+    print(f"kept concepts found: {kept}")
+    opened = result["opened_off_target"]
+    print(f"membranes open at least halfway on a prompt not naming their concept: {len(opened)}")
+    for prompt, membrane, gate in opened:
+        print(f"  {prompt!r:<26} {membrane:<9} {gate:.2f}")
+
+
+def latent_only(lab, evaluator, singles: bool = True) -> dict:
+    """The ten concepts one at a time (unless not `singles`) and all ten at once (the four kept
+    concepts beside them), with the latent gate only: the main tables' latent rows in a fraction of
+    the time."""
     from miniworld.benchmark import measure, measure_stack, panel
     from miniworld.membranes import ERASED, KEPT, VARIANTS, membrane
     from miniworld.setups import Chain
 
     files = [membrane(lab, concept, "default", VARIANTS["default"]) for concept in ERASED]
-    singles = [asdict(measure(evaluator, Chain(lab, "latent gate", [file], "latent"), panel(concept, [concept], TARGETS, OTHERS)))
-               for concept, file in zip(ERASED, files)]
+    one_at_a_time = [asdict(measure(evaluator, Chain(lab, "latent gate", [file], "latent"),
+                                    panel(concept, [concept], TARGETS, OTHERS)))
+                     for concept, file in zip(ERASED, files)] if singles else []
     stack = asdict(measure_stack(evaluator, Chain(lab, "latent gate", files, "latent"), ERASED, KEPT, {}))
-    return {"singles": singles, "stacks": [{**stack, "membranes": len(files)}]}
+    return {"singles": one_at_a_time, "stacks": [{**stack, "membranes": len(files)}]}
 
 
 ROBUST_TRANSPORTS = (("always open", "always_open"), ("latent gate", "latent"))
@@ -554,6 +576,7 @@ def main() -> None:
     mode.add_argument("--bare", action="store_true", help="accuracy of the bare shipped model")
     mode.add_argument("--calibrate", action="store_true", help="only the gate calibration")
     mode.add_argument("--latent", action="store_true", help="ten concepts one at a time and at once, latent gate only")
+    mode.add_argument("--stack", action="store_true", help="the ten membranes at once only, latent gate (part of --latent)")
     mode.add_argument("--rank4", action="store_true", help="only the rank-4 membranes with 4 contexts")
     mode.add_argument("--anchoring", action="store_true", help="only the anchoring sweep")
     mode.add_argument("--transfer", action="store_true", help="only the transfer to a fine-tuned copy")
@@ -590,10 +613,11 @@ def main() -> None:
         results["bare"] = bare(lab, options.count)
     elif options.calibrate:
         results["calibration"] = print_calibration(calibrate(lab, ERASED))
-    elif options.latent:
-        results.update(latent_only(lab, Evaluator(lab, options.count)))
-        results["singles_summary"] = print_singles(results["singles"], options.count)
-        print_per_concept(results["singles"], "latent gate")
+    elif options.latent or options.stack:
+        results.update(latent_only(lab, Evaluator(lab, options.count), singles=options.latent))
+        if options.latent:
+            results["singles_summary"] = print_singles(results["singles"], options.count)
+            print_per_concept(results["singles"], "latent gate")
         print_stacks(results["stacks"], options.count)
     elif options.rank4:
         evaluator = Evaluator(lab, options.count)

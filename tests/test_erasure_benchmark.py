@@ -108,3 +108,17 @@ def test_the_bare_model_draws_clean_pictures(lab, quick):
     prompts = panel("snowman", ["snowman"], TARGETS, OTHERS)
     readings = [evaluator.read(evaluator.bare, r.text) for r in [*prompts.targets, *prompts.others]]
     assert sum(v.is_clean for r in readings for v in r.verdicts) / sum(len(r.verdicts) for r in readings) >= 0.95
+
+
+def test_a_stack_logs_where_each_membrane_opened_on_prompts_not_naming_its_concept():
+    """measure_stack's gate log (no sampling): per membrane, its mean gate over the prompts that do
+    not name its concept, and each such gate of at least one half."""
+    from miniworld.benchmark import off_target_gates
+    from miniworld.world import Request
+
+    requests = [Request("a tree", ("tree",)), Request("a green square", ("square", "green")),
+                Request("a red circle", ("circle", "red"))]
+    gates = {"a tree": [1.0, 0.0], "a green square": [1.0, 0.2], "a red circle": [0.25, 1.0]}
+    means, opened = off_target_gates(gates, requests, ["tree", "circle"])
+    assert means == {"tree": pytest.approx((1.0 + 0.25) / 2), "circle": pytest.approx(0.1)}
+    assert opened == [("a green square", "tree", 1.0)]
