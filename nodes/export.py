@@ -33,7 +33,7 @@ class SaveSPMAsLoRA(io.ComfyNode):
                 io.Model.Input("model", tooltip="A model with membranes (from SPM Load Membrane)."),
                 io.String.Input("filename", default="spm_baked",
                                 tooltip="File name under models/loras (letters, digits, - and _; .safetensors is added)."),
-                io.Boolean.Input("overwrite", default=False,
+                io.Boolean.Input("overwrite", default=False, optional=True,  # added later: optional for older workflows
                                  tooltip="Replace a file of that name if there is one. Off: an existing file is never touched."),
             ],
             outputs=[io.String.Output(display_name="path", tooltip="Where the LoRA was written.")],

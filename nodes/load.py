@@ -54,15 +54,18 @@ class LoadSPM(io.ComfyNode):
                                tooltip="Fraction of sampling after which the membrane starts acting."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of sampling after which the membrane stops acting."),
-                io.Float.Input("min_gate", default=0.0, min=0.0, max=1.0, step=0.01,
+                # added later: optional, so prompts saved before them run as they did then (no floor, negative
+                # rows at strength, constant)
+                io.Float.Input("min_gate", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="The least this membrane ever opens, whatever the prompt says (0 = the transport "
                                        "formula alone; 1 = always fully open). For concepts that must never pass: a "
                                        "paraphrase or an optimised prompt that fools the gate still meets this much "
                                        "of the membrane."),
                 io.Float.Input("negative_strength", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=0.05,
+                               optional=True,
                                tooltip="Strength on the negative rows, when rows include them (official_code: strength "
                                        "everywhere)."),
-                io.Combo.Input("ramp", options=[ramp.value for ramp in Ramp], default=Ramp.CONSTANT.value,
+                io.Combo.Input("ramp", options=[ramp.value for ramp in Ramp], default=Ramp.CONSTANT.value, optional=True,
                                tooltip="How the strength changes over start_percent..end_percent: constant; fade in (0 at "
                                        "the start, full at the end: acts on details); fade out (full at the start, 0 at "
                                        "the end: acts on composition)."),
@@ -82,8 +85,17 @@ class LoadSPM(io.ComfyNode):
         return True
 
     @classmethod
+    def fingerprint_inputs(cls, membrane, **_inputs) -> str:
+        """The membrane file's content hash: ComfyUI loads it again when the file under that name was
+        replaced (whatever its size and modification time say), and not when it was only touched."""
+        try:
+            return paths.content_key(membrane)
+        except FileNotFoundError:
+            return ""  # execute says the file is gone
+
+    @classmethod
     def execute(cls, model, membrane, strength, transport, rows, start_percent, end_percent, min_gate=0.0,
-                negative_strength=1.0, ramp=Ramp.CONSTANT.value, clip=None) -> io.NodeOutput:
+                negative_strength=None, ramp=Ramp.CONSTANT.value, clip=None) -> io.NodeOutput:
         loaded = load_membrane(paths.membrane_path(membrane))
         mode = TransportMode.named(transport)
         if clip is None and mode is not TransportMode.ALWAYS_OPEN:
@@ -99,7 +111,8 @@ class LoadSPM(io.ComfyNode):
             raise SPMError(f"{membrane}: {error}") from None
         entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=transport_rate,
                               rows=Rows.named(rows), start_percent=start_percent, end_percent=end_percent, node_id=cls.hidden.unique_id,
-                              negative_strength=float(negative_strength), ramp=Ramp.named(ramp))
+                              negative_strength=None if negative_strength is None else float(negative_strength),
+                              ramp=Ramp.named(ramp))
         patched = with_membrane(model, entry)
         return io.NodeOutput(patched, ui={"spm_membrane": [{
             "name": loaded.name, "concepts": loaded.concept_labels, "architecture": loaded.architecture,

@@ -111,10 +111,11 @@ class TrainSPM(io.ComfyNode):
                 io.String.Input("name", default="my_membrane", tooltip="File name in models/spm (without extension)."),
                 io.Boolean.Input("resume", default=False, tooltip="Continue a cancelled run of the same name "
                                                                   "(the .partial.safetensors file of that name) instead of starting over."),
-                io.Boolean.Input("overwrite", default=False,
+                # added later: optional, so workflows saved before them keep running as they did then (never
+                # replacing a file, though, which the first versions did silently; contexts: the paper's loop)
+                io.Boolean.Input("overwrite", default=False, optional=True,
                                  tooltip="Replace the membrane of that name in models/spm if it exists. Off: an existing membrane is "
                                          "never replaced (training stops with a message before it starts)."),
-                # added later: optional, so workflows saved before them keep running with the old behaviour
                 io.Float.Input("stop_at_erasure", default=0.0, min=0.0, max=10.0, step=0.05, optional=True,
                                tooltip=TrainingConfig.help("stop_at_erasure")),
                 io.Int.Input("adversaries", default=0, min=0, max=64, optional=True,
@@ -140,7 +141,7 @@ class TrainSPM(io.ComfyNode):
     def execute(cls, model, clip, target, surrogate, neutral, iterations, learning_rate, rank, alpha, anchor_strength,
                 anchor_samples, surrogate_sampler, erase_guidance, rollout_steps, latent_size, seed, name, resume,
                 overwrite=False, stop_at_erasure=0.0, adversaries=0, adversary_tokens=3, adversary_every=20,
-                adversary_steps=20, contexts=CONTEXTS) -> io.NodeOutput:
+                adversary_steps=20, contexts=0) -> io.NodeOutput:
         name = paths.safe_stem(name)
         folder = folder_paths.get_folder_paths(paths.FOLDER)[0]
         os.makedirs(folder, exist_ok=True)

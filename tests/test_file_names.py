@@ -118,3 +118,50 @@ def test_content_key_follows_the_bytes_not_the_size_and_mtime(spm_world):
     assert paths.content_key(name) != first
     with pytest.raises(FileNotFoundError, match="not found"):
         paths.content_key("gone.safetensors")
+
+
+def test_a_membrane_replaced_under_its_name_is_reloaded_by_the_server(comfy_server):
+    """Through the real server: the same prompt queued again after the membrane file was replaced in
+    place with its size and mtime kept runs SPM Load Membrane again (new weights, new picture); after
+    the file was only touched, ComfyUI's cache serves it."""
+    from PIL import Image
+
+    folder = os.path.join(comfy_server.base_dir, "models", "spm")
+    name = f"swap_{uuid.uuid4().hex[:8]}.safetensors"
+    snoopy = safetensors.torch.load_file(os.path.join(folder, "snoopy.safetensors"))
+    metadata = safetensors.safe_open(os.path.join(folder, "snoopy.safetensors"), "pt").metadata()
+    write_same_size(os.path.join(folder, name), snoopy, metadata)
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd15.safetensors"}},
+        "2": {"class_type": "SPMTextEncode", "inputs": {"clip": ["1", 1], "text": "snoopy sitting on a red doghouse"}},
+        "3": {"class_type": "SPMTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "SPMLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "membrane": name, "strength": 1.0,
+                                                    "transport": "always_open", "rows": "positive only",
+                                                    "start_percent": 0.0, "end_percent": 1.0}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["5", 0], "seed": 5, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": name[:-12]}},
+    }
+
+    def run() -> tuple[set[str], bytes]:
+        entry, events = comfy_server.run_with_events(prompt)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        cached = {n for e in events if e["type"] == "execution_cached" for n in e["data"]["nodes"]}
+        (image,) = entry["outputs"]["8"]["images"]
+        with Image.open(os.path.join(comfy_server.base_dir, "output", image["subfolder"], image["filename"])) as picture:
+            return cached, picture.tobytes()
+
+    try:
+        _, first = run()
+        negated = {k: -v if k.endswith("lora_up.weight") else v for k, v in snoopy.items()}
+        write_same_size(os.path.join(folder, name), negated, metadata, like=os.path.join(folder, name))
+        cached, replaced = run()
+        assert "4" not in cached and replaced != first
+        os.utime(os.path.join(folder, name))
+        cached, touched = run()
+        assert "4" in cached and touched == replaced
+    finally:
+        os.remove(os.path.join(folder, name))
