@@ -7,6 +7,7 @@ import torch
 
 from ..spm_core.errors import SPMError
 from ..spm_core.transport import ConceptEmbedding, content_tokens
+from .architectures import content_span
 
 TOKENS_KEY = "spm_token_ids"
 TOKENS_OF_KEY = "spm_token_ids_embedding"  # fingerprint of the embedding the token ids belong to
@@ -42,7 +43,7 @@ def encode_concept(clip, text: str) -> ConceptEmbedding:
     tokens = tokenize_one_chunk(clip, text, "concept prompt")
     embedding, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     return ConceptEmbedding(embedding=embedding[0].float().cpu(), token_ids=token_ids(clip, tokens),
-                            pooled=None if pooled is None else pooled[0].float().cpu())
+                            pooled=None if pooled is None else pooled[0].float().cpu(), content=content_span(clip, tokens))
 
 
 def encode_empty(clip) -> torch.Tensor:

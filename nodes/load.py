@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..spm_core.errors import SPMError
 from ..spm_core.file_format import load_membrane
 from ..spm_core.ramp import Ramp
+from ..spm_core.token_gate import case_variants
 from ..spm_core.transport import Transport, TransportMode
 from . import paths
 from .encode import encode_concept, encode_with_tokens
@@ -38,18 +39,9 @@ class LoadSPM(io.ComfyNode):
                                        "trained, 0 = off, negative values push toward the concept; the further from 1, "
                                        "the further from what the membrane was trained for."),
                 io.Combo.Input("transport", options=TRANSPORT_MODES, default=TransportMode.PAPER.value,
-                               tooltip="How the gate is computed per prompt. paper: the paper's formula (cosine + token "
-                                       "overlap when prompts come from SPM Text Encode); cosine: embedding cosine only; "
-                                       "calibrated: cosine relative to the empty prompt, unrelated prompts get exactly 0; "
-                                       "latent: calibrated, or higher when the model is about to draw the concept "
-                                       "(whatever the words; one extra model call per run); "
-                                       "official_code: what the official SPM scripts do (paper gate, squared, one gate "
-                                       "for the whole batch, a chain merged into one adapter), to reproduce them; "
-                                       "always_open: gate 1 everywhere, like a plain LoRA."),
+                               tooltip=f"How the gate is computed per prompt. {TransportMode.described()}."),
                 io.Combo.Input("rows", options=[r.value for r in Rows], default=Rows.POSITIVE_ONLY.value,
-                               tooltip="Which CFG rows the membrane acts on: the positive prompt's (the paper), the "
-                                       "negative prompt's, or both. Negative rows are gated by the negative prompt's own "
-                                       "similarity to the concept, at negative_strength."),
+                               tooltip=f"Which CFG rows the membrane acts on. {Rows.described()}."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of sampling after which the membrane starts acting."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -66,9 +58,7 @@ class LoadSPM(io.ComfyNode):
                                tooltip="Strength on the negative rows, when rows include them (official_code: strength "
                                        "everywhere)."),
                 io.Combo.Input("ramp", options=[ramp.value for ramp in Ramp], default=Ramp.CONSTANT.value, optional=True,
-                               tooltip="How the strength changes over start_percent..end_percent: constant; fade in (0 at "
-                                       "the start, full at the end: acts on details); fade out (full at the start, 0 at "
-                                       "the end: acts on composition)."),
+                               tooltip=f"How the strength changes over start_percent..end_percent. {Ramp.described()}."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the membrane added.")],
             hidden=[io.Hidden.unique_id],
@@ -85,11 +75,12 @@ class LoadSPM(io.ComfyNode):
         return True
 
     @classmethod
-    def fingerprint_inputs(cls, membrane, **_inputs) -> str:
+    def fingerprint_inputs(cls, membrane: str | None = None, **_inputs) -> str:
         """The membrane file's content hash: ComfyUI loads it again when the file under that name was
-        replaced (whatever its size and modification time say), and not when it was only touched."""
+        replaced (whatever its size and modification time say), and not when it was only touched. A
+        name that comes through a link is not known here (ComfyUI passes constants only)."""
         try:
-            return paths.content_key(membrane)
+            return paths.content_key(membrane) if isinstance(membrane, str) else ""
         except FileNotFoundError:
             return ""  # execute says the file is gone
 
@@ -102,9 +93,12 @@ class LoadSPM(io.ComfyNode):
             raise SPMError(f"{membrane}: transport {mode.value!r} compares prompts with the membrane's concepts and "
                            "needs the clip input: connect the text encoder your prompts use, or choose always_open")
         try:  # errors about the membrane's concepts name its file
-            concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, p) for c in loaded.concepts
-                                                                     for p in c.prompts]
-            empty = encode_concept(clip, "") if mode in (TransportMode.CALIBRATED, TransportMode.LATENT) else None
+            # T5 is case-sensitive: the token gate compares every case variant of a concept
+            spellings = case_variants if mode is TransportMode.TOKENS else (lambda prompt: (prompt,))
+            concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, spelling) for c in loaded.concepts
+                                                                     for p in c.prompts for spelling in spellings(p)]
+            relative = (TransportMode.CALIBRATED, TransportMode.LATENT, TransportMode.TOKENS)
+            empty = encode_concept(clip, "") if mode in relative else None
             transport_rate = Transport([concepts], mode, empty=None if empty is None else empty.embedding,
                                        empty_pooled=None if empty is None else empty.pooled, floor=float(min_gate))
         except SPMError as error:

@@ -30,7 +30,7 @@ from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 from ..spm_core.errors import SPMError
 from ..spm_core.stack import gates_active
-from .architectures import membrane_layers
+from .architectures import check_membrane_fits, membrane_layers
 from .frontend import send_gate_report
 from .gating import MembraneEntry, MembraneState
 
@@ -174,6 +174,7 @@ def _state_of(base_model) -> MembraneState | None:
 def with_membrane(model, entry: MembraneEntry):
     """A clone of `model` with `entry` added to its membranes (the entry checked itself when built).
     `model` itself is never changed; everything that can fail is checked before the clone is made."""
+    check_membrane_fits(model, entry.membrane, entry.transport)
     previous = model.get_attachment(KEY)
     state = MembraneState((previous.entries if previous else ()) + (entry,), *membrane_layers_of(model))
     patched = model.clone()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from membrane_helpers import modules_of, random_membrane
 from pack import load_spm, node, pack_module
-from tiny_models import build_chroma_clip, build_chroma_patcher, build_flux_clip, build_flux_patcher, build_patcher
+from tiny_models import build_chroma_clip, build_chroma_patcher, build_clip, build_flux_clip, build_flux_patcher, build_patcher
 
 from spm_core.concepts import Concept
 from spm_core.file_format import load_membrane, lora_tensors, save_membrane
@@ -732,3 +732,42 @@ def test_chroma_token_gate_and_rows_under_cfg(chroma):
     (positive,) = nodes.ConditioningCombine().combine(encode_chroma("snoopy"), encode_chroma(UNRELATED))
     ksample(model, positive, encode_chroma("snoopy"), cfg=3.0)
     assert_rows_gated_by_their_own_prompt(spy, rows=3, batched=False)  # ComfyUI batches equal lengths only
+
+
+def test_node_tokens_transport_gates_rows_under_basic_guider(flux):
+    """SPM Load Membrane with transport tokens on Flux: each row of a two-prompt conditioning gated by its
+    own prompt (the concept's case variants encoded by the node) under SamplerCustomAdvanced's BasicGuider."""
+    from comfy.patcher_extension import WrappersMP
+
+    import nodes
+
+    clip = flux["clip"]
+    model = load_spm(flux["patcher"], clip, "flux_snoopy.safetensors", transport="tokens")
+    spy = CallSpy(model.get_attachment(pack_module("nodes.runtime").KEY).stack)
+    model = model.clone()
+    model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "spy", spy)
+    (positive,) = nodes.ConditioningCombine().combine(encode(clip, UNRELATED), encode(clip, "Snoopy in the snow"))
+    basic_guider_sample(model, positive)
+    assert_rows_gated_by_their_own_prompt(spy)
+
+
+def test_node_refusals_name_file_and_model(flux):
+    """SPM Load Membrane refuses a membrane of another family, text width or a gate that cannot work on
+    Flux, naming the file and the model, and leaves the incoming MODEL as it was."""
+    errors = pack_module("spm_core.errors")
+    cases = [
+        (flux["patcher"], None, "sd1_snoopy.safetensors", "always_open",
+         "is a Stable Diffusion UNet membrane (sd1) and the model is Flux"),
+        (flux["sd1"], None, "flux_snoopy.safetensors", "always_open", "is a Flux membrane (flux) and the model is SD15"),
+        (build_flux_patcher(seed=5, text_width=48), None, "flux_snoopy.safetensors", "always_open",
+         "reads 32-wide text (its txt_in layer) but Flux reads 48-wide"),
+        (flux["patcher"], build_clip("sd1", width=48), "flux_snoopy.safetensors", "tokens",
+         "the text encoder gives 48-wide embeddings but Flux reads 32-wide"),
+        (flux["patcher"], flux["clip"], "flux_snoopy.safetensors", "paper", "compares whole flattened prompts"),
+    ]
+    for model, clip, name, transport, phrase in cases:
+        before = state_before(model)
+        with pytest.raises(errors.SPMError) as caught:
+            load_spm(model, clip, name, transport=transport)
+        assert name in str(caught.value) and phrase in str(caught.value), str(caught.value)
+        assert state_before(model) == before
