@@ -109,7 +109,7 @@ function addLabel(node) {
   element.title = "What this membrane erases and how far it opened in the last sampling step";
   Object.assign(element.style, {
     font: FONT, lineHeight: `${LINE_HEIGHT}px`, boxSizing: "border-box",
-    overflow: "hidden", whiteSpace: "normal", overflowWrap: "anywhere", pointerEvents: "none", userSelect: "text",
+    overflow: "hidden", whiteSpace: "normal", overflowWrap: "anywhere", pointerEvents: "none", // the canvas keeps the pointer (drag, select)
   });
   let paragraphs = [];
   const widget = node.addDOMWidget(WIDGET, "spm_info", element, {
@@ -197,8 +197,7 @@ function scopeProgressText() {
   api.dispatchCustomEvent = function (type, detail, ...rest) {
     if (type === "progress_text" && !shownWorkflowRuns()) {
       const prompt = promptGraphs.get(runningPrompt);
-      const id = String(detail?.nodeId ?? "").split(":")[0];
-      if (OURS.has(prompt?.types?.[id])) return false;
+      if (OURS.has(prompt?.types?.[String(detail?.nodeId)])) return false; // ids as in the API prompt ("12:7" in subgraphs)
     }
     return dispatch.call(this, type, detail, ...rest);
   };
