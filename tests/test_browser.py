@@ -9,18 +9,20 @@ One server and one page per frontend, shared by the tests of that frontend:
 - every shipped workflow loads exactly (widget values as the file holds them), and with the classic
   renderer no node is smaller than the frontend needs and none overlaps another; the template
   browser lists each with its thumbnail, under a title it shows whole; an SD1.5 workflow opened
-  without its checkpoint offers the download;
+  without its checkpoint offers the download; SPM Load Membrane's help page (web/docs/SPMLoader.md)
+  opens where the frontend shows node help;
 - SPM Load Membrane's label (a DOM widget) is shown by both renderers and follows the node: what the
   file name says, "file not found" for a file the server does not list, the new file's concepts after
   picking another file, rank/transport/gates after a run queued from the page; events naming
   unknown nodes are ignored; the node is as tall as its content (no empty space under the label);
 - after a reload the label comes back, and a run the server answers from its cache still shows the
-  details (from the gates event);
+  details (from the gates event) (newest frontend only: none of this depends on the frontend);
 - the miniature world from the page: SPM Train Membrane trains while another open workflow, whose
   SPM Load Membrane has the same node id, is on screen (that node gets none of the progress text and
   says "file not found" for the membrane not written yet), queued again unchanged it does not
   retrain, a refresh offers the new membrane, and the erase workflow runs with it (pictures read
-  back from the page, gates on the label);
+  back from the page, gates on the label; this run on the newest frontend only, to keep CI time);
+  classic renderer on the pinned frontend, Vue nodes on the newest;
 - nothing from our script reaches the console.
 
 Screenshots are kept in out/browser/<frontend>-<renderer>/. SPM_UPDATE_DOCS=1 also writes the
