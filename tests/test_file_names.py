@@ -165,3 +165,13 @@ def test_a_membrane_replaced_under_its_name_is_reloaded_by_the_server(comfy_serv
         assert "4" in cached and touched == replaced
     finally:
         os.remove(os.path.join(folder, name))
+
+
+def test_the_loaders_fingerprint_without_a_file_to_hash_leaves_caching_to_comfyui(spm_world):
+    """A name that comes through a link (ComfyUI passes constants only) or a file that is gone: ''
+    (no warning, no forced re-run; execute reports a missing file)."""
+    loader = node("SPMLoader")
+    assert loader.fingerprint_inputs(strength=1.0) == ""
+    assert loader.fingerprint_inputs(membrane="gone.safetensors") == ""
+    assert loader.fingerprint_inputs(membrane="snoopy.safetensors") == pack_module("nodes.paths").content_key(
+        "snoopy.safetensors")
