@@ -2,7 +2,7 @@
 each text encoder's output.
 
 Stable Diffusion 1.x / 2.x / XL UNets: the transformer blocks' Linears and 1x1 convolutions
-(DESIGN.md §1). Flux.1 (comfy.ldm.flux) and Chroma (Flux.1's blocks): where the text enters, i.e.
+(docs/architecture.md, the method). Flux.1 (comfy.ldm.flux) and Chroma (Flux.1's blocks): where the text enters, i.e.
 txt_in and the text stream of every double block (txt_attn.qkv, txt_attn.proj, txt_mlp.0,
 txt_mlp.2); each maps a (batch, text tokens, width) input row by row, so the per-row gate applies
 as on a UNet, and no image token passes through them. Single blocks (one Linear over text and

@@ -35,12 +35,12 @@ UNET_ARCHITECTURES = ("sd1", "sd2", "sdxl")
 CONTEXT_DIM_ARCHITECTURE = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 MAX_FILE_BYTES = 2 * 1024**3
 
-# The layers SPM adapts inside each transformer block (DESIGN.md §1). Files name them after the
+# The layers SPM adapts inside each transformer block (docs/architecture.md, the method). Files name them after the
 # diffusers UNet (the official trainer) or after the original UNet (kohya's SDXL LoRAs).
 _LAYER_IN_BLOCK = r"_(?:proj_in|proj_out|transformer_blocks_\d+_(?:attn[12]_to_(?:q|k|v|out_0)|ff_net_0_proj|ff_net_2))$"
 DIFFUSERS_LAYER = re.compile(r"^lora_unet_(?:(?:down|up)_blocks_\d+_attentions_\d+|mid_block_attentions_0)" + _LAYER_IN_BLOCK)
 ORIGINAL_UNET_LAYER = re.compile(r"^lora_unet_(?:input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)" + _LAYER_IN_BLOCK)
-# Flux (DESIGN.md §5, issue 17): where the text enters. The text-input projection and the text
+# Flux (issue 17): where the text enters. The text-input projection and the text
 # stream of every double block (its attention's qkv and proj, its MLP) read text tokens only, so a
 # per-row update there touches no image token directly. Single blocks (one Linear over text and
 # image tokens together) and the image stream are not membrane layers: FLUX_OTHER_LAYER names them

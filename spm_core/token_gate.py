@@ -1,6 +1,6 @@
 """The token gate: how well a prompt's own token vectors match a concept's, for text encoders that
 give a sequence of token vectors and no whole-prompt embedding worth comparing (T5 in Flux:
-DESIGN.md §5, issue 17).
+issue 17).
 
 For a concept with content-token vectors c_1..c_k (its encoding without start, end and padding
 tokens) and a prompt's conditioning e_1..e_N,

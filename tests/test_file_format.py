@@ -1,4 +1,4 @@
-"""The membrane file format (DESIGN.md §1, §4, §7) against real files and a real ComfyUI host.
+"""The membrane file format (docs/architecture.md, "Files"; bad input refused by name) against real files and a real ComfyUI host.
 
 Files are written here with safetensors directly, in the shapes of tiny models built from
 ComfyUI's own classes, so the layer names are the ones ComfyUI's LoRA key map really has.

@@ -23,7 +23,7 @@ LAYOUTS = {
             block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
-        "modules": 192, "parameters": 423_936,  # + 192 alpha scalars = the ~424k of DESIGN.md
+        "modules": 192, "parameters": 423_936,  # + 192 alpha scalars = ~424k: a rank-1 membrane on SD1.5
     },
     "sdxl": {
         "comfy": "SDXL",

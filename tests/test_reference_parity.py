@@ -1,4 +1,4 @@
-"""Our membrane on ComfyUI's UNet against a reference SPM written here from DESIGN.md §1 on a
+"""Our membrane on ComfyUI's UNet against a reference SPM written here from the method (docs/architecture.md) on a
 diffusers UNet2DConditionModel with the same (converted) weights."""
 
 import pytest
@@ -29,7 +29,7 @@ def diffusers_twin(patcher):
 
 
 def reference_spm(unet, membranes, gates):
-    """DESIGN.md §1 literally: every membrane adds gate · alpha/rank · up(down(x)) on each target
+    """The method literally: every membrane adds gate · alpha/rank · up(down(x)) on each target
     layer, one branch per membrane. Returns the hook handles."""
     handles = []
     for membrane, gate in zip(membranes, gates):
@@ -167,7 +167,7 @@ def test_official_merge_law_reproduces_the_official_code(setup, count, gates):
 
 
 def test_spm_core_alone_applies_a_membrane_file_to_a_diffusers_unet(setup, tmp_path):
-    """The README's ten lines: a membrane file on a diffusers UNet with spm_core only (no ComfyUI
+    """docs/architecture.md's ten lines: a membrane file on a diffusers UNet with spm_core only (no ComfyUI
     key map), equal to the reference at the same gate; nothing changes once the hooks are off."""
     from spm_core.file_format import load_membrane, save_membrane
     from spm_core.stack import apply_membranes
