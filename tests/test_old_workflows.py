@@ -1,12 +1,13 @@
 """Every workflow the pack ever shipped keeps running (issue 16, finding 9).
 
 tests/old_workflows/ holds each version of each file of workflows/ from the repository's history,
-named `<commit that shipped it>_<file name>.json`, and beside it `<same>.api.json`: the API-format
-prompt the frontend exported from it at that commit (converted with the /object_info of a server
-running the pack at that commit). Each runs, unchanged, through today's real server: inputs added
-since then are optional, and their absence means what it meant then. Each UI file, opened today,
-puts every saved value into the input it was saved from (the frontend assigns widget values by
-position, so an input added in the middle of a node's widgets would shift them).
+named `<commit that shipped it>_<file name>.json`, and beside it `<same>.api.json`: its API-format
+prompt as exported at that commit (scripts/comfy_server.workflow_to_api, which assigns widget values
+as the frontend does, with the /object_info of a server running the pack at that commit). Each
+runs, unchanged, through today's real server: inputs added since then are optional, and their
+absence means what it meant then. Each UI file, opened today, puts every saved value into the
+input it was saved from (the frontend assigns widget values by position, so an input added in the
+middle of a node's widgets would shift them).
 
 A workflow changed in workflows/ is kept the same way: this test fails until the new version is
 there (SPM_KEEP_WORKFLOWS=<commit or label> writes both files for it).
