@@ -85,7 +85,7 @@ def erase_prompt(object_info, **loader_inputs):
 @pytest.mark.parametrize("inputs, phrase", [
     ({"strength": math.nan}, "strength is nan"),
     ({"start_percent": 0.9, "end_percent": 0.1}, "sampling range 0.9..0.1 is invalid"),
-    ({"rows": "sideways"}, "rows is 'sideways'; choose one of"),
+    ({"rows": "sideways"}, "unknown rows 'sideways'; choose one of"),
     ({"transport": "fuzzy"}, "unknown transport mode 'fuzzy'"),
     ({"ramp": "zigzag"}, "unknown ramp 'zigzag'"),
     ({"negative_strength": math.nan}, "negative_strength is nan"),
