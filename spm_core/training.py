@@ -160,7 +160,8 @@ class NoisePredictor(Protocol):
         """The latent a sampler starts from at noise level sigma, given unit Gaussian noise."""
 
     def eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
-        """Noise prediction for each row of x at noise level sigma, row i conditioned on prompts[i]."""
+        """Noise prediction (velocity on flow models: what an Euler step follows) for each row of x at
+        noise level sigma, row i conditioned on prompts[i]."""
 
 
 class SoftPrompts(Protocol):
@@ -469,18 +470,33 @@ class Trainer:
     @torch.no_grad()
     def _rollout(self, target: Prompt, size: int, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """k deterministic steps from pure noise with CFG on the target, the membrane ON for the target
-        row and OFF for the uncond row, as SPM Load Membrane samples by default; returns (x, sigma_k)."""
+        row and OFF for the uncond row, as SPM Load Membrane samples by default; returns (x, sigma_k).
+        At CFG 1 (models sampled without CFG, e.g. guidance-distilled Flux.1) no uncond row is
+        evaluated, as ComfyUI's samplers skip it; an uncond row of another length than the target's
+        (T5 without padding: Chroma) is predicted in a call of its own, as ComfyUI's samplers do."""
         sigmas = self.model.sigmas(self.config.rollout_steps).float()
         x = self.model.start(torch.randn(1, self.model.latent_channels, size, size, generator=generator), sigmas[0])
-        self.membrane.enabled, self.membrane.row_mask = True, torch.tensor([0.0, 1.0])
+        cfg = self.config.rollout_cfg
+        for i in range(k):
+            sigma = sigmas[i:i + 1]
+            if math.isclose(cfg, 1.0):
+                eps = self._with_membrane(x, sigma, [target], torch.tensor([1.0]))
+            elif target.embedding.shape != self.empty.embedding.shape:
+                uncond = self._eps(x, sigma, [self.empty])  # the membrane is off outside _with_membrane
+                eps = uncond + cfg * (self._with_membrane(x, sigma, [target], torch.tensor([1.0])) - uncond)
+            else:
+                both = self._with_membrane(x, sigma, [self.empty, target], torch.tensor([0.0, 1.0]))
+                eps = both[:1] + cfg * (both[1:] - both[:1])
+            x = x + (sigmas[i + 1] - sigmas[i]) * eps
+        return x, sigmas[k:k + 1]
+
+    def _with_membrane(self, x: torch.Tensor, sigma: torch.Tensor, prompts: list[Prompt], rows: torch.Tensor) -> torch.Tensor:
+        """Predictions with the membrane on the rows where `rows` is 1 and off where it is 0."""
+        self.membrane.enabled, self.membrane.row_mask = True, rows
         try:
-            for i in range(k):
-                both = self._eps(x, sigmas[i:i + 1], [self.empty, target])
-                eps = both[:1] + self.config.rollout_cfg * (both[1:] - both[:1])
-                x = x + (sigmas[i + 1] - sigmas[i]) * eps
+            return self._eps(x, sigma, prompts)
         finally:
             self.membrane.enabled, self.membrane.row_mask = False, None
-        return x, sigmas[k:k + 1]
 
 
 class _CountedRows:
