@@ -4,23 +4,28 @@ spm_core.training — the model adapter, prompt encoding, progress, cancel and f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import comfy.model_base
 import comfy.model_management
+import comfy.model_sampling
 import comfy.samplers
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..spm_core.concepts import Concept, clean_prompt
 from ..spm_core.contexts import ContextPrompts, context_texts
-from ..spm_core.errors import SPMError
-from ..spm_core.file_format import DIFFUSERS_LAYER, load_membrane, save_membrane
+from ..spm_core.errors import SPMError, SPMModelMismatch
+from ..spm_core.file_format import CONTEXT_DIM_ARCHITECTURE, DIFFUSERS_LAYER, FLUX_LAYER, load_membrane, save_membrane
 from ..spm_core.surrogates import Prompt, make_sampler, random_word_prompts
 from ..spm_core.training import AdversarySpace, ConceptPrompts, StepReport, TrainableMembrane, Trainer, TrainingConfig, training_metadata
+from .architectures import FLUX, UNET, model_family, model_label, text_width_of
 from .encode import tokenize_one_chunk
 from .paths import PARTIAL_SUFFIX, refuse_to_replace
 from .runtime import membrane_layers_of
@@ -29,36 +34,90 @@ from .soft_prompts import ClipSoftPrompts
 SURROGATE_POOL = 256
 CONTEXT_POOL = 256
 ARCHITECTURE_OF = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SDXL": "sdxl"}
+# the layer names our files use, one per bound module: the public SPM (diffusers) names on UNets, the
+# kohya / BFL names on Flux (ComfyUI's key map also gives UNets their original-module names)
+FILE_LAYER = {UNET: DIFFUSERS_LAYER, FLUX: FLUX_LAYER}
 
 
 class ComfyNoisePredictor:
     """spm_core's NoisePredictor over a ComfyUI model. ComfyUI's apply_model returns the denoised
-    latent for every prediction type, so eps = (x - denoised) / sigma holds for v-prediction too."""
+    latent for every prediction type, and (x - denoised) / sigma is the direction ComfyUI's Euler
+    sampler steps along: the noise for eps and v-prediction UNets, the velocity (noise - image) for
+    flow models (Flux, Chroma: CONST sampling). Training takes that as "the prediction" throughout:
+    the erase target e_neu - g (e_pos - e_neu) is an affine combination of predictions (coefficients
+    summing to 1) and the anchor terms are differences, and eps and velocity are each affine in the
+    denoised latent at a given (x, sigma), so either gives the same optimum, the loss scaled per
+    noise level (velocity differences are eps differences / (1 - sigma))."""
 
     def __init__(self, patcher) -> None:
         self.base = patcher.model
         self.device = patcher.load_device
         self.latent_channels = self.base.latent_format.latent_channels
+        # the sampling a KSampler would use, ModelSamplingFlux / ModelSamplingSD3 patches (shift) included
+        self.model_sampling = patcher.get_model_object("model_sampling")
 
     def sigmas(self, steps: int) -> torch.Tensor:
-        return comfy.samplers.calculate_sigmas(self.base.model_sampling, "ddim_uniform", steps).cpu()
+        """DDIM's uniform steps on UNets (the paper's rollout). Flow models: the 'simple' schedule their
+        workflows sample with, which starts at sigma_max = 1 (ddim_uniform on Flux's 10000-entry table
+        starts just below it, 0.966 at 10 steps)."""
+        flow = isinstance(self.model_sampling, comfy.model_sampling.CONST)
+        return comfy.samplers.calculate_sigmas(self.model_sampling, "simple" if flow else "ddim_uniform", steps).cpu()
 
     def start(self, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """As ComfyUI's samplers start from an empty latent at full denoise (the model's own noise
         scaling, so models that patch it train on the trajectories they sample)."""
-        return self.base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+        return self.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
 
     def eps(self, x: torch.Tensor, sigma: torch.Tensor, prompts) -> torch.Tensor:
+        shapes = [tuple(p.embedding.shape) for p in prompts]
+        if len(set(shapes)) == 1:
+            return self._predict(x, sigma, prompts)
+        # T5 without padding (Chroma) encodes prompts to different lengths: one call per length, as
+        # ComfyUI's samplers batch only conds of one shape (padding would change the prediction)
+        groups: dict[tuple, list[int]] = {}
+        for row, shape in enumerate(shapes):
+            groups.setdefault(shape, []).append(row)
+        order = torch.tensor([row for rows in groups.values() for row in rows])
+        parts = [self._predict(x[rows], sigma[rows], [prompts[row] for row in rows]) for rows in groups.values()]
+        return torch.cat(parts)[torch.argsort(order).to(parts[0].device)]
+
+    def _predict(self, x: torch.Tensor, sigma: torch.Tensor, prompts) -> torch.Tensor:
         x, sigma = x.to(self.device), sigma.to(self.device)
         context = torch.cat([p.embedding[None] for p in prompts]).to(self.device)
-        extra = {}
-        if prompts[0].pooled is not None:
-            pooled = torch.cat([p.pooled.reshape(1, -1) for p in prompts])
-            y = self.base.encode_adm(pooled_output=pooled, width=x.shape[-1] * 8, height=x.shape[-2] * 8)
-            if y is not None:
-                extra["y"] = y.to(self.device)
-        denoised = self.base.apply_model(x, sigma, c_crossattn=context, **extra)
+        denoised = self.base.apply_model(x, sigma, c_crossattn=context, **self._conditions(x, prompts))
         return (x - denoised) / sigma.reshape(-1, 1, 1, 1)
+
+    def _conditions(self, x: torch.Tensor, prompts) -> dict:
+        """The model's inputs beside the text, built by the model itself as ComfyUI's samplers build
+        them (BaseModel.extra_conds) for a cond without extra settings: SDXL's pooled vector and size
+        embeddings, Flux's pooled CLIP-L vector `y` and its distilled guidance 3.5 (ComfyUI's default,
+        and FluxGuidance's), Chroma's guidance 0."""
+        pooled = None if prompts[0].pooled is None else torch.cat([p.pooled.reshape(1, -1) for p in prompts])
+        conds = self.base.extra_conds(noise=x, device=self.device, width=x.shape[-1] * 8, height=x.shape[-2] * 8,
+                                      pooled_output=pooled)
+        batched = {key: cond.process_cond(batch_size=x.shape[0], area=None).cond for key, cond in conds.items()}
+        return {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batched.items()}
+
+
+def architecture_of(model) -> str:
+    """The `architecture` a membrane trained on `model` is saved with (flux, sd1, sd2, sdxl): by the
+    model's family, then by its config's name or its text width. Refused when none tells: such a
+    file could not be loaded."""
+    family = model_family(model)
+    if family == FLUX:
+        return "flux"
+    architecture = ARCHITECTURE_OF.get(model_label(model)) or CONTEXT_DIM_ARCHITECTURE.get(text_width_of(model))
+    if architecture is None:
+        raise SPMModelMismatch(f"{model_label(model)} ({type(model.model).__name__}): cannot tell which Stable "
+                               "Diffusion version or Flux model it is, so a membrane trained on it could not be "
+                               "loaded; SPM trains on SD1.x, SD2.x, SDXL, Flux.1 and Chroma")
+    return architecture
+
+
+def sampled_without_cfg(model) -> bool:
+    """Flux.1 (dev, schnell and their Fill / Kontext variants) is sampled at CFG 1: dev's guidance is a
+    model input (FluxGuidance), schnell is distilled to few steps. Chroma is sampled with CFG."""
+    return type(model.model) is comfy.model_base.Flux
 
 
 @contextlib.contextmanager
@@ -80,17 +139,36 @@ def trainable_copies(module: torch.nn.Module):
             sub._parameters[name] = parameter
 
 
+@contextlib.contextmanager
+def copies_of_saved_activations():
+    """ComfyUI's Flux and Chroma blocks add their residuals in place (`x += ...`), overwriting the
+    residual stream their LayerNorms saved for backward. A copy of each activation autograd saves,
+    taken when it is saved, keeps the membrane's gradient exact; weights (leaves) are kept as they are."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda saved: saved if saved.is_leaf else saved.clone(),
+                                                  lambda saved: saved):
+        yield
+
+
 def encode(clip, text: str, what: str = "prompt") -> Prompt:
     embedding, pooled = clip.encode_from_tokens(tokenize_one_chunk(clip, text, what), return_pooled=True)
     return Prompt(embedding[0].float().cpu().clone(), None if pooled is None else pooled[0].float().cpu().clone())
 
 
 def vocabulary_words(clip) -> list[str]:
-    """Whole words from the CLIP BPE vocabulary (entries ending in </w>, letters only)."""
+    """Whole words of three letters or more from the text encoder's vocabulary, for anchor and context
+    prompts: the CLIP BPE vocabulary's entries ending in </w> (SD, and Flux's CLIP-L, which reads
+    the same words as its T5), else T5's sentencepiece pieces that start a word with "▁" (Chroma)."""
     tokenizer = getattr(clip.tokenizer, "clip_l", None) or getattr(clip.tokenizer, "clip_h", None) \
         or getattr(clip.tokenizer, "clip_g", None)
+    if tokenizer is not None:
+        vocab = tokenizer.tokenizer.get_vocab()
+        return sorted(w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 6)
+    tokenizer = getattr(clip.tokenizer, "t5xxl", None) or getattr(clip.tokenizer, "clip_t5xxl", None)
+    if tokenizer is None:
+        raise SPMError(f"the text encoder ({type(clip.tokenizer).__name__}) has neither a CLIP nor a T5 vocabulary to "
+                       "draw anchor and context words from: set surrogates to 'gaussian' and contexts to 0")
     vocab = tokenizer.tokenizer.get_vocab()
-    return sorted(w[:-4] for w in vocab if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 6)
+    return sorted(w[1:] for w in vocab if w.startswith("▁") and w[1:].isascii() and w[1:].isalpha() and len(w) > 3)
 
 
 @dataclass
@@ -131,11 +209,19 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
     surrogates = request.surrogates * len(request.targets) if len(request.surrogates) == 1 else request.surrogates
     concepts = tuple(Concept(t, surrogate=(surrogates[i] if surrogates else None), neutral=request.neutral or None)
                      for i, t in enumerate(request.targets))
-    architecture = ARCHITECTURE_OF.get(type(model.model.model_config).__name__, "unknown")
+    key_map, shapes = membrane_layers_of(model)  # refuses a model that takes no membranes, naming it
+    architecture = architecture_of(model)
+    family = model_family(model)
+    token_search = config.adversaries > 0 and config.adversary_space == AdversarySpace.TOKENS.value
+    if token_search and family == FLUX:
+        raise SPMError(f"adversary space {AdversarySpace.TOKENS.value!r} searches CLIP token embeddings, and "
+                       f"{model_label(model)} reads T5 text: set adversary space to "
+                       f"{AdversarySpace.CONDITIONING.value!r} (or adversaries to 0)")
+    if sampled_without_cfg(model) and not math.isclose(config.rollout_cfg, 1.0):
+        config = dataclasses.replace(config, rollout_cfg=1.0)  # roll out as the model is sampled
 
     comfy.model_management.load_models_gpu([model])
-    key_map, shapes = membrane_layers_of(model)
-    names = {name: key for name, key in key_map.items() if DIFFUSERS_LAYER.match(name)}
+    names = {name: key for name, key in key_map.items() if FILE_LAYER[family].match(name)}
     with torch.inference_mode(False), torch.enable_grad():
         empty = encode(clip, "")
         prompts = [ConceptPrompts(c, encode(clip, c.target, "target"), encode(clip, c.target, "target"),
@@ -155,7 +241,6 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
         membrane = TrainableMembrane({n: shapes[k] for n, k in names.items()}, config.rank, config.alpha, config.seed)
         start = _resume_point(request, membrane) if request.resume else 0
         modules = {n: model.model.get_submodule(k) for n, k in names.items()}
-        token_search = config.adversaries > 0 and config.adversary_space == AdversarySpace.TOKENS.value
         soft_prompts = ClipSoftPrompts(clip, [c.target for c in concepts]) if token_search else None
         trainer = Trainer(ComfyNoisePredictor(model), membrane, prompts, empty, sampler, config, soft_prompts, contexts)
         if request.resume and os.path.exists(partial_path(request.path)) and os.path.exists(state_path(request.path)):
@@ -171,7 +256,8 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
 
         # the token search differentiates through the text encoder too
         text_encoder = clip.cond_stage_model if token_search else torch.nn.Module()
-        with trainable_copies(model.model.diffusion_model), trainable_copies(text_encoder):
+        saved = copies_of_saved_activations() if family == FLUX else contextlib.nullcontext()
+        with trainable_copies(model.model.diffusion_model), trainable_copies(text_encoder), saved:
             membrane.attach(modules)
             try:
                 reports = trainer.run(start, step)

@@ -98,7 +98,19 @@ def flux_config(width: int = 32, text_width: int = 32, pooled_width: int = 32, d
             "qkv_bias": True, "guidance_embed": True}
 
 
-def build_flux_patcher(seed: int = 0, text_width: int = 32, std: float = 0.1):
+def amplify_text_values_(diffusion_model: torch.nn.Module, gain: float) -> None:
+    """Scale the values the text tokens give the joint attention of every double block (the last third
+    of txt_attn.qkv), so that prompts change a tiny random DiT's prediction by a useful amount (as
+    build_patcher's `prompt_gain` does for a UNet's cross-attention values)."""
+    with torch.no_grad():
+        for block in diffusion_model.double_blocks:
+            qkv = block.txt_attn.qkv
+            third = qkv.weight.shape[0] // 3
+            qkv.weight[2 * third:].mul_(gain)
+            qkv.bias[2 * third:].mul_(gain)
+
+
+def build_flux_patcher(seed: int = 0, text_width: int = 32, std: float = 0.1, prompt_gain: float = 1.0):
     """A ModelPatcher around a tiny random Flux.1 (comfy.model_base.Flux, comfy.ldm.flux.model.Flux)."""
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -106,6 +118,7 @@ def build_flux_patcher(seed: int = 0, text_width: int = 32, std: float = 0.1):
 
     model = comfy.supported_models.Flux(flux_config(text_width=text_width)).get_model({})
     randomize_(model.diffusion_model, seed, std=std)
+    amplify_text_values_(model.diffusion_model, prompt_gain)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
@@ -123,7 +136,7 @@ def build_flux_clip(seed: int = 1, width: int = 32):
     return clip
 
 
-def build_chroma_patcher(seed: int = 0, std: float = 0.1):
+def build_chroma_patcher(seed: int = 0, std: float = 0.1, prompt_gain: float = 1.0):
     """A ModelPatcher around a tiny random Chroma (comfy.model_base.Chroma, comfy.ldm.chroma): Flux.1's
     double and single blocks (as flux_config) with the modulation from its small approximator network."""
     import comfy.model_management as mm
@@ -135,6 +148,7 @@ def build_chroma_patcher(seed: int = 0, std: float = 0.1):
                   hidden_dim=64, n_layers=2)
     model = comfy.supported_models.Chroma(config).get_model({})
     randomize_(model.diffusion_model, seed, std=std)
+    amplify_text_values_(model.diffusion_model, prompt_gain)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
