@@ -15,6 +15,16 @@ rotates each round). Measures per case:
     python scripts/benchmark.py               # 64x64 latent, 5 rounds: ~8 min on 2 idle cores
     python scripts/benchmark.py --quick       # 32x32 latent, 3 rounds: ~1.5 min
     python scripts/benchmark.py --threads 1   # steadier when other processes share the cores
+    python scripts/benchmark.py --flux        # Flux.1-dev instead (below)
+
+Flux.1-dev (--flux; issue 17): the full model (12B parameters) is built on the meta device, for its
+membrane layers only (txt_in and the text stream of its 19 double blocks); one double block and one
+single block are built for real at full width (3072, 24 heads) from the same ComfyUI classes. The
+fused cases run on the real double block, one prompt row (Flux.1-dev samples at CFG 1), its 256 T5
+tokens (ComfyUI pads Flux's prompt to 256) beside the image tokens of a 512 px picture (--quick:
+256 px). The hook ratio of the whole model is projected from the blocks: 1 + 19 x hook time per
+double block / (19 x bare double block + 38 x bare single block); txt_in (256 tokens, one layer)
+and the model's small input and output layers are left out of both.
 
 COMFYUI_ROOT selects the host tree (default ~/.cache/spm-comfy-host/ComfyUI).
 """
@@ -45,6 +55,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from membrane_helpers import key_map_of, modules_of, random_membrane, shapes_of  # noqa: E402
 
+from spm_core.file_format import FLUX_LAYER  # noqa: E402
 from spm_core.membrane import FusedLayer, Membrane  # noqa: E402
 from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active  # noqa: E402
 from spm_core.transport import ConceptEmbedding, Transport, TransportMode  # noqa: E402
@@ -57,6 +68,11 @@ SD15_UNET = {
     "context_dim": 768, "use_linear_in_transformer": False, "adm_in_channels": None, "use_spatial_transformer": True,
     "legacy": False, "use_temporal_resblock": False, "use_temporal_attention": False,
 }
+# Flux.1-dev as ComfyUI's model detection configures it
+FLUX_DEV = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+            "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+            "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
+FLUX_TEXT_TOKENS = 256
 COUNTS = (1, 5, 20, 50)
 FUSED_TARGET = {1: "<= 1.01x", 5: "<= 1.015x", 20: "<= 1.025x (wall <= 1.05x)", 50: "<= 1.045x"}
 NAIVE_REFERENCE = {20: "probe: 1.5-1.7x", 50: "probe: 2.3-3.1x"}
@@ -119,25 +135,31 @@ class TimedHooks(InstalledHooks):
         return self.clock.timed(super()._hook_for(layer))
 
 
+def init_weights_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """N(0, 1/fan_in) weights, small biases, unit norms, so activations stay O(1) through the whole
+    depth (garbage or exploding values could change the kernels' speed)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+            for name, param in module.named_parameters(recurse=False):
+                if is_norm or name == "scale":  # Flux's QK RMSNorm keeps its gain in `scale`
+                    param.fill_(1.0 if name in ("weight", "scale") else 0.0)
+                elif name == "bias":
+                    param.normal_(0.0, 0.01, generator=generator)
+                else:
+                    param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
+    return model
+
+
 def build_unet(seed: int) -> torch.nn.Module:
-    """A ComfyUI SD1.5 BaseModel with N(0, 1/fan_in) weights, so activations stay O(1) through
-    the whole depth (garbage or exploding values could change the kernels' speed)."""
+    """A ComfyUI SD1.5 BaseModel with init_weights_."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
     model = comfy.supported_models.SD15(dict(SD15_UNET)).get_model({})
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.diffusion_model.modules():
-            is_norm = isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))
-            for name, param in module.named_parameters(recurse=False):
-                if is_norm:
-                    param.fill_(1.0 if name == "weight" else 0.0)
-                elif name == "bias":
-                    param.normal_(0.0, 0.01, generator=generator)
-                else:
-                    param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
+    init_weights_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
@@ -278,17 +300,116 @@ def print_table(cases: list[Case], bare: Case) -> None:
               f"{len(case.runs):4d}   {case.target}")
 
 
+def flux_blocks(seed: int) -> tuple[dict[str, str], torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """Flux.1-dev on the meta device: its membrane layers (file name -> module key, from ComfyUI's own
+    LoRA key map), and its first double block, first single block and rotary embedder (no weights),
+    the two blocks made real with init_weights_."""
+    import comfy.lora
+    import comfy.supported_models
+
+    model = comfy.supported_models.Flux(dict(FLUX_DEV)).get_model({}, device="meta")
+    key_map = {name: key[: -len(".weight")] for name, key in comfy.lora.model_lora_keys_unet(model, {}).items()
+               if isinstance(key, str) and FLUX_LAYER.match(name)}
+    dit = model.diffusion_model
+    double, single = (init_weights_(block.to_empty(device="cpu"), seed + i)
+                      for i, block in enumerate((dit.double_blocks[0], dit.single_blocks[0])))
+    return key_map, double, single, dit.pe_embedder
+
+
+def flux_main(rounds: int, pixels: int) -> None:
+    """The Flux.1-dev case of the module docstring."""
+    started = time.perf_counter()
+    key_map, double, single, pe_embedder = flux_blocks(seed=0)
+    depth, single_depth, width = FLUX_DEV["depth"], FLUX_DEV["depth_single_blocks"], FLUX_DEV["hidden_size"]
+    # the first double block's layers, named by their path inside the block
+    prefix = "diffusion_model.double_blocks.0."
+    block_map = {name: key[len(prefix):] for name, key in key_map.items() if key.startswith(prefix)}
+    modules = {path: double.get_submodule(path) for path in block_map.values()}
+    shapes = shapes_of(modules)
+    most = max(COUNTS)
+    membranes = [random_membrane(block_map, modules, seed=100 + i, target=f"concept{i}", std=0.05) for i in range(most)]
+    stacks = {n: MembraneStack([MembraneUse(m) for m in membranes[:n]], block_map, shapes) for n in COUNTS}
+
+    generator = torch.Generator().manual_seed(1)
+    side = pixels // 16  # 8x VAE, 2x2 patches
+    img = torch.randn(1, side * side, width, generator=generator)
+    txt = torch.randn(1, FLUX_TEXT_TOKENS, width, generator=generator)
+    vec = torch.randn(1, width, generator=generator)
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1] = torch.arange(side)[:, None]
+    img_ids[..., 2] = torch.arange(side)[None, :]
+    ids = torch.cat([torch.zeros(1, FLUX_TEXT_TOKENS, 3), img_ids.reshape(1, -1, 3)], dim=1)
+    pe = pe_embedder(ids)
+    gates = torch.rand(1, most, generator=generator) * 0.7 + 0.3
+
+    def forward() -> torch.Tensor:  # the blocks add their residuals in place: fresh inputs every call
+        return torch.cat(double(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe), dim=1)
+
+    def forward_single() -> torch.Tensor:
+        return single(torch.cat([txt, img], dim=1), vec=vec, pe=pe)
+
+    load = os.getloadavg()[0]
+    print(f"SPM membrane benchmark: Flux.1-dev ({len(key_map)} membrane layers on the meta-device model: txt_in and "
+          f"{len(block_map)} per double block x {depth}), one real double block ({sum(p.numel() for p in double.parameters()) / 1e6:.0f}M "
+          f"parameters, ComfyUI classes) and one real single block, fp32 CPU, {torch.get_num_threads()} threads, "
+          f"{pixels} px: {side * side} image + {FLUX_TEXT_TOKENS} text tokens, 1 row, rank 1; set-up "
+          f"{time.perf_counter() - started:.0f} s; load average {load:.2f} on {os.cpu_count()} CPUs", flush=True)
+
+    clocks: dict[str, HookClock] = {}
+
+    def hooked_case(label: str, short: str, target: str, rounds_for: int,
+                    make: Callable[[HookClock], contextlib.AbstractContextManager]) -> Case:
+        clock = clocks.setdefault(label, HookClock())
+        return Case(label, short, target, lambda: make(clock), rounds_for)
+
+    cases = [hooked_case(f"fused, {n} membranes", f"fused{n}", FUSED_TARGET[n], rounds,
+                         lambda clock, n=n: fused(stacks[n], modules, gates[:, :n], clock)) for n in COUNTS]
+    cases.append(hooked_case("floor: one pass over outputs", "floor", "(reference: the cost of any output hook)",
+                             max(1, rounds // 2), lambda clock: output_pass(modules, clock)))
+    zero_label = f"all-zero gates, {most} membranes"
+    cases.append(hooked_case(zero_label, "zero", "~1.00x (early exit)", max(1, rounds // 2),
+                             lambda clock: fused(stacks[most], modules, torch.zeros(1, most), clock)))
+    bare = Case("bare double block", "bare", "", contextlib.nullcontext, rounds)
+    forward()  # warm-up: first-touch allocations, kernel selection
+    run_rounds(cases, bare, forward, clocks, rounds)
+    print_table(cases, bare)
+
+    def single_seconds() -> float:
+        start = now()
+        forward_single()
+        return since(start)[1]
+
+    forward_single()
+    single_cpu = statistics.median(single_seconds() for _ in range(max(1, rounds // 2)))
+    double_cpu = statistics.median(run[1] for run in bare.runs.values())
+    by_label = {case.label: case for case in cases}
+    print(f"bare single block: median {single_cpu:.2f} s CPU; the double blocks are "
+          f"{depth * double_cpu / (depth * double_cpu + single_depth * single_cpu):.0%} of the blocks' time")
+    print(f"{'whole model, projected':30s} hook ratio (19 double blocks' hooks over 19 double + 38 single blocks)")
+    for n in COUNTS:
+        hook_cpu = statistics.median(cpu for _, cpu in by_label[f"fused, {n} membranes"].hooks)
+        print(f"  fused, {n:2d} membranes {1 + depth * hook_cpu / (depth * double_cpu + single_depth * single_cpu):9.4f}x   "
+              f"{FUSED_TARGET[n]}")
+    print(f"checks: all-zero gates bit-identical to bare: {torch.equal(by_label[zero_label].output, bare.output)}; "
+          f"open membranes change the output: {not torch.equal(by_label[f'fused, {most} membranes'].output, bare.output)}")
+    print(f"total {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32x32 latent and 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="32x32 latent and 3 rounds (Flux: 256 px)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds for bare and fused (default 5, quick 3)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--flux", action="store_true", help="a full-width Flux.1-dev double block instead of SD1.5")
     options = parser.parse_args()
     if options.threads:
         torch.set_num_threads(options.threads)
     rounds = options.rounds or (3 if options.quick else 5)
     side = 32 if options.quick else 64
     torch.set_grad_enabled(False)  # as ComfyUI samples
+    if options.flux:
+        flux_main(rounds, 256 if options.quick else 512)
+        return
 
     started = time.perf_counter()
     patcher = build_unet(seed=0)
