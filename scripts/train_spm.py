@@ -3,6 +3,12 @@
 usage: python scripts/train_spm.py CHECKPOINT.safetensors --target "snoopy" [--config train.yaml]
            [--surrogate "a dog"] [--neutral ""] [--out models/spm/snoopy.safetensors] [--resume]
            [--comfyui PATH/TO/ComfyUI] [--clip-skip N]
+       python scripts/train_spm.py flux1-dev.safetensors --text-encoder clip_l.safetensors
+           --text-encoder t5xxl_fp16.safetensors --target "snoopy" ...
+A checkpoint with its text encoder is loaded as CheckpointLoaderSimple loads it (SD1.x / SD2.x /
+SDXL, or an all-in-one Flux.1 checkpoint such as flux1-dev-fp8.safetensors); with --text-encoder
+the first file is a diffusion model alone, loaded as UNETLoader loads it, and the text encoders as
+DualCLIPLoader loads them (--text-encoder-type: flux by default; chroma takes one T5 file).
 The config (YAML or JSON) holds spm_core.training.TrainingConfig fields, e.g.
     iterations: 3000
     learning_rate: 1.0e-4
@@ -26,7 +32,12 @@ DEFAULT_HOST = os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host",
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="SD1.x / SD2.x / SDXL checkpoint (.safetensors)")
+    parser.add_argument("checkpoint", help="SD1.x / SD2.x / SDXL / Flux.1 checkpoint, or with --text-encoder a diffusion "
+                                           "model file (Flux.1, Chroma)")
+    parser.add_argument("--text-encoder", action="append", default=[],
+                        help="text encoder file for a diffusion model file (repeat: Flux.1 takes clip_l and t5xxl)")
+    parser.add_argument("--text-encoder-type", default="flux",
+                        help="how the text encoders are read, as DualCLIPLoader's type (flux, chroma, ...)")
     parser.add_argument("--target", action="append", required=True, help="concept to erase (repeat for several)")
     parser.add_argument("--surrogate", action="append", default=[], help="edit: what the target becomes")
     parser.add_argument("--neutral", default="", help="neutral prompt (default: empty)")
@@ -62,7 +73,6 @@ def main(argv: list[str]) -> None:
     args.cpu = options.cpu or not _has_accelerator()
     import importlib
 
-    import comfy.sd
     import torch
 
     from scripts.pack_loader import load_pack
@@ -76,7 +86,7 @@ def main(argv: list[str]) -> None:
             values[key] = value
     config = TrainingConfig(**values).check()
     out = os.path.abspath(options.out or f"{options.target[0].replace(' ', '_')}.safetensors")
-    model, clip = comfy.sd.load_checkpoint_guess_config(options.checkpoint, output_vae=False)[:2]
+    model, clip = load_models(options)
     if options.clip_skip:
         clip = clip.clone()
         clip.clip_layer(-options.clip_skip)
@@ -97,6 +107,25 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:
         raise SystemExit(f"stopped; progress kept in {training.partial_path(out)} (continue with --resume)") from None
     print(f"saved {out}: {len(reports)} iterations, {rows:.1f} UNet rows per iteration")
+
+
+def load_models(options: argparse.Namespace) -> tuple:
+    """(MODEL, CLIP) as ComfyUI's loader nodes give them; a checkpoint without a text encoder is refused
+    before anything is trained."""
+    import comfy.sd
+
+    if not options.text_encoder:
+        model, clip = comfy.sd.load_checkpoint_guess_config(options.checkpoint, output_vae=False)[:2]
+        if clip is None:
+            raise SystemExit(f"{os.path.basename(options.checkpoint)} holds no text encoder: give its text encoder "
+                             "files with --text-encoder (Flux.1: clip_l and t5xxl)")
+        return model, clip
+    clip_type = getattr(comfy.sd.CLIPType, options.text_encoder_type.upper(), None)
+    if clip_type is None:
+        raise SystemExit(f"--text-encoder-type {options.text_encoder_type!r} is not one of "
+                         f"{', '.join(t.name.lower() for t in comfy.sd.CLIPType)}")
+    return (comfy.sd.load_diffusion_model(options.checkpoint),
+            comfy.sd.load_clip(ckpt_paths=options.text_encoder, clip_type=clip_type))
 
 
 def _has_accelerator() -> bool:

@@ -196,3 +196,39 @@ def test_bad_flux_training_input_is_refused_by_name_before_anything_is_written(f
                                               r"'conditioning'"):
         train(patcher, clip, path, adversaries=1)
     assert not os.path.exists(path) and not os.listdir(tmp_path)
+
+
+def test_the_command_line_loads_a_diffusion_model_file_and_its_text_encoders(tmp_path):
+    """scripts/train_spm.py with --text-encoder loads the diffusion model as UNETLoader does and the text
+    encoders as DualCLIPLoader does (how Flux.1 is distributed: flux1-dev.safetensors, clip_l, t5xxl).
+    ComfyUI's loaders detect Flux only at its full widths, so the files here are the tiny SD1.5
+    checkpoint's UNet and CLIP-L split apart; a checkpoint without its text encoder is refused by name."""
+    import argparse
+
+    import comfy.utils
+
+    from scripts.tiny_assets import cached_checkpoint
+    from scripts.train_spm import load_models
+
+    whole = comfy.utils.load_torch_file(cached_checkpoint(), safe_load=True)
+    unet = {key: value for key, value in whole.items() if key.startswith("model.diffusion_model.")}
+    text = {key[len("cond_stage_model.transformer."):]: value for key, value in whole.items()
+            if key.startswith("cond_stage_model.transformer.")}
+    comfy.utils.save_torch_file(unet, str(tmp_path / "unet.safetensors"))
+    comfy.utils.save_torch_file(text, str(tmp_path / "clip_l.safetensors"))
+
+    def options(**values) -> argparse.Namespace:
+        return argparse.Namespace(**{"checkpoint": str(tmp_path / "unet.safetensors"), "text_encoder": [],
+                                     "text_encoder_type": "flux", **values})
+
+    model, clip = load_models(options(text_encoder=[str(tmp_path / "clip_l.safetensors")],
+                                      text_encoder_type="stable_diffusion"))
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert type(model.model.model_config).__name__ == "SD15"
+    assert torch.equal(model.model.state_dict()[key], whole["model." + key])
+    assert clip.encode_from_tokens(clip.tokenize("snoopy")).shape == (1, 77, 768)
+    with pytest.raises(SystemExit, match=r"--text-encoder-type 'fluxx' is not one of stable_diffusion, .*flux"):
+        load_models(options(text_encoder=[str(tmp_path / "clip_l.safetensors")], text_encoder_type="fluxx"))
+    with pytest.raises(SystemExit, match=r"unet.safetensors holds no text encoder: give its text encoder files with "
+                                         r"--text-encoder \(Flux.1: clip_l and t5xxl\)"):
+        load_models(options())
