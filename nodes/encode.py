@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..spm_core.errors import SPMError
-from ..spm_core.transport import ConceptEmbedding, content_tokens
+from ..spm_core.membrane import Membrane
+from ..spm_core.token_gate import case_variants
+from ..spm_core.transport import ConceptEmbedding, Transport, TransportMode, content_tokens
 from .architectures import content_span
 
 TOKENS_KEY = "spm_token_ids"
@@ -65,3 +67,19 @@ def encode_with_tokens(clip, text: str) -> list:
     conditioning = clip.encode_from_tokens_scheduled(tokens)
     return [[embedding, {**options, TOKENS_KEY: ids, TOKENS_OF_KEY: embedding_fingerprint(embedding)}]
             for embedding, options in conditioning]
+
+
+RELATIVE_MODES = (TransportMode.CALIBRATED, TransportMode.LATENT, TransportMode.TOKENS)  # compared with the empty prompt
+
+
+def transport_for(clip, membrane: Membrane, mode: TransportMode, floor: float = 0.0) -> Transport:
+    """The membrane's Transport: its concept prompts encoded with the user's CLIP (for the token gate in
+    every case variant, T5 being case-sensitive) and, where the mode needs it, the empty prompt."""
+    if mode is TransportMode.ALWAYS_OPEN:
+        return Transport([[]], mode)
+    spellings = case_variants if mode is TransportMode.TOKENS else (lambda prompt: (prompt,))
+    concepts = [encode_concept(clip, spelling) for concept in membrane.concepts for prompt in concept.prompts
+                for spelling in spellings(prompt)]
+    empty = encode_concept(clip, "") if mode in RELATIVE_MODES else None
+    return Transport([concepts], mode, empty=None if empty is None else empty.embedding,
+                     empty_pooled=None if empty is None else empty.pooled, floor=floor)

@@ -7,10 +7,9 @@ from comfy_api.latest import io
 from ..spm_core.errors import SPMError
 from ..spm_core.file_format import load_membrane
 from ..spm_core.ramp import Ramp
-from ..spm_core.token_gate import case_variants
-from ..spm_core.transport import Transport, TransportMode
+from ..spm_core.transport import TransportMode
 from . import paths
-from .encode import encode_concept, encode_with_tokens
+from .encode import encode_with_tokens, transport_for
 from .gating import MAX_STRENGTH, MembraneEntry, Rows
 from .runtime import with_membrane
 
@@ -93,14 +92,7 @@ class LoadSPM(io.ComfyNode):
             raise SPMError(f"{membrane}: transport {mode.value!r} compares prompts with the membrane's concepts and "
                            "needs the clip input: connect the text encoder your prompts use, or choose always_open")
         try:  # errors about the membrane's concepts name its file
-            # T5 is case-sensitive: the token gate compares every case variant of a concept
-            spellings = case_variants if mode is TransportMode.TOKENS else (lambda prompt: (prompt,))
-            concepts = [] if mode is TransportMode.ALWAYS_OPEN else [encode_concept(clip, spelling) for c in loaded.concepts
-                                                                     for p in c.prompts for spelling in spellings(p)]
-            relative = (TransportMode.CALIBRATED, TransportMode.LATENT, TransportMode.TOKENS)
-            empty = encode_concept(clip, "") if mode in relative else None
-            transport_rate = Transport([concepts], mode, empty=None if empty is None else empty.embedding,
-                                       empty_pooled=None if empty is None else empty.pooled, floor=float(min_gate))
+            transport_rate = transport_for(clip, loaded, mode, float(min_gate))
         except SPMError as error:
             raise SPMError(f"{membrane}: {error}") from None
         entry = MembraneEntry(membrane=loaded, strength=float(strength), transport=transport_rate,

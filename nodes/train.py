@@ -15,9 +15,9 @@ from PIL import Image, ImageDraw
 
 from ..spm_core.surrogates import SAMPLERS
 from ..spm_core.training import StepReport, TrainingConfig
-from ..spm_core.transport import Transport, TransportMode
+from ..spm_core.transport import TransportMode
 from . import paths
-from .encode import encode_concept
+from .encode import transport_for
 from .frontend import send_progress_text
 from .gating import MembraneEntry
 from .inspect import image_tensor
@@ -169,8 +169,9 @@ class TrainSPM(io.ComfyNode):
 
         membrane, reports, _ = train(model, clip, request, on_step)
         erasure = [(index, r.erasure) for index, r in enumerate(reports) if r.erasure is not None]
-        concepts = [encode_concept(clip, p) for c in membrane.concepts for p in c.prompts]
-        entry = MembraneEntry(membrane=membrane, strength=1.0, transport=Transport([concepts], TransportMode.PAPER),
+        # the paper's gate, or on Flux (T5 text, where whole-prompt cosines say nothing) the token gate
+        mode = TransportMode.TOKENS if membrane.architecture == "flux" else TransportMode.PAPER
+        entry = MembraneEntry(membrane=membrane, strength=1.0, transport=transport_for(clip, membrane, mode),
                               node_id=cls.hidden.unique_id)
         losses = [r.loss for r in reports] or [0.0]
         return io.NodeOutput(with_membrane(model, entry), loss_curve(losses, erasure, stop_at_erasure), request.path,

@@ -201,7 +201,8 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
     (membrane, reports, unet rows per iteration)."""
     config = request.config.check()
     if not request.resume:
-        refuse_to_replace(request.path, request.overwrite, " (or 'resume' to continue training it)")
+        unfinished = os.path.exists(partial_path(request.path))
+        refuse_to_replace(request.path, request.overwrite, " (or 'resume' to continue its unfinished run)" if unfinished else "")
     if not request.targets:
         raise SPMError("give at least one target concept (one per line)")
     if request.surrogates and len(request.surrogates) not in (1, len(request.targets)):

@@ -28,7 +28,7 @@ import statistics
 
 import pytest
 import torch
-from pack import load_spm, pack_module
+from pack import load_spm, node, pack_module
 from test_flux import UNRELATED, basic_guider_sample
 from test_flux import encode as flux_encode
 from test_training import HELD_OUT, train
@@ -234,3 +234,19 @@ def test_the_command_line_loads_a_diffusion_model_file_and_its_text_encoders(tmp
     with pytest.raises(SystemExit, match=r"unet.safetensors holds no text encoder: give its text encoder files with "
                                          r"--text-encoder \(Flux.1: clip_l and t5xxl\)"):
         load_models(options())
+
+
+def test_the_train_node_returns_a_flux_model_gated_by_tokens(flux, spm_world):
+    """SPM Train Membrane on Flux: the file is saved and the model it returns carries the membrane behind
+    the token gate (the paper's whole-prompt cosine is refused on T5 text)."""
+    patcher, clip = flux
+    _, _, folder = spm_world
+    model, _, path = node("SPMTrain").execute(
+        model=patcher, clip=clip, target="snoopy", surrogate="", neutral="", iterations=2, learning_rate=1e-3, rank=1,
+        alpha=1.0, anchor_strength=1.0, anchor_samples=1, surrogate_sampler="prompts", erase_guidance=1.0,
+        rollout_steps=2, latent_size=8, seed=0, name="node_flux_snoopy", resume=False, overwrite=True, contexts=0).result
+    state = model.get_attachment(pack_module("nodes.runtime").KEY)
+    assert os.path.exists(path) and [e.transport.mode.value for e in state.entries] == ["tokens"]
+    named, unrelated = flux_encode(clip, "a photo of snoopy"), flux_encode(clip, UNRELATED)
+    assert not torch.equal(basic_guider_sample(model, named), basic_guider_sample(patcher, named))
+    assert torch.equal(basic_guider_sample(model, unrelated), basic_guider_sample(patcher, unrelated))

@@ -36,9 +36,16 @@ def test_training_refuses_to_replace_an_existing_membrane_before_it_starts(spm_w
     existing = tmp_path / "snoopy.safetensors"
     existing.write_bytes(b"an earlier membrane")
     steps = []
-    with pytest.raises(pack_module("spm_core.errors").SPMError, match="already exists.*overwrite.*resume"):
+    errors = pack_module("spm_core.errors")
+    with pytest.raises(errors.SPMError, match="already exists.*overwrite") as finished:
         with torch.inference_mode(False):
             training.train(patcher, clip, training.TrainingRequest(["snoopy"], [], "", config, str(existing)), steps.append)
+    assert "resume" not in str(finished.value), "a finished membrane has no run to resume"
+    (tmp_path / "snoopy.partial.safetensors").write_bytes(b"a cancelled run")
+    with pytest.raises(errors.SPMError, match="already exists.*overwrite.*'resume' to continue its unfinished run"):
+        with torch.inference_mode(False):
+            training.train(patcher, clip, training.TrainingRequest(["snoopy"], [], "", config, str(existing)), steps.append)
+    (tmp_path / "snoopy.partial.safetensors").unlink()
     assert steps == [] and existing.read_bytes() == b"an earlier membrane"
     with torch.inference_mode(False):
         training.train(patcher, clip, training.TrainingRequest(["snoopy"], [], "", config, str(existing), overwrite=True))
