@@ -99,23 +99,26 @@ def conditioning_of(clip, settings: AttackSettings, vectors: torch.Tensor) -> li
     return [[embedding.detach(), {}]]
 
 
-def _gates(state, conditioning: torch.Tensor, base, generator: torch.Generator) -> torch.Tensor:
+def _gates(state, conditioning: torch.Tensor, base, generator: torch.Generator, runtime) -> torch.Tensor:
     """(membranes,) gates for the attacker's conditioning (1, 77, D), differentiable, computed by the
-    runtime's own code: the text gates and, for latent transport, the latent gate at a fresh noise."""
+    runtime's own code (the pack's nodes.runtime module): the text gates and, for latent transport, the
+    latent gate's look-ahead from a fresh noise."""
     gates = state.gates_for(conditioning, None)[0]
     if not state.reads_model:
         return gates
     side = PICTURE_SIDE // 8
     noise = torch.randn(1, 4, side, side, generator=generator)
     sigma = base.model_sampling.sigma_max.reshape(1)
-    x = base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise))
+    x = base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
 
-    def run_bare(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None) -> torch.Tensor:
+    def run_bare(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None, latents: torch.Tensor,
+                 step_sigma: torch.Tensor) -> torch.Tensor:
         rows_context = conditioning[sources] if contexts is None else contexts
         rows = rows_context.shape[0]
-        return base.apply_model(x.expand(rows, *x.shape[1:]), sigma.expand(rows), c_crossattn=rows_context.to(conditioning)).float()
+        return base.apply_model(latents, step_sigma.reshape(1).expand(rows), c_crossattn=rows_context.to(conditioning)).float()
 
-    return torch.maximum(gates, state.latent_gates(run_bare, None, [0])[0])
+    sigmas = runtime.latent_gate_sigmas(base.model_sampling, sigma)
+    return torch.maximum(gates, state.latent_gates(run_bare, None, [0], x, sigmas)[0])
 
 
 class _Target:
@@ -125,9 +128,9 @@ class _Target:
     def __init__(self, lab, model) -> None:
         import comfy.model_management
 
-        runtime = lab.pack("nodes.runtime")
+        self.runtime = lab.pack("nodes.runtime")
         self.stack_module = lab.pack("spm_core.stack")
-        self.state = model.get_attachment(runtime.KEY)
+        self.state = model.get_attachment(self.runtime.KEY)
         comfy.model_management.load_models_gpu([model])
         self.base = model.model
         if self.state is not None and not self.state.hooks.installed:
@@ -138,7 +141,7 @@ class _Target:
         context = conditioning.expand(x.shape[0], -1, -1)
         if self.state is None:
             return self.base.apply_model(x, sigma, c_crossattn=context)
-        gates = _gates(self.state, conditioning, self.base, generator)
+        gates = _gates(self.state, conditioning, self.base, generator, self.runtime)
         with self.stack_module.gates_active(self.state.stack, gates.expand(x.shape[0], -1)):
             return self.base.apply_model(x, sigma, c_crossattn=context)
 

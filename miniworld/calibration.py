@@ -7,7 +7,9 @@ the concept in any of its words", and, with the gate as SPM Load Membrane comput
 captions it opens (gate >= 0.5) and the share of the others it opens. The latent gate's operating
 point comes from here, by a rule fixed in advance: threshold = the 95th percentile of its cosine
 over captions that do not name the concept, saturation = the median over captions that do,
-averaged over the concepts (spm_core.transport.LATENT_THRESHOLD / LATENT_SATURATION).
+averaged over the concepts (spm_core.transport.LATENT_THRESHOLD / LATENT_SATURATION), measured where
+the runtime measures it: after the look-ahead. The calibrated text gate's ramp comes from the same
+rule on its relative cosine (CALIBRATED_THRESHOLD / CALIBRATED_SATURATION).
 """
 
 from __future__ import annotations
@@ -42,25 +44,42 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def bare_predictions(lab, contexts: torch.Tensor, seed: int) -> torch.Tensor:
-    """The bare model's denoised prediction for each context at the first sampling step, all from
-    one noisy latent: what the latent gate compares (the runtime does the same inside KSampler)."""
+def look_ahead_latents(lab, contexts: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the latent gate compares predictions, as the runtime measures it inside KSampler: each
+    context's own latent after the bare model's look-ahead (spm_core.transport.look_ahead) from one
+    noisy latent at the start of sampling, and the sigma there."""
     import comfy.model_management
 
     from .lab import PICTURE_SIDE
 
+    transport, runtime = lab.pack("spm_core.transport"), lab.pack("nodes.runtime")
     comfy.model_management.load_models_gpu([lab.model])
     base = lab.model.model
     side = PICTURE_SIDE // 8
     noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(seed))
     sigma = base.model_sampling.sigma_max.reshape(1)
-    x = base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise))
+    start = base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    sigmas = runtime.latent_gate_sigmas(base.model_sampling, sigma)
+    empty = lab.pack("nodes.encode").encode_empty(lab.clip)[None].expand(contexts.shape[0], -1, -1)
+
+    def denoise(x: torch.Tensor, step_sigma: torch.Tensor, conditional: bool) -> torch.Tensor:
+        rows = contexts if conditional else empty
+        return base.apply_model(x, step_sigma.reshape(1).expand(x.shape[0]), c_crossattn=rows).float()
+
+    return transport.look_ahead(denoise, start.expand(contexts.shape[0], -1, -1, -1), sigmas), sigmas[-1]
+
+
+@torch.no_grad()
+def bare_predictions(lab, contexts: torch.Tensor, latent: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The bare model's denoised prediction for each context at one latent (1, ...) and sigma."""
+    base = lab.model.model
     rows = contexts.shape[0]
-    return base.apply_model(x.expand(rows, -1, -1, -1), sigma.expand(rows), c_crossattn=contexts).float()
+    return base.apply_model(latent.expand(rows, -1, -1, -1), sigma.reshape(1).expand(rows), c_crossattn=contexts).float()
 
 
-def gate_scores(lab, name: str, texts: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per gate: (raw score, gate as SPM Load Membrane computes it) for each text."""
+def gate_scores(lab, name: str, texts: Sequence[str], latents: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per gate: (raw score, gate as SPM Load Membrane computes it) for each text. `latents`: per noise
+    seed, each text's look-ahead latent and the sigma there (look_ahead_latents)."""
     transport = lab.pack("spm_core.transport")
     encode = lab.pack("nodes.encode")
     concept_embedding = encode.encode_concept(lab.clip, name)
@@ -77,11 +96,18 @@ def gate_scores(lab, name: str, texts: Sequence[str]) -> dict[str, tuple[np.ndar
     cosines, opened = [], None
     latent_transport = transport.Transport([[concept_embedding]], transport.TransportMode.LATENT, empty=empty)
     for seed in NOISE_SEEDS:
-        predictions = bare_predictions(lab, torch.cat([empty[None], concept_embedding.embedding[None], rows]), seed)
-        prompt_shifts, concept_shift = predictions[2:] - predictions[:1], predictions[1:2] - predictions[:1]
-        cosines.append(transport.latent_cosines(prompt_shifts, concept_shift)[:, 0])
-        if opened is None:  # the runtime measures at one noisy latent: the first seed's
-            opened = latent_transport.latent_gates(prompt_shifts, concept_shift)[:, 0].numpy()
+        x, sigma = latents[seed]
+        shifts = []
+        for index in range(len(texts)):
+            predictions = bare_predictions(lab, torch.cat([empty[None], concept_embedding.embedding[None], rows[index:index + 1]]),
+                                           x[index:index + 1], sigma)
+            shifts.append((predictions[2:] - predictions[:1], predictions[1:2] - predictions[:1]))
+        prompt_shifts, concept_shifts = torch.cat([p for p, _ in shifts]), [c for _, c in shifts]
+        cosines.append(torch.cat([transport.latent_cosines(prompt_shifts[i:i + 1], concept_shifts[i])[:, 0]
+                                  for i in range(len(texts))]))
+        if opened is None:  # the runtime measures from one noisy latent: the first seed's
+            opened = np.array([float(latent_transport.latent_gates(prompt_shifts[i:i + 1], concept_shifts[i])[0, 0])
+                               for i in range(len(texts))])
     latent = torch.stack(cosines).mean(0).numpy()
     return {
         "paper": (gates("paper"), gates("paper")),
@@ -94,10 +120,12 @@ def gate_scores(lab, name: str, texts: Sequence[str]) -> dict[str, tuple[np.ndar
 def calibrate(lab, concepts: Sequence[str]) -> dict:
     texts = captions()
     result: dict = {"captions": len(texts), "concepts": {}}
+    rows = torch.cat([lab.encode(t)[0][0] for t in texts]).float()
+    latents = {seed: look_ahead_latents(lab, rows, seed) for seed in NOISE_SEEDS}
     for name in concepts:
         asks = np.array([names(t, name) for t in texts])
         per_gate = {}
-        for gate, (raw, opened) in gate_scores(lab, name, texts).items():
+        for gate, (raw, opened) in gate_scores(lab, name, texts, latents).items():
             per_gate[gate] = {
                 "auc": roc_auc(raw[asks], raw[~asks]),
                 "opens_concept": float((opened[asks] >= 0.5).mean()),

@@ -10,7 +10,7 @@ and for unrelated prompts. Prints, per denoise: the target found by the bare mod
 into clean pictures by the membrane, the unrelated prompts kept (bare and with the membrane), and the
 gate the unrelated prompts and the target got (the text gate, or the latent gate when higher): as
 sampling measures it, and as it was measured before img2img runs were asked at the latent gate's
-calibration point (at the start picture; nodes.runtime._latent_gate_reference).
+calibration point (at the start picture; nodes.runtime._latent_gate_start).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def pictures(latent: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gate_at_picture(lab: Lab, model, prompt: str, start: torch.Tensor, denoise: float, seed: int) -> float:
     """The gate (text gate, or the latent gate when higher) as sampling measured it before img2img runs
-    were asked at the latent gate's calibration point: at the start picture noised to the run's first
-    sigma, as KSampler noises it."""
+    were asked at the latent gate's calibration point: from the start picture noised to the run's first
+    sigma, as KSampler noises it, looking ahead over the run's own first steps."""
     import comfy.sample
     import comfy.samplers
 
@@ -65,12 +65,13 @@ def gate_at_picture(lab: Lab, model, prompt: str, start: torch.Tensor, denoise: 
     conditioning, options = lab.encode(prompt)[0]
     text_gate = float(state.gates_for(conditioning[:1], options.get(lab.pack("nodes.encode").TOKENS_KEY))[0, 0])
 
-    def run_bare(contexts, sources, pooled):
+    def run_bare(contexts, sources, pooled, latents, step_sigma):
         rows_context = conditioning[[0] * len(sources)] if contexts is None else contexts
-        rows = rows_context.shape[0]
-        return base.apply_model(x.expand(rows, *x.shape[1:]), sigma.expand(rows), c_crossattn=rows_context).float()
+        return base.apply_model(latents, step_sigma.reshape(1).expand(len(sources)), c_crossattn=rows_context).float()
 
-    return max(text_gate, float(state.latent_gates(run_bare, None, [0])[0, 0]))
+    steps = lab.pack("spm_core.transport").LATENT_LOOKAHEAD_STEPS
+    look_ahead_sigmas = [step_sigma.reshape(()) for step_sigma in sigmas[-(SAMPLER["steps"] + 1):][: steps + 1]]
+    return max(text_gate, float(state.latent_gates(run_bare, None, [0], x, look_ahead_sigmas)[0, 0]))
 
 
 def measure(lab: Lab, membrane: str, count: int) -> list[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,7 +25,7 @@ from ..spm_core.errors import SPMError
 from ..spm_core.membrane import GateLaw, Membrane
 from ..spm_core.ramp import Ramp, SamplingSchedule
 from ..spm_core.stack import InstalledHooks, MembraneStack, MembraneUse
-from ..spm_core.transport import Transport, TransportMode
+from ..spm_core.transport import Transport, TransportMode, look_ahead
 from .encode import TOKENS_KEY, TOKENS_OF_KEY, embedding_fingerprint
 
 MAX_STRENGTH = 100.0  # also the SPM Load Membrane widgets' limits
@@ -203,10 +204,12 @@ class MembraneState:
         tokens = first.get(TOKENS_KEY) if first.get(TOKENS_OF_KEY) == self.fingerprint(embedding) else None
         return self.gates_for(embedding[:1].float().cpu(), tokens)[0]
 
-    def measure_latent_gates(self, run_bare, transformer_options: dict, rows: int, table: dict) -> None:
+    def measure_latent_gates(self, run_bare, transformer_options: dict, rows: int, table: dict,
+                             reference: torch.Tensor, sigmas: Sequence[torch.Tensor]) -> None:
         """Latent gates for every chunk's cond not yet measured in this sampling run, one per prompt
-        the cond carries. `run_bare` as in `latent_gates`, its sources being rows of the sampling
-        call (`rows` of them); `table` the calc_cond_batch call's chunk_table."""
+        the cond carries; conds of a role no latent membrane acts on (negatives under "positive only")
+        are not measured. `run_bare`, `reference` and `sigmas` as in `latent_gates`, the sources being
+        rows of the sampling call (`rows` of them); `table` the calc_cond_batch call's chunk_table."""
         uuids = transformer_options.get("uuids") or []
         indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
         if not self.reads_model or not uuids:
@@ -216,40 +219,64 @@ class MembraneState:
         for chunk, key in enumerate(zip(indices, uuids)):
             known = table.get(key)
             cond = key if known is None else known.cond
-            if cond not in self._latent_gates and cond not in pending:
-                items = 1 if known is None or known.gates is None else min(known.gates.shape[0], per_chunk)
-                pending[cond] = [chunk * per_chunk + item for item in range(items)]
+            if cond in self._latent_gates or cond in pending:
+                continue
+            items = 1 if known is None or known.gates is None else min(known.gates.shape[0], per_chunk)
+            if not self._acting[POSITIVE if known is None else known.role][self._latent_entries].any():
+                self._latent_gates[cond] = torch.zeros(items, len(self.entries))
+                continue
+            pending[cond] = [chunk * per_chunk + item for item in range(items)]
         if not pending:
             return
         sources = [row for chunk_rows in pending.values() for row in chunk_rows]
-        gates = self.latent_gates(run_bare, None, sources)
+        gates = self.latent_gates(run_bare, None, sources, reference, sigmas)
         for cond, chunk_rows in pending.items():
             self._latent_gates[cond], gates = gates[: len(chunk_rows)], gates[len(chunk_rows):]
 
-    def latent_gates(self, run_bare, contexts: torch.Tensor | None, sources: list[int]) -> torch.Tensor:
+    def latent_gates(self, run_bare, contexts: torch.Tensor | None, sources: list[int], reference: torch.Tensor,
+                     sigmas: Sequence[torch.Tensor]) -> torch.Tensor:
         """(P, membranes) latent gates (Transport.latent_gates) of P prompts; 0 for membranes gated by
-        text alone. `run_bare(contexts, sources, pooled)` returns the model's predictions with every
-        membrane closed for rows of conditioning `contexts` (R, N, D) (None: the sources' own) whose
-        other inputs are those of the caller's rows `sources`, with `pooled` (R, P) as their pooled
-        text vectors (None: the sources' own). The concepts and the empty prompt take the first
-        prompt's other inputs and their own pooled vectors."""
+        text alone. Each prompt is sampled by the bare model from `reference` (1, ...) over `sigmas`
+        (spm_core.transport.look_ahead) and compared with the concepts at its own latent there.
+        `run_bare(contexts, sources, pooled, x, sigma)` returns the model's denoised predictions with
+        every membrane closed for rows at latents `x` (R, ...) and `sigma`, of conditioning `contexts`
+        (R, N, D) (None: the sources' own) whose other inputs are those of the caller's rows
+        `sources`, with `pooled` (R, P) as their pooled text vectors (None: the sources' own). The
+        concepts and the empty prompt take each prompt's other inputs and their own pooled vectors."""
         transport = self.entries[self._latent_entries[0]].transport
+        count = len(sources)
+        empty = transport.empty[None].expand(count, -1, -1)
+        empty_pooled = None if transport.empty_pooled is None else transport.empty_pooled[None].expand(count, -1)
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor, conditional: bool) -> torch.Tensor:
+            if conditional:
+                return run_bare(contexts, sources, None, x, sigma)
+            return run_bare(empty, sources, empty_pooled, x, sigma)
+
+        x = look_ahead(denoise, reference.float().expand(count, *reference.shape[1:]), sigmas)
+        sigma = sigmas[-1]
         concept_rows = torch.cat([transport.empty[None]] + [self.entries[i].transport.concept_embeddings
                                                              for i in self._latent_entries])
         pooled = [transport.empty_pooled] + [self.entries[i].transport.concept_pooled for i in self._latent_entries]
         concept_pooled = None if any(p is None for p in pooled) else torch.cat([pooled[0][None], *pooled[1:]])
-        concept_predictions = run_bare(concept_rows, [sources[0]] * concept_rows.shape[0], concept_pooled)
-        empty_prediction = concept_predictions[:1]
-        prompt_shifts = run_bare(contexts, sources, None) - empty_prediction
+        per_prompt = concept_rows.shape[0]  # the empty prompt and every concept, at each prompt's latent
+        concept_predictions = run_bare(
+            concept_rows.repeat(count, 1, 1), [source for source in sources for _ in range(per_prompt)],
+            None if concept_pooled is None else concept_pooled.repeat(count, 1), x.repeat_interleave(per_prompt, 0),
+            sigma).reshape(count, per_prompt, *x.shape[1:])
+        empty_predictions = concept_predictions[:, 0]
+        prompt_shifts = run_bare(contexts, sources, None, x, sigma) - empty_predictions
         columns, offset = [], 1
         for index, entry in enumerate(self.entries):
             if index not in self._latent_entries:
-                columns.append(torch.zeros(len(sources)))
+                columns.append(torch.zeros(count))
                 continue
-            count = entry.transport.concept_embeddings.shape[0]
-            concept_shifts = concept_predictions[offset: offset + count] - empty_prediction
-            columns.append(entry.transport.latent_gates(prompt_shifts, concept_shifts)[:, 0])
-            offset += count
+            width = entry.transport.concept_embeddings.shape[0]
+            columns.append(torch.cat([
+                entry.transport.latent_gates(prompt_shifts[p: p + 1],
+                                             concept_predictions[p, offset: offset + width] - empty_predictions[p: p + 1])
+                for p in range(count)])[:, 0])
+            offset += width
         return torch.stack(columns, dim=1)
 
     def chunk_table(self, cond_lists) -> dict[tuple[int, object], Chunk]:

@@ -25,11 +25,13 @@ import threading
 from uuid import uuid4
 
 import comfy.model_base
+import comfy.samplers
 import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 from ..spm_core.errors import SPMError
 from ..spm_core.stack import gates_active
+from ..spm_core.transport import LATENT_LOOKAHEAD_STEPS
 from .architectures import check_membrane_fits, membrane_layers
 from .frontend import send_gate_report
 from .gating import MembraneEntry, MembraneState
@@ -37,6 +39,7 @@ from .gating import MembraneEntry, MembraneState
 KEY = "spm_membranes"
 # models whose vector input `y` starts with the prompt's pooled text vector (the rest: sizes, crops)
 POOLED_FIRST_MODELS = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
+LOOKAHEAD_SCHEDULE = 20  # steps of the schedule the look-ahead takes its first steps from
 TEXT_TO_IMAGE_START = 0.99  # a first sigma at least this share of the largest: sampling starts from pure noise
 _call = threading.local()  # the chunk table of the calc_cond_batch call in progress (ComfyUI may run batches in threads)
 
@@ -81,22 +84,23 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     transformer_options = transformer_options or {}
     table = getattr(_call, "chunks", None) or {}
     if state.reads_model:
-        run_bare = _bare_runner(executor, state, x, t, c_concat, c_crossattn, control, transformer_options, kwargs)
-        state.measure_latent_gates(run_bare, transformer_options, x.shape[0], table)
+        run_bare = _bare_runner(executor, state, x, c_concat, c_crossattn, control, transformer_options, kwargs)
+        reference, sigmas = _latent_gate_start(base_model.model_sampling, x, t)
+        state.measure_latent_gates(run_bare, transformer_options, x.shape[0], table, reference, sigmas)
     gates, strengths = state.row_gates(c_crossattn, transformer_options, t, base_model.model_sampling, table)
     with gates_active(state.stack, gates, strengths):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
-def _bare_runner(executor, state: MembraneState, x, t, c_concat, c_crossattn, control, transformer_options: dict,
+def _bare_runner(executor, state: MembraneState, x, c_concat, c_crossattn, control, transformer_options: dict,
                  kwargs: dict):
     """`run_bare` (MembraneState.latent_gates) for the APPLY_MODEL call these are the arguments of."""
     pooled_first = isinstance(executor.class_obj, POOLED_FIRST_MODELS)
-    reference, reference_t = _latent_gate_reference(executor.class_obj.model_sampling, x, t)
 
-    def run_bare(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None) -> torch.Tensor:
-        """The bare model at the reference latent, never more rows per call than this call has
-        (ComfyUI sized it to fit in memory)."""
+    def run_bare(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None, latents: torch.Tensor,
+                 sigma: torch.Tensor) -> torch.Tensor:
+        """The bare model's denoised predictions, never more rows per call than this call has (ComfyUI
+        sized it to fit in memory)."""
         predictions = []
         for start in range(0, len(sources), x.shape[0]):
             index = torch.tensor(sources[start: start + x.shape[0]])
@@ -110,7 +114,7 @@ def _bare_runner(executor, state: MembraneState, x, t, c_concat, c_crossattn, co
             with gates_active(state.stack, torch.zeros(rows, state.stack.membrane_count)):
                 # the model itself (executor.original), past the APPLY_MODEL wrappers below ours: see _pre_pass_options
                 predictions.append(executor.original(
-                    reference.expand(rows, *x.shape[1:]), reference_t.expand(rows), _rows_of(c_concat, index, x.shape[0]),
+                    latents[start: start + rows].to(x), sigma.reshape(1).to(x).expand(rows), _rows_of(c_concat, index, x.shape[0]),
                     context.to(c_crossattn), _rows_of(control, index, x.shape[0]),
                     _pre_pass_options(transformer_options, rows), **extra))
         return torch.cat(predictions)
@@ -118,18 +122,28 @@ def _bare_runner(executor, state: MembraneState, x, t, c_concat, c_crossattn, co
     return run_bare
 
 
-def _latent_gate_reference(model_sampling, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The noisy latent (1, ...) and sigma (1,) the latent gate asks the bare model at. Its operating
-    point (LATENT_THRESHOLD, LATENT_SATURATION) was calibrated at the start of text-to-image sampling,
-    from pure noise at the largest sigma: a run that starts there (within 1%) is asked at its own first
-    row. A run that starts lower (img2img, inpainting, a later stage) holds a picture in its latent,
-    which moves every prompt's prediction alike and lifts unrelated prompts' cosines; it is asked at
-    fixed noise at the largest sigma instead, where the calibration holds."""
+def _latent_gate_start(model_sampling, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The noisy latent (1, ...) the latent gate's look-ahead starts from and the sigmas it steps
+    through. Its operating point (LATENT_THRESHOLD, LATENT_SATURATION) was calibrated from the start of
+    text-to-image sampling, pure noise at the largest sigma: a run that starts there (within 1%) starts
+    the look-ahead at its own first row. A run that starts lower (img2img, inpainting, a later stage)
+    holds a picture in its latent, which moves every prompt's prediction alike and lifts unrelated
+    prompts' cosines; it starts from fixed noise at the largest sigma instead, where the calibration
+    holds."""
     sigma_max = model_sampling.sigma_max.reshape(1).to(t)
     if float(t[0]) >= TEXT_TO_IMAGE_START * float(sigma_max[0]):
-        return x[:1], t[:1]
-    noise = torch.randn(x[:1].shape, generator=torch.Generator().manual_seed(0)).to(x)
-    return model_sampling.noise_scaling(sigma_max, noise, torch.zeros_like(noise), max_denoise=True), sigma_max
+        reference, start = x[:1], t[:1]
+    else:
+        noise = torch.randn(x[:1].shape, generator=torch.Generator().manual_seed(0)).to(x)
+        reference, start = model_sampling.noise_scaling(sigma_max, noise, torch.zeros_like(noise), max_denoise=True), sigma_max
+    return reference, latent_gate_sigmas(model_sampling, start)
+
+
+def latent_gate_sigmas(model_sampling, start: torch.Tensor) -> list[torch.Tensor]:
+    """The look-ahead's sigmas: the first LATENT_LOOKAHEAD_STEPS steps of a 20-step "normal" schedule
+    (the miniature world's sampling, where its operating point was calibrated), from `start`."""
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", LOOKAHEAD_SCHEDULE)[: LATENT_LOOKAHEAD_STEPS + 1]
+    return [start.reshape(()).float().cpu()] + [sigma.float().cpu() for sigma in sigmas[1:]]
 
 
 def _pre_pass_options(transformer_options: dict, rows: int) -> dict:

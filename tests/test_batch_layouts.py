@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pack import encode, load_spm, pack_module
+from test_compose import PRE_PASS_CALLS
 from test_guider_roles import run_guider, spied_model, with_area
 
 import nodes
@@ -67,9 +68,9 @@ def test_official_code_gates_the_negative_row_by_the_positive_prompt_whatever_th
 def test_latent_gate_of_an_area_cond_is_its_own_when_chunks_are_split(spm_world, split_batches):
     """ComfyUI copies a positive area cond into the negative list under the positive's uuid, carrying the
     negative's embedding. Run alone (and first), that copy must not lend the positive area cond the
-    latent gate measured on the negative prompt."""
+    latent gate measured on the negative prompt (negative rows are gated too here, so both are measured)."""
     _, clip, _ = spm_world
-    model, spy = spied_model(spm_world, "positive only", transport="latent")
+    model, spy = spied_model(spm_world, "positive and negative", transport="latent")
     (fruit,) = nodes.CLIPTextEncode().encode(clip, "a bowl of fruit")  # no token ids: the text gate is cosine alone
     (snoopy,) = nodes.CLIPTextEncode().encode(clip, "snoopy")
     run_guider("KSampler", model, {"positive": with_area(fruit), "negative": snoopy})
@@ -156,34 +157,33 @@ def record_unet_calls(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_sdxl_pre_pass_gives_each_row_its_own_pooled_vector(sdxl_world):
-    """SDXL conditions on the prompt's pooled vector (the head of `y`). In the latent gate's pre-pass the
-    positive prompt keeps its own, the empty prompt and the concept get theirs: what the bare model is
-    asked about the positive prompt cannot depend on the negative prompt's text."""
+    """SDXL conditions on the prompt's pooled vector (the head of `y`). In the latent gate's pre-pass (its
+    look-ahead, the concepts, the prompts) every row that carries a prompt carries that prompt's own
+    pooled vector: the positive prompt its own, the empty prompt and the concept theirs, whatever the
+    negative prompt is."""
     patcher, clip = sdxl_world
     model = load_spm(patcher, clip, "snoopy_xl.safetensors", transport="latent")
     calls = record_unet_calls(model)
     encode_node = pack_module("nodes.encode")
     empty, concept = encode_node.encode_concept(clip, ""), encode_node.encode_concept(clip, "snoopy")
     positive = encode(clip, "snoopy on a hill")
-    pre_pass_prompts = {}
+    own_pooled = {"empty": (empty.embedding, empty.pooled), "concept": (concept.embedding, concept.pooled),
+                  "positive": (positive[0][0][0], positive[0][1]["pooled_output"][0])}
     try:
-        for negative_text in ("", "blurry, lowres", "a bowl of fruit"):
+        for negative_text in ("blurry, lowres", "a bowl of fruit"):
             calls.clear()
             nodes.KSampler().sample(model, 1, 1, 5.0, "euler", "normal", positive, encode(clip, negative_text),
                                     {"samples": torch.zeros(1, 4, 8, 8)})
-            concept_call = next(y for context, y in calls if context.shape[0] == 2
-                                and torch.equal(context[1], concept.embedding.to(context)))
-            width = empty.pooled.shape[0]
-            assert torch.equal(concept_call[0, :width], empty.pooled.to(concept_call)), "the empty prompt's pooled vector"
-            assert torch.equal(concept_call[1, :width], concept.pooled.to(concept_call)), "the concept's pooled vector"
-            prompt_call = next((context, y) for context, y in calls[1:] if not torch.equal(context[1], concept.embedding.to(context)))
-            row = next(r for r in range(prompt_call[0].shape[0]) if torch.equal(prompt_call[0][r], positive[0][0][0].to(prompt_call[0])))
-            assert torch.equal(prompt_call[1][row, :width], positive[0][1]["pooled_output"][0].to(prompt_call[1]))
-            pre_pass_prompts[negative_text] = prompt_call[1][row]
+            seen = set()
+            for context, y in calls:
+                for row in range(context.shape[0]):
+                    for name, (embedding, pooled) in own_pooled.items():
+                        if torch.equal(context[row], embedding.to(context)):
+                            seen.add(name)
+                            assert torch.equal(y[row, : pooled.shape[0]], pooled.to(y)), f"{name} row with another pooled vector"
+            assert seen == set(own_pooled), seen
     finally:
         del model.model.diffusion_model._forward
-    first = pre_pass_prompts[""]
-    assert all(torch.equal(first, y) for y in pre_pass_prompts.values())
 
 
 def test_img2img_latent_gate_is_measured_where_it_was_calibrated(spm_world, monkeypatch):
@@ -205,6 +205,6 @@ def test_img2img_latent_gate_is_measured_where_it_was_calibrated(spm_world, monk
                                     denoise=denoise)
             asked[(denoise, picture_seed)] = [p.clone() for p in predictions]
     first = asked[(0.3, 1)]
-    assert len(first) == 2, "one pre-pass: the concepts, then the conds"
+    assert len(first) == PRE_PASS_CALLS, "one pre-pass: look-ahead, concepts, conds"
     for answers in asked.values():
         assert all(torch.equal(a, b) for a, b in zip(answers, first))

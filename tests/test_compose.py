@@ -19,6 +19,9 @@ def _unload_after_each_test():
 
 
 PROMPTS = ("snoopy", "a bowl of fruit")
+# the latent gate's pre-pass asks the bare model (run_bare) 2 x 4 times for its look-ahead (the prompts,
+# the empty prompt), then once for the concepts and once for the prompts
+PRE_PASS_CALLS = 2 * 4 + 2
 
 
 def latent_model(spm_world):
@@ -43,11 +46,11 @@ def record_bare_predictions(model, monkeypatch) -> list[torch.Tensor]:
     state = model.get_attachment(pack_module("nodes.runtime").KEY)
     measure, recorded = state.latent_gates, []
 
-    def latent_gates(run_bare, contexts, sources):
-        def recording(*args):
-            recorded.append(run_bare(*args).clone())
+    def latent_gates(run_bare, *args):
+        def recording(*run_args):
+            recorded.append(run_bare(*run_args).clone())
             return recorded[-1]
-        return measure(recording, contexts, sources)
+        return measure(recording, *args)
 
     monkeypatch.setattr(state, "latent_gates", latent_gates)
     return recorded
@@ -67,7 +70,7 @@ def test_latent_gate_composes_with_self_attention_guidance(spm_world, monkeypatc
     guided_model = SelfAttentionGuidance.execute(model, 0.5, 2.0).result[0]
     guided = sample(guided_model, positive, negative)
     assert torch.isfinite(guided).all()
-    assert len(predictions) == len(plain_predictions) == 2, "one pre-pass: the concepts, then the conds"
+    assert len(predictions) == len(plain_predictions) == PRE_PASS_CALLS, "one pre-pass: look-ahead, concepts, conds"
     for with_sag, without in zip(predictions, plain_predictions):
         assert torch.allclose(with_sag, without, atol=1e-5)
     assert latent_gates_of_last_run(guided_model) == plain_gates == [[0.0], [1.0]], "snoopy opens, fruit stays closed"
@@ -169,5 +172,5 @@ def test_latent_gate_sees_the_controlnet_that_sampling_sees(spm_world, monkeypat
         positive, negative, tiny_controlnet(), hint, 1.0, 0.0, 1.0)
     controlled = sample(model, controlled_positive, controlled_negative)
     assert torch.isfinite(controlled).all() and (controlled - plain).abs().max() > 1e-3, "the ControlNet did nothing"
-    assert len(predictions) == len(plain_predictions) == 2
+    assert len(predictions) == len(plain_predictions) == PRE_PASS_CALLS
     assert all((with_control - without).abs().max() > 1e-4 for with_control, without in zip(predictions, plain_predictions))

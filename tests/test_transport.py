@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from spm_core.errors import SPMError
-from spm_core.transport import ConceptEmbedding, Transport, TransportMode, chunked_flat_cosine, content_tokens, token_overlap
+from spm_core.transport import (
+    LATENT_LOOKAHEAD_CFG,
+    ConceptEmbedding,
+    Transport,
+    TransportMode,
+    chunked_flat_cosine,
+    content_tokens,
+    look_ahead,
+    token_overlap,
+)
 
 BOS, EOS = 49406, 49407
 
@@ -132,3 +141,21 @@ def test_token_overlap_with_the_real_clip_tokenizer_ignores_special_tokens():
     two_words = content_tokens(clip_token_ids("van gogh"), {BOS, EOS})
     half = content_tokens(clip_token_ids("a painting by vincent van dyck"), {BOS, EOS})
     assert 0.0 < token_overlap(half, two_words) < 1.0
+
+
+def test_look_ahead_steps_a_cfg_sampler_that_a_constant_prediction_makes_exact():
+    """With a prediction that does not depend on the latent, Euler's steps are exact: the latent keeps the
+    guided picture (uncond + cfg x (cond - uncond)) and its noise shrinks to the last sigma's share."""
+    picture, unconditional = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    guided = unconditional + LATENT_LOOKAHEAD_CFG * (picture - unconditional)
+    noise = torch.randn(1, 4, 8, 8)
+    sigmas = [torch.tensor(14.6), torch.tensor(9.0), torch.tensor(6.1), torch.tensor(4.3), torch.tensor(3.1)]
+    calls = []
+
+    def denoise(x, sigma, conditional):
+        calls.append((float(sigma), conditional))
+        return picture if conditional else unconditional
+
+    x = look_ahead(denoise, guided + sigmas[0] * noise, sigmas)
+    assert torch.allclose(x, guided + sigmas[-1] * noise, atol=1e-4)
+    assert sorted(calls) == sorted((float(s), c) for s in sigmas[:-1] for c in (True, False))
