@@ -30,8 +30,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_HOST = os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")
 
 
+def config_keys() -> str:
+    """Every key a --config file takes, with its default and its description (written once, on
+    TrainingConfig, where the node's tooltips come from too)."""
+    import dataclasses
+
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from spm_core.training import TrainingConfig
+
+    defaults = TrainingConfig()
+    return "config keys (--config):\n" + "\n".join(
+        f"  {field.name} (default {getattr(defaults, field.name)}): {field.metadata['help']}"
+        for field in dataclasses.fields(TrainingConfig))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=config_keys(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="SD1.x / SD2.x / SDXL / Flux.1 checkpoint, or with --text-encoder a diffusion "
                                            "model file (Flux.1, Chroma)")
     parser.add_argument("--text-encoder", action="append", default=[],

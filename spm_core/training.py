@@ -55,20 +55,29 @@ class AdversarySpace(Choice):
 
 @dataclass
 class TrainingConfig:
-    iterations: int = 3000
-    learning_rate: float = 1e-4
-    rank: int = 1
-    alpha: float = 1.0
-    erase_guidance: float = 1.0
-    anchor_strength: float = 1000.0
-    anchor_samples: int = 2
-    rollout_steps: int = 30
-    rollout_cfg: float = 3.0
-    latent_sizes: list[int] = field(default_factory=lambda: [64])
-    restarts: int = 1
-    grad_clip: float = 1.0
-    seed: int = 0
-    surrogates: str = "prompts"
+    iterations: int = field(default=3000, metadata={"help": (
+        "Training iterations. The paper uses 3000; a few hundred already erase on SD1.5.")})
+    learning_rate: float = field(default=1e-4, metadata={"help": (
+        "AdamW learning rate (cosine schedule with restarts).")})
+    rank: int = field(default=1, metadata={"help": "Rank of the membrane (1 in the paper)."})
+    alpha: float = field(default=1.0, metadata={"help": "Scale numerator: the branch is multiplied by alpha / rank."})
+    erase_guidance: float = field(default=1.0, metadata={"help": (
+        "How far past the neutral prediction the target is pushed (ESD guidance).")})
+    anchor_strength: float = field(default=1000.0, metadata={"help": (
+        "Weight of Latent Anchoring (lambda, 1000 in the paper). 0 switches it off.")})
+    anchor_samples: int = field(default=2, metadata={"help": "Surrogate prompts anchored per iteration."})
+    rollout_steps: int = field(default=30, metadata={"help": (
+        "DDIM steps T of the rollout that makes the training latents (30 in the paper); each iteration rolls "
+        "out a random 1..T-1 of them.")})
+    rollout_cfg: float = field(default=3.0, metadata={"help": "CFG of the rollouts (Flux.1 rolls out at 1)."})
+    latent_sizes: list[int] = field(default_factory=lambda: [64], metadata={"help": (
+        "Latent side used in training: 64 = 512 px (SD1.5, Flux), 96 = 768 px (SD2), 128 = 1024 px (SDXL).")})
+    restarts: int = field(default=1, metadata={"help": "Cycles of the cosine learning-rate schedule."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Largest gradient norm per iteration."})
+    seed: int = field(default=0, metadata={"help": "Seed: the same seed gives the same membrane."})
+    surrogates: str = field(default="prompts", metadata={"help": (
+        "Where anchors come from. prompts: random real word prompts (ours); gaussian: random directions in "
+        "embedding space (the official sampler).")})
     adversaries: int = field(default=0, metadata={"help": (
         "Robustness against optimised prompts and textual-inversion embeddings: how many adversarial prompts the "
         "membrane erases beside the target. Every adversary_every iterations a prompt that brings the concept back "
