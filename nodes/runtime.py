@@ -8,8 +8,9 @@ and three keyed wrappers:
                    uuid, with the cond's identity), for the model calls below it;
   APPLY_MODEL      assembles the per-row gate matrix for the batched call (chunks from
                    transformer_options["uuids"]) and runs the model inside the stack's gate context;
-                   for latent transport, the first call that meets a cond first asks the bare model
-                   about it and about each concept (extra calls, membranes closed, no more rows per call
+                   for latent transport, the first call that meets a cond first lets the bare model
+                   look a few steps ahead on it, then asks it about the cond and about each concept
+                   there (extra calls, membranes closed, no more rows per call
                    than the sampling call has, with the sampling call's patches, control and per-row
                    inputs but past the wrappers below ours: _pre_pass_options);
   OUTER_SAMPLE     learns each cond's role from the guider's named conds before sampling (by uuid:
