@@ -77,6 +77,7 @@ COUNTS = (1, 5, 20, 50)
 FUSED_TARGET = {1: "<= 1.01x", 5: "<= 1.015x", 20: "<= 1.025x (wall <= 1.05x)", 50: "<= 1.045x"}
 NAIVE_REFERENCE = {20: "probe: 1.5-1.7x", 50: "probe: 2.3-3.1x"}
 FOLD_COUNT = 20
+ZERO_LABEL = f"all-zero gates, {max(COUNTS)} membranes"
 
 
 @dataclass
@@ -251,6 +252,27 @@ def time_transport(membranes: int, seed: int) -> tuple[float, float]:
     return statistics.median(batches), min(batches)
 
 
+def hooked_case(clocks: dict[str, HookClock], label: str, short: str, target: str, rounds_for: int,
+                make: Callable[[HookClock], contextlib.AbstractContextManager]) -> Case:
+    """A case whose hooks report their time to its own clock in `clocks`."""
+    clock = clocks.setdefault(label, HookClock())
+    return Case(label, short, target, lambda: make(clock), rounds_for)
+
+
+def hook_cases(clocks: dict[str, HookClock], stacks: dict[int, MembraneStack], modules: dict[str, torch.nn.Module],
+               gates: torch.Tensor, rounds: int) -> list[Case]:
+    """The cases every model's table has: fused stacks of COUNTS membranes at `gates` (rows x most), the
+    floor (one pass over the outputs) and the largest stack with every gate 0."""
+    most = max(COUNTS)
+    cases = [hooked_case(clocks, f"fused, {n} membranes", f"fused{n}", FUSED_TARGET[n], rounds,
+                         lambda clock, n=n: fused(stacks[n], modules, gates[:, :n], clock)) for n in COUNTS]
+    cases.append(hooked_case(clocks, "floor: one pass over outputs", "floor", "(reference: the cost of any output hook)",
+                             max(1, rounds // 2), lambda clock: output_pass(modules, clock)))
+    cases.append(hooked_case(clocks, ZERO_LABEL, "zero", "~1.00x (early exit)", max(1, rounds // 2),
+                             lambda clock: fused(stacks[most], modules, torch.zeros(gates.shape[0], most), clock)))
+    return cases
+
+
 def run_rounds(cases: list[Case], bare: Case, forward: Callable[[], torch.Tensor], clocks: dict[str, HookClock],
                rounds: int) -> None:
     for round_index in range(rounds):
@@ -356,19 +378,7 @@ def flux_main(rounds: int, pixels: int) -> None:
           f"{time.perf_counter() - started:.0f} s; load average {load:.2f} on {os.cpu_count()} CPUs", flush=True)
 
     clocks: dict[str, HookClock] = {}
-
-    def hooked_case(label: str, short: str, target: str, rounds_for: int,
-                    make: Callable[[HookClock], contextlib.AbstractContextManager]) -> Case:
-        clock = clocks.setdefault(label, HookClock())
-        return Case(label, short, target, lambda: make(clock), rounds_for)
-
-    cases = [hooked_case(f"fused, {n} membranes", f"fused{n}", FUSED_TARGET[n], rounds,
-                         lambda clock, n=n: fused(stacks[n], modules, gates[:, :n], clock)) for n in COUNTS]
-    cases.append(hooked_case("floor: one pass over outputs", "floor", "(reference: the cost of any output hook)",
-                             max(1, rounds // 2), lambda clock: output_pass(modules, clock)))
-    zero_label = f"all-zero gates, {most} membranes"
-    cases.append(hooked_case(zero_label, "zero", "~1.00x (early exit)", max(1, rounds // 2),
-                             lambda clock: fused(stacks[most], modules, torch.zeros(1, most), clock)))
+    cases = hook_cases(clocks, stacks, modules, gates, rounds)
     bare = Case("bare double block", "bare", "", contextlib.nullcontext, rounds)
     forward()  # warm-up: first-touch allocations, kernel selection
     run_rounds(cases, bare, forward, clocks, rounds)
@@ -390,7 +400,7 @@ def flux_main(rounds: int, pixels: int) -> None:
         hook_cpu = statistics.median(cpu for _, cpu in by_label[f"fused, {n} membranes"].hooks)
         print(f"  fused, {n:2d} membranes {1 + depth * hook_cpu / (depth * double_cpu + single_depth * single_cpu):9.4f}x   "
               f"{FUSED_TARGET[n]}")
-    print(f"checks: all-zero gates bit-identical to bare: {torch.equal(by_label[zero_label].output, bare.output)}; "
+    print(f"checks: all-zero gates bit-identical to bare: {torch.equal(by_label[ZERO_LABEL].output, bare.output)}; "
           f"open membranes change the output: {not torch.equal(by_label[f'fused, {most} membranes'].output, bare.output)}")
     print(f"total {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}")
 
@@ -440,19 +450,7 @@ def main() -> None:
 
     clocks: dict[str, HookClock] = {}
     stacks = {n: MembraneStack([MembraneUse(m) for m in membranes[:n]], key_map, shapes) for n in COUNTS}
-
-    def hooked_case(label: str, short: str, target: str, rounds_for: int,
-                    make: Callable[[HookClock], contextlib.AbstractContextManager]) -> Case:
-        clock = clocks.setdefault(label, HookClock())
-        return Case(label, short, target, lambda: make(clock), rounds_for)
-
-    cases = [hooked_case(f"fused, {n} membranes", f"fused{n}", FUSED_TARGET[n], rounds,
-                         lambda clock, n=n: fused(stacks[n], modules, gates[:, :n], clock)) for n in COUNTS]
-    cases.append(hooked_case("floor: one pass over outputs", "floor", "(reference: the cost of any output hook)",
-                             max(1, rounds // 2), lambda clock: output_pass(modules, clock)))
-    zero_label = f"all-zero gates, {most} membranes"
-    cases.append(hooked_case(zero_label, "zero", "~1.00x (early exit)", max(1, rounds // 2),
-                             lambda clock: fused(stacks[most], modules, torch.zeros(2, most), clock)))
+    cases = hook_cases(clocks, stacks, modules, gates, rounds)
 
     base_weights = {key: modules[key].weight for key in stacks[FOLD_COUNT].layers}
     base_sums = {key: weight.double().sum() for key, weight in base_weights.items()}
@@ -464,7 +462,7 @@ def main() -> None:
     fold_bytes = sum(w.numel() * w.element_size() for w in folded_weights.values())
     cases.append(Case(f"static fold, {FOLD_COUNT} membranes", "fold", "~1.00x", lambda: folded(modules, folded_weights),
                       max(1, rounds // 2)))
-    cases += [hooked_case(f"naive, {n} membranes", f"naive{n}", NAIVE_REFERENCE[n], 1,
+    cases += [hooked_case(clocks, f"naive, {n} membranes", f"naive{n}", NAIVE_REFERENCE[n], 1,
                           lambda clock, n=n: naive(membranes[:n], key_map, modules, gates[:, :n], clock)) for n in (20, 50)]
     bare = Case("bare", "bare", "", contextlib.nullcontext, rounds)
 
@@ -480,7 +478,7 @@ def main() -> None:
 
     by_label = {case.label: case for case in cases}
     opened = by_label[f"fused, {most} membranes"]
-    print(f"checks: all-zero gates bit-identical to bare: {torch.equal(by_label[zero_label].output, bare.output)}; "
+    print(f"checks: all-zero gates bit-identical to bare: {torch.equal(by_label[ZERO_LABEL].output, bare.output)}; "
           f"open membranes change the output: {not torch.equal(opened.output, bare.output)}; "
           f"base weights untouched by the fold: {all(torch.equal(w.double().sum(), base_sums[k]) for k, w in base_weights.items())}")
     print(f"total {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}")

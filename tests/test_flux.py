@@ -73,6 +73,18 @@ def predict(patcher, inputs: dict) -> torch.Tensor:
     return patcher.model.diffusion_model(**inputs)
 
 
+def predict_with_lora(patcher, lora: dict, inputs: dict) -> torch.Tensor:
+    """The prediction with `lora` (a file's tensors) patched into the weights by ComfyUI's own LoRA code."""
+    import comfy.sd
+
+    lora_patcher, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
+    lora_patcher.patch_model()
+    try:
+        return predict(lora_patcher, inputs)
+    finally:
+        lora_patcher.unpatch_model()
+
+
 def hooked(flux, gates, inputs, membranes=None) -> torch.Tensor:
     membranes = membranes or [flux["membrane"]]
     shapes = {key: (m.weight.shape[0], m.weight.shape[1], False) for key, m in flux["modules"].items()}
@@ -141,7 +153,6 @@ def test_gate_zero_is_bit_identical_to_the_bare_model(flux):
 
 def test_gate_one_equals_comfyui_lora_patching_of_our_file(flux, caplog):
     import comfy.lora
-    import comfy.sd
     import comfy.utils
 
     path = flux["folder"] / "flux_snoopy.safetensors"
@@ -151,12 +162,7 @@ def test_gate_one_equals_comfyui_lora_patching_of_our_file(flux, caplog):
     assert "not loaded" not in caplog.text.lower()
     assert len(patches) == 1 + 4 * DEPTH
     inputs = flux_inputs()
-    lora_patcher, _ = comfy.sd.load_lora_for_models(flux["patcher"], None, lora, 1.0, 0.0)
-    lora_patcher.patch_model()
-    try:
-        merged = predict(lora_patcher, inputs)
-    finally:
-        lora_patcher.unpatch_model()
+    merged = predict_with_lora(flux["patcher"], lora, inputs)
     ours = hooked(flux, [[1.0], [1.0]], inputs, membranes=[load_membrane(str(path))])
     assert not torch.equal(merged, predict(flux["patcher"], inputs))
     assert (ours - merged).abs().max() <= 1e-5 * merged.abs().max()
@@ -234,7 +240,6 @@ def test_public_flux_layouts_load_and_equal_comfyui_lora_patching(flux, layout, 
     """A Flux erasure LoRA in the diffusers (PEFT), OneTrainer or original BFL layout loads as a
     membrane on the kohya names (diffusers' q/k/v parts joined into qkv), and at gate 1 equals
     ComfyUI's own loading and patching of the same file: the name correspondences are ComfyUI's."""
-    import comfy.sd
     import comfy.utils
 
     path = tmp_path / f"{layout}.safetensors"
@@ -243,15 +248,10 @@ def test_public_flux_layouts_load_and_equal_comfyui_lora_patching(flux, layout, 
     assert membrane.architecture == "flux"
     assert set(membrane.layers) == set(flux["key_map"])
     lora = comfy.utils.load_torch_file(str(path), safe_load=True)
-    with caplog.at_level("WARNING"):
-        lora_patcher, _ = comfy.sd.load_lora_for_models(flux["patcher"], None, lora, 1.0, 0.0)
-    assert "not loaded" not in caplog.text.lower(), "ComfyUI reads every key of the file"
     inputs = flux_inputs()
-    lora_patcher.patch_model()
-    try:
-        merged = predict(lora_patcher, inputs)
-    finally:
-        lora_patcher.unpatch_model()
+    with caplog.at_level("WARNING"):
+        merged = predict_with_lora(flux["patcher"], lora, inputs)
+    assert "not loaded" not in caplog.text.lower(), "ComfyUI reads every key of the file"
     ours = hooked(flux, [[1.0], [1.0]], inputs, membranes=[membrane])
     assert not torch.equal(merged, predict(flux["patcher"], inputs))
     assert (ours - merged).abs().max() <= 1e-5 * merged.abs().max()
@@ -690,7 +690,6 @@ def chroma_inputs(batch: int = 2) -> dict:
 
 
 def test_chroma_binds_like_flux_and_gate_one_equals_comfyui_lora_patching(chroma):
-    import comfy.sd
     import comfy.utils
 
     assert set(chroma["key_map"]) == set(chroma["membrane"].layers), "the same layers under the same names"
@@ -698,12 +697,7 @@ def test_chroma_binds_like_flux_and_gate_one_equals_comfyui_lora_patching(chroma
     bare = predict(chroma["patcher"], inputs)
     assert torch.equal(hooked(chroma, [[0.0], [0.0]], inputs), bare)
     lora = comfy.utils.load_torch_file(str(chroma["folder"] / "flux_snoopy.safetensors"), safe_load=True)
-    lora_patcher, _ = comfy.sd.load_lora_for_models(chroma["patcher"], None, lora, 1.0, 0.0)
-    lora_patcher.patch_model()
-    try:
-        merged = predict(lora_patcher, inputs)
-    finally:
-        lora_patcher.unpatch_model()
+    merged = predict_with_lora(chroma["patcher"], lora, inputs)
     assert not torch.equal(merged, bare)
     assert (hooked(chroma, [[1.0], [1.0]], inputs) - merged).abs().max() <= 1e-5 * merged.abs().max()
 

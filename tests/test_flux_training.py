@@ -31,7 +31,7 @@ import torch
 from pack import load_spm, node, pack_module
 from test_flux import UNRELATED, basic_guider_sample
 from test_flux import encode as flux_encode
-from test_training import HELD_OUT, train
+from test_training import HELD_OUT, gated_predictions, train
 from tiny_models import build_chroma_clip, build_chroma_patcher, build_flux_clip, build_flux_patcher
 
 SETTINGS = dict(learning_rate=5e-2, anchor_strength=1.0)
@@ -41,32 +41,18 @@ def evaluate(patcher, clip, membrane) -> dict[str, float]:
     """On fixed latents at two noise levels: the distance of the target's prediction to the erase
     target before and after (gate 0 / gate 1), how far the target's prediction moved, and how far
     held-out prompts' moved (relative to each prediction)."""
-    training, runtime, stack = pack_module("nodes.training"), pack_module("nodes.runtime"), pack_module("spm_core.stack")
-    predictor = training.ComfyNoisePredictor(patcher)
-    key_map, shapes = runtime.membrane_layers_of(patcher)
-    fused = stack.MembraneStack([stack.MembraneUse(membrane)], key_map, shapes)
-    hooks = stack.InstalledHooks(fused)
-    hooks.install({key: patcher.model.get_submodule(key) for key in fused.layers})
-    generator = torch.Generator().manual_seed(123)
-    channels = patcher.model.latent_format.latent_channels
-    x, sigma = torch.randn(4, channels, 8, 8, generator=generator), torch.tensor([0.9, 0.9, 0.5, 0.5])
+    training = pack_module("nodes.training")
+    with gated_predictions(patcher, membrane, sigmas=(0.9, 0.9, 0.5, 0.5)) as eps:
 
-    def eps(prompt, gate: float) -> torch.Tensor:
-        with stack.gates_active(fused, torch.full((4, 1), gate)):
-            return predictor.eps(x, sigma, [prompt] * 4)
+        def moved(prompt) -> float:
+            return ((eps(prompt, 1.0) - eps(prompt, 0.0)).norm() / eps(prompt, 0.0).norm()).item()
 
-    def moved(prompt) -> float:
-        return ((eps(prompt, 1.0) - eps(prompt, 0.0)).norm() / eps(prompt, 0.0).norm()).item()
-
-    try:
         target, neutral = training.encode(clip, "snoopy"), training.encode(clip, "")
         bare, bare_neutral = eps(target, 0.0), eps(neutral, 0.0)
         erase_target = bare_neutral - (bare - bare_neutral)
         return {"before": (bare - erase_target).norm().item(), "after": (eps(target, 1.0) - erase_target).norm().item(),
                 "target_moved": moved(target),
                 "held_out_moved": statistics.mean(moved(training.encode(clip, text)) for text in HELD_OUT)}
-    finally:
-        hooks.remove()
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ def train(patcher, clip, path, targets=("snoopy",), edits=(), resume=False, on_s
 
 
 @contextlib.contextmanager
-def gated_predictions(patcher, membrane):
-    """eps(prompt, gate): the model's prediction with `membrane` at `gate`, on fixed latents."""
+def gated_predictions(patcher, membrane, sigmas=(3.0, 3.0, 1.0, 1.0)):
+    """eps(prompt, gate): the model's prediction with `membrane` at `gate`, on fixed latents at `sigmas`."""
     training, runtime, stack = pack_module("nodes.training"), pack_module("nodes.runtime"), pack_module("spm_core.stack")
     predictor = training.ComfyNoisePredictor(patcher)
     key_map, shapes = runtime.membrane_layers_of(patcher)
@@ -45,11 +45,12 @@ def gated_predictions(patcher, membrane):
     hooks = stack.InstalledHooks(fused)
     hooks.install({key: patcher.model.get_submodule(key) for key in fused.layers})
     generator = torch.Generator().manual_seed(123)
-    x, sigma = torch.randn(4, 4, 8, 8, generator=generator), torch.tensor([3.0, 3.0, 1.0, 1.0])
+    channels = patcher.model.latent_format.latent_channels
+    x, sigma = torch.randn(len(sigmas), channels, 8, 8, generator=generator), torch.tensor(sigmas)
 
     def eps(prompt, gate):
-        with stack.gates_active(fused, torch.full((4, 1), gate)):
-            return predictor.eps(x, sigma, [prompt] * 4)
+        with stack.gates_active(fused, torch.full((len(sigmas), 1), gate)):
+            return predictor.eps(x, sigma, [prompt] * len(sigmas))
 
     try:
         yield eps
