@@ -129,7 +129,6 @@ class _Target:
         import comfy.model_management
 
         self.runtime = lab.pack("nodes.runtime")
-        self.stack_module = lab.pack("spm_core.stack")
         self.state = model.get_attachment(self.runtime.KEY)
         comfy.model_management.load_models_gpu([model])
         self.base = model.model
@@ -142,7 +141,7 @@ class _Target:
         if self.state is None:
             return self.base.apply_model(x, sigma, c_crossattn=context)
         gates = _gates(self.state, conditioning, self.base, generator, self.runtime)
-        with self.stack_module.gates_active(self.state.stack, gates.expand(x.shape[0], -1)):
+        with self.state.stack.gates_active(gates.expand(x.shape[0], -1)):
             return self.base.apply_model(x, sigma, c_crossattn=context)
 
 

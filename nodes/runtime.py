@@ -31,7 +31,6 @@ import torch
 from comfy.patcher_extension import PatcherInjection, WrappersMP
 
 from ..spm_core.errors import SPMError
-from ..spm_core.stack import gates_active
 from ..spm_core.transport import LATENT_LOOKAHEAD_STEPS
 from .architectures import check_membrane_fits, membrane_layers
 from .frontend import send_gate_report
@@ -89,7 +88,7 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
         reference, sigmas = _latent_gate_start(base_model.model_sampling, x, t)
         state.measure_latent_gates(run_bare, transformer_options, x.shape[0], table, reference, sigmas)
     gates, strengths = state.row_gates(c_crossattn, transformer_options, t, base_model.model_sampling, table)
-    with gates_active(state.stack, gates, strengths):
+    with state.stack.gates_active(gates, strengths):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
@@ -112,7 +111,7 @@ def _bare_runner(executor, state: MembraneState, x, c_concat, c_crossattn, contr
                     and pooled.shape[1] < extra["y"].shape[1]:
                 own = pooled[start: start + rows].to(extra["y"])
                 extra["y"] = torch.cat([own, extra["y"][:, own.shape[1]:]], dim=1)
-            with gates_active(state.stack, torch.zeros(rows, state.stack.membrane_count)):
+            with state.stack.gates_active(torch.zeros(rows, state.stack.membrane_count)):
                 # the model itself (executor.original), past the APPLY_MODEL wrappers below ours: see _pre_pass_options
                 predictions.append(executor.original(
                     latents[start: start + rows].to(x), sigma.reshape(1).to(x).expand(rows), _rows_of(c_concat, index, x.shape[0]),

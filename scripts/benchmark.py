@@ -57,7 +57,7 @@ from membrane_helpers import key_map_of, modules_of, random_membrane, shapes_of 
 
 from spm_core.file_format import FLUX_LAYER  # noqa: E402
 from spm_core.membrane import FusedLayer, Membrane  # noqa: E402
-from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active  # noqa: E402
+from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse  # noqa: E402
 from spm_core.transport import ConceptEmbedding, Transport, TransportMode  # noqa: E402
 
 # The real SD1.5 UNet (ComfyUI builds output blocks from the end of transformer_depth_output).
@@ -189,7 +189,7 @@ def fused(stack: MembraneStack, modules: dict[str, torch.nn.Module], gates: torc
     hooks = TimedHooks(stack, clock)
     hooks.install(modules)
     try:
-        with gates_active(stack, gates):
+        with stack.gates_active(gates):
             yield
     finally:
         hooks.remove()

@@ -1,9 +1,11 @@
 """A stack of membranes bound to one model, and the forward hooks that apply it.
 
 Binding matches every membrane layer to a model module (through a key map the host provides)
-and checks shapes. The hooks read the gates of the current model call from a thread-local gate
-context: a hook with no active context for its stack does nothing, so model branches that share
-the same torch modules but not the membranes are never affected.
+and checks shapes. The hooks read the gates of the current model call from their stack's own gate
+context (one per thread): a hook whose stack has no active gates does nothing, so model branches
+that share the same torch modules but not the membranes are never affected. The context lives on the
+stack, not in this module, so whatever copy of spm_core a caller imported (the pack's, or a script's
+top-level `spm_core`) opens the same gates the hooks read.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class MembraneStack:
                 parts.setdefault(module_key, []).append((index, layer))
         self.layers = {key: FusedLayer(layer_parts) for key, layer_parts in parts.items()}
         self.strengths = torch.tensor([use.strength for use in self.uses], dtype=torch.float32)
+        self._context = _GateContext()
 
     @property
     def membrane_count(self) -> int:
@@ -64,6 +67,30 @@ class MembraneStack:
         """Effective per-row gates: the gate law applied, times each membrane's strength, or times
         `strengths` (rows x membranes) where rows differ (e.g. a separate strength for negative rows)."""
         return self.gate_law.apply(gates.to(torch.float32)) * (self.strengths if strengths is None else strengths)
+
+    @contextlib.contextmanager
+    def gates_active(self, gates: torch.Tensor, strengths: torch.Tensor | None = None) -> Iterator[None]:
+        """Within this block, hooks of this stack apply `gates` (rows x membranes, before strength) at
+        the stack's strengths, or at `strengths` (rows x membranes) when given. The official merge law
+        always uses the stack's strengths."""
+        if gates.ndim != 2 or gates.shape[1] != self.membrane_count:
+            raise ValueError(f"gates must be (rows, {self.membrane_count}), got {tuple(gates.shape)}")
+        if strengths is not None and strengths.shape != gates.shape:
+            raise ValueError(f"strengths must be {tuple(gates.shape)} like the gates, got {tuple(strengths.shape)}")
+        previous = self._context.call
+        row_gates = self.row_gates(gates, strengths)
+        # all gates closed: no call, so hooks exit at once
+        self._context.call = _CallGates(row_gates, gates.to(torch.float32)) if bool(row_gates.any()) else None
+        try:
+            yield
+        finally:
+            self._context.call = previous
+
+    def current_row_gates(self) -> torch.Tensor | None:
+        """The effective (rows x membranes) gates this stack applies in the current model call, or
+        None when it is closed or inactive: for inspecting what a sampler actually used."""
+        call = self._context.call
+        return None if call is None else call.row_gates
 
     def folded_weights(self, weights: Mapping[str, torch.Tensor], gates: torch.Tensor) -> dict[str, torch.Tensor]:
         """The static-gate fast path: for gates (membranes,) that hold for every row and every
@@ -82,7 +109,7 @@ def apply_membranes(model: torch.nn.Module, uses: Sequence[MembraneUse],
                     key_map: Mapping[str, str] | None = None) -> tuple[MembraneStack, InstalledHooks]:
     """Bind membranes to a torch UNet and install their hooks, without ComfyUI: `key_map` maps file
     layer names to module names (default: diffusers naming, `file_format.module_key_map`). The
-    hooks act only inside `gates_active(stack, gates)`; `hooks.remove()` takes them off."""
+    hooks act only inside `stack.gates_active(gates)`; `hooks.remove()` takes them off."""
     key_map = dict(key_map) if key_map is not None else module_key_map(name for name, _ in model.named_modules())
     wanted = {key_map[name] for use in uses for name in use.membrane.layers if name in key_map}
     modules = {key: model.get_submodule(key) for key in wanted}
@@ -143,43 +170,10 @@ class _CallGates:
 
 
 class _GateContext(threading.local):
+    """A stack's gates of the model call in progress, per thread (ComfyUI may run batches in threads)."""
+
     def __init__(self) -> None:
-        self.active: dict[int, _CallGates] = {}
-
-
-_context = _GateContext()
-
-
-def current_row_gates(stack: MembraneStack) -> torch.Tensor | None:
-    """The effective (rows x membranes) gates `stack` applies in the current model call, or None
-    when it is closed or inactive: for inspecting what a sampler actually used."""
-    call = _context.active.get(id(stack))
-    return None if call is None else call.row_gates
-
-
-@contextlib.contextmanager
-def gates_active(stack: MembraneStack, gates: torch.Tensor, strengths: torch.Tensor | None = None) -> Iterator[None]:
-    """Within this block, hooks of `stack` apply `gates` (rows x membranes, before strength) at the
-    stack's strengths, or at `strengths` (rows x membranes) when given. The official merge law
-    always uses the stack's strengths."""
-    if gates.ndim != 2 or gates.shape[1] != stack.membrane_count:
-        raise ValueError(f"gates must be (rows, {stack.membrane_count}), got {tuple(gates.shape)}")
-    if strengths is not None and strengths.shape != gates.shape:
-        raise ValueError(f"strengths must be {tuple(gates.shape)} like the gates, got {tuple(strengths.shape)}")
-    key = id(stack)
-    previous = _context.active.get(key)
-    row_gates = stack.row_gates(gates, strengths)
-    if bool(row_gates.any()):
-        _context.active[key] = _CallGates(row_gates, gates.to(torch.float32))
-    else:
-        _context.active.pop(key, None)  # all gates closed: hooks exit at once
-    try:
-        yield
-    finally:
-        if previous is None:
-            _context.active.pop(key, None)
-        else:
-            _context.active[key] = previous
+        self.call: _CallGates | None = None
 
 
 def _expand_rows(row_gates: torch.Tensor, rows: int) -> torch.Tensor:
@@ -218,15 +212,15 @@ class InstalledHooks:
             layer.forget_device_copies()
 
     def _hook_for(self, layer: FusedLayer):
-        stack_key = id(self.stack)
+        stack = self.stack
 
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            call = _context.active.get(stack_key)
+            call = stack._context.call
             if call is None:
                 return None
             x = inputs[0]
-            if self.stack.gate_law is GateLaw.OFFICIAL_MERGE:
-                return output + layer.merged_delta(x, _expand_rows(call.gates, x.shape[0]), self.stack.strengths)
+            if stack.gate_law is GateLaw.OFFICIAL_MERGE:
+                return output + layer.merged_delta(x, _expand_rows(call.gates, x.shape[0]), stack.strengths)
             gates, open_rows = call.prepared(x.shape[0], x.device, x.dtype)
             return layer.add_to(output, x, gates, open_rows)
 

@@ -7,7 +7,7 @@ from membrane_helpers import key_map_of, modules_of, random_membrane, shapes_of
 from pack import encode, load_pack, load_spm, sample
 from tiny_models import build_patcher
 
-from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active
+from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse
 
 
 def random_lora(patcher, seed=0):
@@ -74,7 +74,7 @@ def hooked_eps(patcher, stack, x, context, gate):
     key_map = key_map_of(patcher)
     hooks.install(modules_of(patcher, key_map))
     try:
-        with gates_active(stack, torch.full((x.shape[0], 1), gate)):
+        with stack.gates_active(torch.full((x.shape[0], 1), gate)):
             return eps(patcher, x, context)
     finally:
         hooks.remove()

@@ -22,7 +22,7 @@ from tiny_models import build_chroma_clip, build_chroma_patcher, build_clip, bui
 
 from spm_core.concepts import Concept
 from spm_core.file_format import load_membrane, lora_tensors, save_membrane
-from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active
+from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse
 
 DEPTH = 2  # double blocks of the tiny Flux (tiny_models.flux_config)
 UNRELATED = "a bowl of fruit on a table"
@@ -92,7 +92,7 @@ def hooked(flux, gates, inputs, membranes=None) -> torch.Tensor:
     hooks = InstalledHooks(stack)
     hooks.install(flux["modules"])
     try:
-        with gates_active(stack, torch.as_tensor(gates, dtype=torch.float32)):
+        with stack.gates_active(torch.as_tensor(gates, dtype=torch.float32)):
             return predict(flux["patcher"], inputs)
     finally:
         hooks.remove()
@@ -429,12 +429,11 @@ class CallSpy:
 
     def __init__(self, stack):
         self.stack, self.calls = stack, []
-        self.stack_module = pack_module("spm_core.stack")
 
     def __call__(self, executor, *args, **kwargs):
-        gates = self.stack_module.current_row_gates(self.stack)
+        gates = self.stack.current_row_gates()
         out = executor(*args, **kwargs)
-        with self.stack_module.gates_active(self.stack, torch.zeros(1, self.stack.membrane_count)):
+        with self.stack.gates_active(torch.zeros(1, self.stack.membrane_count)):
             bare = executor(*args, **kwargs)
         self.calls.append({"gates": None if gates is None else gates.clone(), "out": out.clone(), "bare": bare.clone()})
         return out

@@ -26,10 +26,9 @@ class RowSpy:
 
     def __init__(self, stack) -> None:
         self.stack, self.calls = stack, []
-        self.stack_module = pack_module("spm_core.stack")
 
     def __call__(self, executor, *args, **kwargs):
-        gates = self.stack_module.current_row_gates(self.stack)
+        gates = self.stack.current_row_gates()
         context = kwargs["context"] if "context" in kwargs else args[2]  # UNetModel._forward(x, timesteps, context, ...)
         self.calls.append((torch.zeros(context.shape[0], 1) if gates is None else gates.clone(), context.clone()))
         return executor(*args, **kwargs)

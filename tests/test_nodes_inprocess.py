@@ -20,12 +20,11 @@ class CallSpy:
 
     def __init__(self, stack):
         self.stack, self.calls = stack, []
-        self.stack_module = pack_module("spm_core.stack")  # the pack's own copy of spm_core
 
     def __call__(self, executor, *args, **kwargs):
-        gates = self.stack_module.current_row_gates(self.stack)
+        gates = self.stack.current_row_gates()
         out = executor(*args, **kwargs)
-        with self.stack_module.gates_active(self.stack, torch.zeros(1, self.stack.membrane_count)):
+        with self.stack.gates_active(torch.zeros(1, self.stack.membrane_count)):
             bare = executor(*args, **kwargs)
         options = kwargs.get("transformer_options") or args[5]
         self.calls.append({"gates": None if gates is None else gates.clone(), "kinds": list(options["cond_or_uncond"]),

@@ -7,7 +7,7 @@ from membrane_helpers import key_map_of, modules_of, random_membrane, shapes_of
 from tiny_models import build_patcher, model_config_for
 
 from spm_core.membrane import GateLaw, official_merge
-from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active
+from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse
 
 TOLERANCE = 1e-5
 
@@ -106,7 +106,7 @@ def run_with_membranes(patcher, key_map, modules, membranes, gates, law=GateLaw.
     hooks = InstalledHooks(stack)
     hooks.install(modules)
     try:
-        with gates_active(stack, torch.tensor([gates] * inputs[0].shape[0])):
+        with stack.gates_active(torch.tensor([gates] * inputs[0].shape[0])):
             return comfy_eps(patcher, inputs)
     finally:
         hooks.remove()
@@ -179,7 +179,7 @@ def test_spm_core_alone_applies_a_membrane_file_to_a_diffusers_unet(setup, tmp_p
 
     stack, hooks = apply_membranes(unet, [MembraneUse(load_membrane(str(tmp_path / "concept.safetensors")))])
     try:
-        with gates_active(stack, torch.full((inputs[0].shape[0], 1), 0.37)):
+        with stack.gates_active(torch.full((inputs[0].shape[0], 1), 0.37)):
             ours = diffusers_eps(unet, inputs)
         outside = diffusers_eps(unet, inputs)
     finally:

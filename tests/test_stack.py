@@ -7,7 +7,7 @@ from membrane_helpers import key_map_of, modules_of, random_membrane, shapes_of
 from tiny_models import build_patcher
 
 from spm_core.file_format import load_membrane, save_membrane
-from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active
+from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
@@ -35,7 +35,7 @@ def hooked(world, gates, uses=None):
     hooks = InstalledHooks(stack)
     hooks.install(modules)
     try:
-        with gates_active(stack, torch.as_tensor(gates, dtype=torch.float32)):
+        with stack.gates_active(torch.as_tensor(gates, dtype=torch.float32)):
             return eps(patcher, inputs)
     finally:
         hooks.remove()
@@ -100,7 +100,7 @@ def test_hooks_without_active_gates_do_nothing_and_leave_no_trace(world):
     try:
         assert torch.equal(eps(patcher, inputs), bare), "a stack with no gate context must not act"
         other = MembraneStack([MembraneUse(membranes[0])], key_map, shapes_of(modules))
-        with gates_active(other, torch.ones(4, 1)):
+        with other.gates_active(torch.ones(4, 1)):
             assert torch.equal(eps(patcher, inputs), bare), "another stack's gates must not open this one"
     finally:
         hooks.remove()
@@ -118,5 +118,5 @@ def test_gate_matrix_of_the_wrong_width_is_refused(world):
     patcher, key_map, modules, membranes, _ = world
     stack = MembraneStack([MembraneUse(m) for m in membranes], key_map, shapes_of(modules))
     with pytest.raises(ValueError, match=r"gates must be \(rows, 2\)"):
-        with gates_active(stack, torch.ones(4, 3)):
+        with stack.gates_active(torch.ones(4, 3)):
             pass

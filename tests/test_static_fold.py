@@ -9,7 +9,7 @@ from membrane_helpers import key_map_of, modules_of, random_membrane, shapes_of
 from tiny_models import build_patcher
 
 from spm_core.membrane import FusedLayer, GateLaw, LayerWeights
-from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse, gates_active
+from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])  # sd1: 1x1-conv proj_in/out; sd2: Linear
@@ -36,7 +36,7 @@ def test_folded_weights_forward_equals_hooked_forward(world, law):
     hooks = InstalledHooks(stack)
     hooks.install(modules)
     try:
-        with gates_active(stack, gates.expand(2, -1)):
+        with stack.gates_active(gates.expand(2, -1)):
             hooked = eps(patcher, inputs)
     finally:
         hooks.remove()
@@ -68,9 +68,9 @@ def test_closed_trailing_rows_are_skipped_and_stay_bit_identical(world):
     hooks = InstalledHooks(stack)
     hooks.install(modules)
     try:
-        with gates_active(stack, torch.tensor([[0.7, 0.4], [0.0, 0.0]])):
+        with stack.gates_active(torch.tensor([[0.7, 0.4], [0.0, 0.0]])):
             mixed = eps(patcher, inputs)
-        with gates_active(stack, torch.tensor([[0.7, 0.4], [0.7, 0.4]])):
+        with stack.gates_active(torch.tensor([[0.7, 0.4], [0.7, 0.4]])):
             both_open = eps(patcher, inputs)
     finally:
         hooks.remove()

@@ -49,7 +49,7 @@ def gated_predictions(patcher, membrane, sigmas=(3.0, 3.0, 1.0, 1.0)):
     x, sigma = torch.randn(len(sigmas), channels, 8, 8, generator=generator), torch.tensor(sigmas)
 
     def eps(prompt, gate):
-        with stack.gates_active(fused, torch.full((len(sigmas), 1), gate)):
+        with fused.gates_active(torch.full((len(sigmas), 1), gate)):
             return predictor.eps(x, sigma, [prompt] * len(sigmas))
 
     try:
