@@ -11,10 +11,12 @@ by its own conditioning.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -130,6 +132,7 @@ class MembraneState:
         self._latent_gates: dict[tuple, torch.Tensor] = {}
         self._official_gate: torch.Tensor | None = None  # official_code: the guider's first positive prompt's
         self.last_gates: dict[str, list[float]] = {}
+        self._call = threading.local()  # the chunk table of the calc_cond_batch call in progress (ComfyUI may run batches in threads)
 
     def on_model_patcher_clone(self) -> MembraneState:
         return self  # clones of this MODEL (made by samplers or other packs) share its membranes
@@ -298,6 +301,20 @@ class MembraneState:
                 table[(index, cond.get("uuid"))] = Chunk(role, self.cond_gates(cond, tokens_by_embedding),
                                                          (cond.get("uuid"), None if embedding is None else id(embedding)))
         return table
+
+    @contextlib.contextmanager
+    def calling(self, cond_lists: Sequence[list[dict] | None]) -> Iterator[None]:
+        """Within this block (one calc_cond_batch call), `call_chunks` is the chunk table of `cond_lists`."""
+        outer = getattr(self._call, "chunks", None)
+        self._call.chunks = self.chunk_table(cond_lists)
+        try:
+            yield
+        finally:
+            self._call.chunks = outer
+
+    def call_chunks(self) -> dict[tuple[int, object], Chunk]:
+        """The chunk table of the calc_cond_batch call in progress on this thread, or {} outside one."""
+        return getattr(self._call, "chunks", None) or {}
 
     def row_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor,
                   model_sampling, table: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,7 +22,6 @@ weights as ordinary patches (a static merge), nodes/training.py loads the model 
 
 from __future__ import annotations
 
-import threading
 from uuid import uuid4
 
 import comfy.model_base
@@ -41,7 +40,6 @@ KEY = "spm_membranes"
 POOLED_FIRST_MODELS = (comfy.model_base.SDXL, comfy.model_base.SDXLRefiner)
 LOOKAHEAD_SCHEDULE = 20  # steps of the schedule the look-ahead takes its first steps from
 TEXT_TO_IMAGE_START = 0.99  # a first sigma at least this share of the largest: sampling starts from pure noise
-_call = threading.local()  # the chunk table of the calc_cond_batch call in progress (ComfyUI may run batches in threads)
 
 
 def membrane_layers_of(model) -> tuple[dict[str, str], dict[str, tuple[int, int, bool]]]:
@@ -66,12 +64,8 @@ def _calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_optio
     state = _state_of(model)
     if state is None:
         return executor(model, conds, x_in, timestep, model_options)
-    outer = getattr(_call, "chunks", None)
-    _call.chunks = state.chunk_table(conds)
-    try:
+    with state.calling(conds):
         return executor(model, conds, x_in, timestep, model_options)
-    finally:
-        _call.chunks = outer
 
 
 def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
@@ -82,7 +76,7 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     if not state.hooks.installed:  # the clone inherited an "already injected" flag: install now
         state.hooks.install(state.modules_of(base_model))
     transformer_options = transformer_options or {}
-    table = getattr(_call, "chunks", None) or {}
+    table = state.call_chunks()
     if state.reads_model:
         run_bare = _bare_runner(executor, state, x, c_concat, c_crossattn, control, transformer_options, kwargs)
         reference, sigmas = _latent_gate_start(base_model.model_sampling, x, t)
