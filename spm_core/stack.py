@@ -92,6 +92,17 @@ class MembraneStack:
         call = self._context.call
         return None if call is None else call.row_gates
 
+    def layer_output(self, layer: FusedLayer, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        """What a hook of this stack returns for one bound layer's call on `x`: `output` with the
+        layer's membranes added at the gates of the current call, or None while they are closed."""
+        call = self._context.call
+        if call is None:
+            return None
+        if self.gate_law is GateLaw.OFFICIAL_MERGE:
+            return output + layer.merged_delta(x, _expand_rows(call.gates, x.shape[0]), self.strengths)
+        gates, open_rows = call.prepared(x.shape[0], x.device, x.dtype)
+        return layer.add_to(output, x, gates, open_rows)
+
     def folded_weights(self, weights: Mapping[str, torch.Tensor], gates: torch.Tensor) -> dict[str, torch.Tensor]:
         """The static-gate fast path: for gates (membranes,) that hold for every row and every
         step, each adapted layer's weight with the membranes folded in, `W + U diag(g) D`, keyed
@@ -215,13 +226,6 @@ class InstalledHooks:
         stack = self.stack
 
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            call = stack._context.call
-            if call is None:
-                return None
-            x = inputs[0]
-            if stack.gate_law is GateLaw.OFFICIAL_MERGE:
-                return output + layer.merged_delta(x, _expand_rows(call.gates, x.shape[0]), stack.strengths)
-            gates, open_rows = call.prepared(x.shape[0], x.device, x.dtype)
-            return layer.add_to(output, x, gates, open_rows)
+            return stack.layer_output(layer, inputs[0], output)
 
         return hook
