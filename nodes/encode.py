@@ -14,6 +14,7 @@ from .architectures import content_span
 TOKENS_KEY = "spm_token_ids"
 TOKENS_OF_KEY = "spm_token_ids_embedding"  # fingerprint of the embedding the token ids belong to
 CLIP_BOS, CLIP_EOS = 49406, 49407
+WORD_BOUNDARY = "\u2581"  # SentencePiece's word-start mark, a token of its own before some words
 
 
 def token_ids(clip, tokens: dict) -> frozenset[int]:
@@ -22,7 +23,11 @@ def token_ids(clip, tokens: dict) -> frozenset[int]:
     key = "l" if "l" in tokens else next(iter(tokens))
     tokenizer = getattr(clip.tokenizer, f"clip_{key}", None)
     special = {getattr(tokenizer, name, None) for name in ("start_token", "end_token", "pad_token")} - {None}
+    # T5's SentencePiece splits "a snowman" as "▁", "a", "▁snow", "man": the bare word-boundary piece
+    # is in almost every prompt and names nothing
+    pieces = getattr(tokenizer, "inv_vocab", {})
     ids = [token[0] for chunk in tokens[key] for token in chunk if isinstance(token[0], int)]
+    special |= {token for token in ids if pieces.get(token) == WORD_BOUNDARY}
     return content_tokens(ids, special or {CLIP_BOS, CLIP_EOS})
 
 

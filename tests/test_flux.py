@@ -764,3 +764,18 @@ def test_node_refusals_name_file_and_model(flux):
             load_spm(model, clip, name, transport=transport)
         assert name in str(caught.value) and phrase in str(caught.value), str(caught.value)
         assert state_before(model) == before
+
+
+def test_t5_prompt_words_exclude_the_bare_word_boundary_piece(chroma):
+    """T5's SentencePiece writes "a house" as "▁", "a", "▁house": the bare "▁" is in nearly every prompt,
+    so counted as a word it made the paper's token-overlap gate see "a snowman" in "a house"."""
+    encode = pack_module("nodes.encode")
+    clip = chroma["clip"]
+
+    def words(text: str) -> frozenset[int]:
+        return encode.token_ids(clip, clip.tokenize(text))
+
+    assert words("a snowman") & words("a house") == words("a") and len(words("a")) == 1
+    assert words("snowman") <= words("a snowman in the snow")
+    boundary = [i for i, piece in clip.tokenizer.clip_t5xxl.inv_vocab.items() if piece == encode.WORD_BOUNDARY]
+    assert boundary and boundary[0] in {t[0] for t in clip.tokenize("a house")["t5xxl"][0]}, "the case this guards"
