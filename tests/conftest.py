@@ -31,6 +31,14 @@ def _no_grad():
         yield
 
 
+@pytest.fixture(scope="module")
+def sd1():
+    """Tiny SD1.x UNet with the real SD1 cross-attention width (768), so shapes say 'sd1' (file_helpers.TinyModel)."""
+    from file_helpers import TinyModel
+
+    return TinyModel("sd1", context=768)
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A real ComfyUI server (main.py --cpu) with this pack in custom_nodes, the tiny SD1.5
