@@ -1,28 +1,55 @@
 """Puts a real ComfyUI host (installed by scripts/install_host.sh) on the import path.
 
-COMFYUI_ROOT selects the host tree; default ~/.cache/spm-comfy-host/ComfyUI.
+COMFYUI_ROOT selects the host tree; default ~/.cache/spm-comfy-host/ComfyUI. The tests in
+tests/engine check spm_core alone and run without a host (torch, safetensors and pytest suffice:
+`python -m pytest tests/engine`); every other test needs it.
 """
 
 import os
+import pathlib
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+ENGINE = os.path.join(TESTS, "engine")
 COMFYUI_ROOT = os.path.abspath(os.environ.get(
     "COMFYUI_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")))
-if not os.path.isfile(os.path.join(COMFYUI_ROOT, "comfy", "model_patcher.py")):
-    raise RuntimeError(f"no ComfyUI host at {COMFYUI_ROOT}: run scripts/install_host.sh (or set COMFYUI_ROOT)")
+HOST = os.path.isfile(os.path.join(COMFYUI_ROOT, "comfy", "model_patcher.py"))
 # ComfyUI's root goes first: its top-level `nodes` module must win over this pack's `nodes/`.
-for path in (os.path.dirname(os.path.abspath(__file__)), REPO, COMFYUI_ROOT):
+for path in (TESTS, REPO, *((COMFYUI_ROOT,) if HOST else ())):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from comfy.cli_args import args  # noqa: E402
+if HOST:
+    from comfy.cli_args import args
 
-args.cpu = True  # before comfy.model_management is imported: this torch has no CUDA
+    args.cpu = True  # before comfy.model_management is imported: this torch has no CUDA
 
 import torch  # noqa: E402
+
+
+class _RootAsFolder:
+    """pytest collects from the repository root, which would make it a package and import its
+    `__init__.py`: the pack, which needs ComfyUI. The tests load the pack themselves (tests/pack.py),
+    so the root is collected as a plain folder."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path: pathlib.Path, parent: pytest.Collector) -> pytest.Collector | None:
+        return pytest.Dir.from_parent(parent, path=path) if path == pathlib.Path(REPO) else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Without a host, only tests/engine may run: anything else stops here with what to do."""
+    config.pluginmanager.register(_RootAsFolder())
+    if HOST:
+        return
+    paths = [os.path.abspath(os.path.join(config.invocation_params.dir, arg.split("::")[0])) for arg in config.args]
+    outside = [path for path in paths if os.path.commonpath([path, ENGINE]) != ENGINE]
+    if outside:
+        raise pytest.UsageError(f"no ComfyUI host at {COMFYUI_ROOT}: run scripts/install_host.sh (or set COMFYUI_ROOT); "
+                                f"without it only the engine tests run: python -m pytest {os.path.relpath(ENGINE)}")
 
 
 @pytest.fixture(autouse=True)
