@@ -14,6 +14,11 @@ are, how they start (random, or the concept's own word embedding), how long they
 how many independent restarts are tried (the one with the lowest final loss kept) are settings;
 the defaults are the benchmark's original attack: "a" and three random tokens, 150 steps. The same
 optimiser, run on the bare model, is textual inversion (miniworld/textual_inversion.py).
+
+A `discrete` attack keeps every free token a word of the vocabulary, as UnlearnDiffAtk's (the
+protocol behind the published attack-success figures): the forward pass uses each free vector's
+nearest vocabulary embedding, the gradient updates the free vector (a straight-through estimate,
+as in PEZ, Wen et al. 2023), and the result is the nearest words, i.e. a prompt anyone can type.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from .model import encode_token_embeddings, pictures_to_model_space, text_transf
 INITS = ("random", "concept")
 EVALUATION_SIGMAS = 4  # noise levels per reference picture in the fixed batch that scores a run
 CONCEPT_INIT_NOISE = 0.1  # so that restarts from the concept's word do not all start at one point
+DISCRETE_CHECK_EVERY = 25  # steps between two scorings of a discrete attack's current words
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class AttackSettings:
     after: str = ""        # concept-free words after them
     init: str = "random"   # or "concept": the concept word's token embeddings, repeated to fill the tokens
     restarts: int = 1
+    discrete: bool = False  # the free tokens stay vocabulary words (a typed prompt), not free vectors
 
 
 @dataclass
@@ -145,11 +152,35 @@ class _Target:
             return self.base.apply_model(x, sigma, c_crossattn=context)
 
 
+def _vocabulary(clip) -> torch.Tensor:
+    return text_transformer(clip).text_model.embeddings.token_embedding.weight.detach().float()
+
+
+def typed(clip, vectors: torch.Tensor) -> str:
+    """The words a discrete attack's vectors are (the tokenizer's pieces, end-of-word marks dropped)."""
+    pieces = clip.tokenizer.clip_l.inv_vocab
+    return " ".join(pieces[int(i)].replace("</w>", "") for i in nearest_words(_vocabulary(clip), vectors))
+
+
+def nearest_words(vocabulary: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """The token ids whose embeddings are nearest (Euclidean) to each of `vectors` (tokens, width)."""
+    return torch.cdist(vectors.detach().float(), vocabulary).argmin(dim=1)
+
+
+def _on_vocabulary(vocabulary: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """`soft` with each vector replaced by its nearest word's embedding in the forward pass, the
+    gradient passed straight through to `soft`."""
+    words = vocabulary[nearest_words(vocabulary, soft)]
+    return soft + (words - soft).detach()
+
+
 def _loss(denoised: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(denoised[:, :3].float(), x0[:, :3])
 
 
 def _initial(clip, concept: str, settings: AttackSettings, width: int, generator: torch.Generator) -> torch.Tensor:
+    if settings.init == "random" and settings.discrete:
+        return _vocabulary(clip)[torch.randint(0, _vocabulary(clip).shape[0], (settings.soft_tokens,), generator=generator)]
     if settings.init == "random":
         return torch.randn(settings.soft_tokens, width, generator=generator)
     table = text_transformer(clip).text_model.embeddings.token_embedding
@@ -177,9 +208,15 @@ def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings
     score_sigma = sigmas[torch.randint(0, sigmas.shape[0], (score_x0.shape[0],), generator=scoring)]
     score_x = score_x0 + score_sigma.reshape(-1, 1, 1, 1) * torch.randn(score_x0.shape, generator=scoring)
 
+    vocabulary = _vocabulary(lab.clip)
+
+    def used(soft: torch.Tensor) -> torch.Tensor:
+        """What the prompt holds: the free vectors, or for a discrete attack their nearest words."""
+        return _on_vocabulary(vocabulary, soft) if settings.discrete else soft
+
     def score(soft: torch.Tensor) -> float:
         with torch.no_grad():
-            conditioning = encode_token_embeddings(lab.clip, prompt.embed(soft))
+            conditioning = encode_token_embeddings(lab.clip, prompt.embed(used(soft)))
             gate_noise = torch.Generator().manual_seed(settings.seed + 2)
             return float(_loss(target.denoise(score_x, score_sigma, conditioning, gate_noise), score_x0))
 
@@ -190,9 +227,11 @@ def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings
         start_loss = score(soft.detach())
         optimiser = torch.optim.Adam([soft], lr=settings.learning_rate)
         losses = []
+        # a discrete prompt jumps from word to word: the best words seen on the scoring batch are kept
+        kept = (start_loss, used(soft.detach()).clone())
         with torch.inference_mode(False), torch.enable_grad():
-            for _ in range(settings.steps):
-                conditioning = encode_token_embeddings(lab.clip, prompt.embed(soft))
+            for step in range(settings.steps):
+                conditioning = encode_token_embeddings(lab.clip, prompt.embed(used(soft)))
                 pick = torch.randint(0, reference.shape[0], (settings.batch,), generator=generator)
                 sigma = sigmas[torch.randint(0, sigmas.shape[0], (settings.batch,), generator=generator)]
                 x0 = reference[pick]
@@ -202,7 +241,13 @@ def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings
                 loss.backward()
                 optimiser.step()
                 losses.append(loss.item())
-        run = Optimised(soft.detach().clone(), losses, start_loss, score(soft.detach()))
+                if settings.discrete and ((step + 1) % DISCRETE_CHECK_EVERY == 0 or step + 1 == settings.steps):
+                    checked = score(soft.detach())
+                    kept = min(kept, (checked, used(soft.detach()).clone()), key=lambda pair: pair[0])
+        if settings.discrete:
+            run = Optimised(kept[1], losses, start_loss, kept[0])
+        else:
+            run = Optimised(soft.detach().clone(), losses, start_loss, score(soft.detach()))
         if best is None or run.final_loss < best.final_loss:
             best = run
     return best

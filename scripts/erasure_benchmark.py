@@ -24,7 +24,8 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
 --rank4        only the rank-4 membranes with 4 contexts (the robustness candidate).
 --anchoring    only the sweep of prompt vs Gaussian anchors over anchor strength.
 --transfer     only the transfer of the default membranes to the fine-tuned copy.
---attacks      every attack a user has (soft-token variants; textual-inversion embeddings learned on the
+--attacks      every attack a user has (soft-token variants; typed prompts of vocabulary words found by the same
+               gradient search; textual-inversion embeddings learned on the
                bare model and against the membrane, used as "a embedding:<name>" through ComfyUI's
                tokenizer) on --concepts (default circle red snowman striped) for the membrane --variants
                (default: default) under --gates (default paper latent), limited to --attack-names if
@@ -36,6 +37,7 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -264,7 +266,7 @@ def latent_only(lab, evaluator, singles: bool = True) -> dict:
 
 
 ROBUST_TRANSPORTS = (("always open", "always_open"), ("latent gate", "latent"))
-# the attack of soft_token_attacks() that succeeded most against the default and rank-4 snowman
+# the attack of prompt_attacks() that succeeded most against the default and rank-4 snowman
 # membranes (--attacks; README, Robustness); it also fits in CI's time
 STRONGEST_QUICK_ATTACK = "after-a-8"
 
@@ -285,7 +287,7 @@ def rank4_membranes(lab, evaluator, concepts) -> dict:
             measures.append(asdict(measure(evaluator, setup, panel(concept, [concept], TARGETS, OTHERS))))
             print(f"  {concept:<9} {setup.label:<34} erased {measures[-1]['erased']:6.1%}  "
                   f"accuracy {measures[-1]['accuracy']:6.1%}  attack {measures[-1]['attack']:6.1%}", flush=True)
-    strongest = soft_token_attacks()[STRONGEST_QUICK_ATTACK][1]
+    strongest = prompt_attacks()[STRONGEST_QUICK_ATTACK][1]
     return {"singles": measures, "attacks": gradient_attacks(lab, evaluator, concepts, variant="rank4",
                                                              transports=ROBUST_TRANSPORTS, settings=strongest)}
 
@@ -413,8 +415,9 @@ GATES = ("paper", "latent")
 TRANSPORTS = (*GATES, "always_open")  # --attacks may also attack the membrane with no gate (the LoRA loader's way)
 
 
-def soft_token_attacks() -> dict:
-    """name -> (what it is, AttackSettings): the gradient attack's variants, cheapest first."""
+def prompt_attacks() -> dict:
+    """name -> (what it is, AttackSettings): the gradient attack's variants, free token vectors (what an
+    embedding file holds) then vocabulary words (a typed prompt, the published attacks' protocol)."""
     from miniworld.attack import AttackSettings
 
     return {
@@ -424,11 +427,19 @@ def soft_token_attacks() -> dict:
         "restarts-3": ('"a" + 3 tokens, best of 3 restarts', AttackSettings(restarts=3)),
         "after-a-8": ('"a" + 8 tokens, 400 steps', AttackSettings(soft_tokens=8, steps=400)),
         "whole-8": ("8 tokens as the whole prompt, 400 steps", AttackSettings(soft_tokens=8, steps=400, before="")),
+        "words-8": ('"a" + 8 vocabulary words, 400 steps (a typed prompt)',
+                    AttackSettings(soft_tokens=8, steps=400, discrete=True)),
+        "words-8-word": ('"a" + 8 vocabulary words started from the concept\'s word, 400 steps',
+                         AttackSettings(soft_tokens=8, steps=400, discrete=True, init="concept")),
+        "words-8-restarts": ('"a" + 8 vocabulary words, best of 3 restarts, 400 steps',
+                             AttackSettings(soft_tokens=8, steps=400, discrete=True, restarts=3)),
+        "prefix-5": ('5 vocabulary words before "a <concept>", 400 steps (UnlearnDiffAtk\'s protocol)',
+                     AttackSettings(soft_tokens=5, steps=400, before="", after="a {concept}", discrete=True)),
     }
 
 
 def attack_names() -> list[str]:
-    return [*soft_token_attacks(), *(f"ti-{kind}-{n}" for kind in ("bare", "adaptive") for n in TI_VECTORS)]
+    return [*prompt_attacks(), *(f"ti-{kind}-{n}" for kind in ("bare", "adaptive") for n in TI_VECTORS)]
 
 
 def _attack_row(lab, evaluator, chain, concept: str, prompt, seed: int) -> dict:
@@ -454,13 +465,13 @@ def attack_suite(lab, evaluator, concepts, variants, gates=GATES, names=None) ->
     per concept, or against the membrane and its gate) used as "a embedding:<name>" through ComfyUI's
     tokenizer. One row per attack: its success through SPM Load Membrane, the bare model's recall of
     the same prompt, the gate, the losses and the seconds it took to learn."""
-    from miniworld.attack import conditioning_of, optimise
+    from miniworld.attack import conditioning_of, optimise, typed
     from miniworld.membranes import VARIANTS, membrane
     from miniworld.setups import Chain
     from miniworld.textual_inversion import embedding_prompt, learn_embedding, save_embedding
 
     names = list(names or attack_names())
-    soft = soft_token_attacks()
+    soft = prompt_attacks()
     rows = []
     for concept in concepts:
         seed = evaluator.seed_for(f"attack on {concept}")
@@ -474,8 +485,11 @@ def attack_suite(lab, evaluator, concepts, variants, gates=GATES, names=None) ->
                     started = time.time()
                     if name in soft:
                         description, settings = soft[name]
+                        settings = dataclasses.replace(settings, after=settings.after.format(concept=concept))
                         result = optimise(lab, chain.model, concept, settings)
                         learned = _learned(result, time.time() - started)
+                        if settings.discrete:
+                            learned["words"] = f"{settings.before} [{typed(lab.clip, result.vectors)}] {settings.after}".strip()
                         prompt = conditioning_of(lab.clip, settings, result.vectors)
                     else:
                         _, kind, vectors = name.split("-")
@@ -497,7 +511,8 @@ def attack_suite(lab, evaluator, concepts, variants, gates=GATES, names=None) ->
                     rows.append(row)
                     print(f"  {concept:<9} {chain.label:<24} {name:<14} found {row['found_under_membrane']:6.1%} "
                           f"(bare {row['found_bare']:6.1%}; gate {row['gate']:.2f}; loss {row['start_loss']:.4f} -> "
-                          f"{row['final_loss']:.4f}; {row['seconds']:.0f} s)", flush=True)
+                          f"{row['final_loss']:.4f}; {row['seconds']:.0f} s){' ' + row['words'] if 'words' in row else ''}",
+                          flush=True)
     return rows
 
 
