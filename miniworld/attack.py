@@ -211,8 +211,11 @@ def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings
     vocabulary = _vocabulary(lab.clip)
 
     def used(soft: torch.Tensor) -> torch.Tensor:
-        """What the prompt holds: the free vectors, or for a discrete attack their nearest words."""
-        return _on_vocabulary(vocabulary, soft) if settings.discrete else soft
+        """What the prompt holds: the free vectors, or for a discrete attack their nearest words
+        (exactly, outside the gradient's path)."""
+        if not settings.discrete:
+            return soft
+        return _on_vocabulary(vocabulary, soft) if soft.requires_grad else vocabulary[nearest_words(vocabulary, soft)]
 
     def score(soft: torch.Tensor) -> float:
         with torch.no_grad():

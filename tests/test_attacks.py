@@ -98,3 +98,22 @@ def test_the_attack_learns_against_a_gated_membrane_and_a_restart_never_makes_it
     assert best.final_loss < best.start_loss
     first_only = optimise(lab, model, "snowman", replace(settings, restarts=1))
     assert best.final_loss <= first_only.final_loss
+
+
+def test_a_discrete_attack_gives_vocabulary_words_that_the_tokenizer_types(lab):
+    """Every vector of a discrete attack is a row of the token table (what typing its words gives), its
+    words re-typed through ComfyUI's tokenizer give the same conditioning, and the kept words never
+    score worse than where the search started."""
+    from miniworld.attack import conditioning_of, typed
+    from miniworld.model import text_transformer
+
+    settings = replace(CHEAP, soft_tokens=3, discrete=True, steps=30)
+    result = optimise(lab, lab.model, "snowman", settings)
+    table = text_transformer(lab.clip).text_model.embeddings.token_embedding.weight.float()
+    assert all(bool((table == row).all(dim=1).any()) for row in result.vectors)
+    assert result.final_loss <= result.start_loss
+    words = typed(lab.clip, result.vectors)
+    assert len(words.split()) == 3
+    if "<|" not in words:  # a special token typed as text is not read as that token
+        typed_prompt = lab.encode(f"a {words}")[0][0]
+        assert torch.allclose(typed_prompt, conditioning_of(lab.clip, settings, result.vectors)[0][0], atol=1e-4)
