@@ -84,6 +84,17 @@ LAYOUT_PROBLEMS = """(() => {
     }));
     return problems;
 })()"""
+# Vue nodes are DOM elements sized by their content (often taller than the graph's size): overlaps
+# of their boxes on screen
+VUE_OVERLAPS = """(() => {
+    const boxes = [...document.querySelectorAll('[data-node-id]')].map(e => [e.dataset.nodeId, e.getBoundingClientRect()]);
+    const problems = [];
+    boxes.forEach(([a, p], i) => boxes.slice(i + 1).forEach(([b, q]) => {
+        if (p.left < q.right - 1 && q.left < p.right - 1 && p.top < q.bottom - 1 && q.top < p.bottom - 1)
+            problems.push(`#${a} overlaps #${b} on screen`);
+    }));
+    return problems;
+})()"""
 STORE = ("[...document.querySelectorAll('*')].find(e => e.__vue_app__)"  # one of the frontend's pinia stores
          ".__vue_app__.config.globalProperties.$pinia._s.get({name!r})")
 NODE = "window.app.graph.nodes.find(n => n.comfyClass === {type!r})"
@@ -417,7 +428,7 @@ def test_extension_loads_and_is_found(page):
 @RENDERERS
 def test_shipped_workflows_load_exactly(frontend, page, renderer):
     """Each shipped workflow's widgets read back as the file holds them (the label is in none of
-    them); with the classic renderer, nodes are as big as the frontend needs and none overlaps."""
+    them); nodes are as big as the classic renderer needs, and none overlaps in either renderer."""
     use_renderer(page, renderer)
     shots: dict[str, bytes] = {}
     for key, file_name in SHIPPED.items():
@@ -434,9 +445,8 @@ def test_shipped_workflows_load_exactly(frontend, page, renderer):
                          ".map(([id, n]) => [id, Object.keys(n.inputs)])))")  # what the page would queue
         for node_id, inputs in prompt.items():
             assert "spm_info" not in inputs, f"{file_name}: the label is sent as an input of #{node_id}"
-        if renderer == "classic":
-            problems = page.js(LAYOUT_PROBLEMS)
-            assert not problems, f"{file_name}: " + "; ".join(problems)
+        problems = page.js(LAYOUT_PROBLEMS if renderer == "classic" else VUE_OVERLAPS)
+        assert not problems, f"{file_name} ({renderer}): " + "; ".join(problems)
         if renderer == "classic":  # (the screenshots of the Vue renderer are left out, to keep CI time)
             shots[key] = fitted_screenshot(page)
             save(os.path.join(frontend.shots(renderer), file_name.removesuffix(".json") + ".png"), shots[key])
