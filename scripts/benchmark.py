@@ -40,16 +40,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFYUI_ROOT = os.path.abspath(os.environ.get(
-    "COMFYUI_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")))
-for path in (COMFYUI_ROOT, REPO, os.path.join(REPO, "tests")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository, for lab
+from lab.host import REPO, use_host  # noqa: E402
 
-from comfy.cli_args import args  # noqa: E402
-
-args.cpu = True  # before comfy.model_management is imported
+use_host()
+sys.path.insert(0, os.path.join(REPO, "tests"))  # the tests' membrane helpers build the benchmark's membranes
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

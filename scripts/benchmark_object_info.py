@@ -22,12 +22,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMFYUI_ROOT = os.path.abspath(os.environ.get(
-    "COMFYUI_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")))
-sys.path.append(REPO)
-
-from scripts.comfy_server import ComfyServer  # noqa: E402
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository, for lab
+from lab.comfy_server import ComfyServer  # noqa: E402
+from lab.host import host_root  # noqa: E402
 
 KOHYA_METADATA = {"ss_network_module": "networks.lora", "ss_network_dim": "32", "ss_network_alpha": "16",
                   "ss_base_model_version": "sd_v1", "ss_tag_frequency": json.dumps({f"tag{i}": i for i in range(400)})}
@@ -60,7 +57,7 @@ def main() -> None:
     options = parser.parse_args()
     base = tempfile.mkdtemp(prefix="spm-object-info-")
     write_loras(os.path.join(base, "models", "loras"), options.loras)
-    with ComfyServer(COMFYUI_ROOT, base) as server:
+    with ComfyServer(host_root(), base) as server:
         print(f"{options.loras} LoRA files in models/loras (+1 SPM membrane); milliseconds, {options.repeats} repeats\n")
         print(f"{'request':34} {'first':>8} {'median':>8} {'max':>8}")
         for path in ("/object_info/SPMLoader", "/object_info/LoraLoader", "/object_info"):

@@ -6,7 +6,7 @@ Run it after changing a node's inputs: python scripts/build_workflows.py
 
 The SD1.5 workflows name the checkpoint ComfyUI's own SD1.5 templates use (with its download
 address, so the frontend offers it when missing); the tests swap in their tiny checkpoint
-(scripts/comfy_server.py: for_test_models).
+(lab/comfy_server.py: for_test_models).
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ MINIWORLD_SAMPLER = [1, "fixed", 20, 5.0, "euler", "normal", 1.0]
 
 def miniworld_train() -> None:
     """SPM Train Membrane on the miniature model: a snowman membrane in about a minute and a half on a CPU
-    (settings of miniworld.lab.MembraneSettings)."""
+    (settings of lab.harness.MembraneSettings)."""
     flow = Workflow()
     title = "SPM - Miniature world 1, train"
     world = flow.add("SPMExampleLoadMiniatureWorld", (0, 0), [])

@@ -18,15 +18,16 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository, for lab
+from lab.comfy_server import ComfyServer, shipped_workflow, workflow_to_api  # noqa: E402
+from lab.host import REPO, use_host  # noqa: E402
+
 ROWS = [("a snowman", "target"), ("a frosty", "synonym"), ("a red circle", "unrelated"), ("a tree", "unrelated"),
         ("a striped snowman", "target + stripes")]
 PER_ROW = 4
 
 
 def run_workflow(server, name: str, info: dict, edit=None):
-    from scripts.comfy_server import shipped_workflow, workflow_to_api
-
     prompt = workflow_to_api(shipped_workflow(name), info)
     if edit:
         edit(prompt)
@@ -37,13 +38,8 @@ def run_workflow(server, name: str, info: dict, edit=None):
 
 
 def main(comfy_root: str, out_dir: str) -> None:
-    sys.path[:0] = [comfy_root, REPO]
-    from comfy.cli_args import args
-
-    args.cpu = True
+    use_host(comfy_root)
     from PIL import Image
-
-    from scripts.comfy_server import ComfyServer
 
     started = time.time()
     os.makedirs(out_dir, exist_ok=True)

@@ -26,8 +26,8 @@ import os
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_HOST = os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository, for lab
+from lab.host import host_root, use_host  # noqa: E402
 
 
 def config_keys() -> str:
@@ -35,8 +35,6 @@ def config_keys() -> str:
     TrainingConfig, where the node's tooltips come from too)."""
     import dataclasses
 
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
     from spm_core.training import TrainingConfig
 
     defaults = TrainingConfig()
@@ -65,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue <out>.partial.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="replace <out> if it exists")
     parser.add_argument("--clip-skip", type=int, default=0, help="use the text encoder's N-th last layer (like CLIPSetLastLayer -N)")
-    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_ROOT", DEFAULT_HOST), help="ComfyUI folder")
+    parser.add_argument("--comfyui", default=host_root(), help="ComfyUI folder")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
     return parser.parse_args(argv)
 
@@ -83,15 +81,12 @@ def read_config(path: str | None) -> dict:
 
 def main(argv: list[str]) -> None:
     options = parse_args(argv)
-    sys.path[:0] = [options.comfyui, REPO]
-    from comfy.cli_args import args
-
-    args.cpu = options.cpu or not _has_accelerator()
+    use_host(options.comfyui, cpu=options.cpu or not _has_accelerator())
     import importlib
 
     import torch
 
-    from scripts.pack_loader import load_pack
+    from lab.pack_loader import load_pack
 
     package = load_pack().__name__
     training = importlib.import_module(f"{package}.nodes.training")

@@ -1,4 +1,4 @@
-"""Puts a real ComfyUI host (installed by scripts/install_host.sh) on the import path.
+"""Puts a real ComfyUI host (installed by scripts/install_host.sh) on the import path (lab/host.py).
 
 COMFYUI_ROOT selects the host tree; default ~/.cache/spm-comfy-host/ComfyUI. The tests in
 tests/engine check spm_core alone and run without a host (torch, safetensors and pytest suffice:
@@ -14,18 +14,16 @@ import pytest
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 ENGINE = os.path.join(TESTS, "engine")
-COMFYUI_ROOT = os.path.abspath(os.environ.get(
-    "COMFYUI_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "spm-comfy-host", "ComfyUI")))
-HOST = os.path.isfile(os.path.join(COMFYUI_ROOT, "comfy", "model_patcher.py"))
-# ComfyUI's root goes first: its top-level `nodes` module must win over this pack's `nodes/`.
-for path in (TESTS, REPO, *((COMFYUI_ROOT,) if HOST else ())):
+for path in (TESTS, REPO):  # the tests' helpers, and lab.host to find the host
     if path not in sys.path:
         sys.path.insert(0, path)
 
-if HOST:
-    from comfy.cli_args import args
+from lab.host import host_root, is_host, use_host  # noqa: E402
 
-    args.cpu = True  # before comfy.model_management is imported: this torch has no CUDA
+COMFYUI_ROOT = host_root()
+HOST = is_host(COMFYUI_ROOT)
+if HOST:
+    use_host(COMFYUI_ROOT)  # before comfy.model_management is imported: this torch has no CUDA
 
 import torch  # noqa: E402
 
@@ -72,8 +70,8 @@ def comfy_server(tmp_path_factory):
     checkpoint, three membranes and the broken membrane files of membrane_helpers in models/spm."""
     from membrane_helpers import write_broken_membranes
 
-    from scripts.comfy_server import ComfyServer
-    from scripts.tiny_assets import install_assets
+    from lab.comfy_server import ComfyServer
+    from lab.tiny_assets import install_assets
 
     base = tmp_path_factory.mktemp("comfy_base")
     install_assets(str(base / "models"))

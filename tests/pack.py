@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-from scripts.pack_loader import load_pack
+from lab.pack_loader import load_pack
 
 
 def pack_module(name: str):

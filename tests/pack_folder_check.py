@@ -17,10 +17,10 @@ REPO = os.path.dirname(TESTS)
 
 
 def main(folder: str, work: str) -> None:
-    sys.path[:0] = [os.environ["COMFYUI_ROOT"], REPO, TESTS]
-    from comfy.cli_args import args
+    sys.path[:0] = [REPO, TESTS]  # lab.host (which puts the host first) and the tests' helpers
+    from lab.host import use_host
 
-    args.cpu = True
+    use_host()
     import folder_paths
     import torch
     from comfy.patcher_extension import WrappersMP

@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from miniworld.attack import AttackSettings, frame, optimise
-from miniworld.lab import Lab
+from lab.attack import AttackSettings, frame, optimise
+from lab.harness import Lab
+from lab.textual_inversion import embedding_prompt, learn_embedding, load_embedding, save_embedding
 from miniworld.model import TEXT_CONFIG, encode_token_embeddings, load_world
-from miniworld.textual_inversion import embedding_prompt, learn_embedding, load_embedding, save_embedding
 
 WIDTH = TEXT_CONFIG["hidden_size"]
 CHEAP = AttackSettings(steps=25, batch=4, reference_pictures=8)
@@ -104,7 +104,7 @@ def test_a_discrete_attack_gives_vocabulary_words_that_the_tokenizer_types(lab):
     """Every vector of a discrete attack is a row of the token table (what typing its words gives), its
     words re-typed through ComfyUI's tokenizer give the same conditioning, and the kept words never
     score worse than where the search started."""
-    from miniworld.attack import conditioning_of, typed
+    from lab.attack import conditioning_of, typed
     from miniworld.model import text_transformer
 
     settings = replace(CHEAP, soft_tokens=3, discrete=True, steps=30)

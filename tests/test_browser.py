@@ -44,8 +44,8 @@ import uuid
 import pytest
 from browser_driver import CHROMIUM, VIEWPORT, BrowserPage, describe_event
 
-from scripts.comfy_server import PACK_NAME as PACK
-from scripts.comfy_server import SHIPPED, WORKFLOWS, ComfyServer, for_test_models, load_workflow, shipped_workflow
+from lab.comfy_server import PACK_NAME as PACK
+from lab.comfy_server import SHIPPED, WORKFLOWS, ComfyServer, for_test_models, load_workflow, shipped_workflow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTENSION = "comfyui_spm.membrane_info"
@@ -329,7 +329,7 @@ def newest_server(request, tmp_path_factory):
     from conftest import COMFYUI_ROOT
     from membrane_helpers import write_broken_membranes
 
-    from scripts.tiny_assets import install_assets
+    from lab.tiny_assets import install_assets
 
     base = tmp_path_factory.mktemp("comfy_base_newest")
     install_assets(str(base / "models"))

@@ -14,10 +14,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from miniworld.benchmark import Evaluator, measure, panel
-from miniworld.lab import Lab
-from miniworld.setups import Chain
-from scripts.erasure_benchmark import OTHERS, TARGETS, erasure_experiments
+from lab.benchmark import Evaluator, measure, panel
+from lab.erasure_benchmark import OTHERS, TARGETS, erasure_experiments
+from lab.harness import Lab
+from lab.setups import Chain
 
 COUNT = 32
 
@@ -113,7 +113,7 @@ def test_the_bare_model_draws_clean_pictures(lab, quick):
 def test_a_stack_logs_where_each_membrane_opened_on_prompts_not_naming_its_concept():
     """measure_stack's gate log (no sampling): per membrane, its mean gate over the prompts that do
     not name its concept, and each such gate of at least one half."""
-    from miniworld.benchmark import off_target_gates
+    from lab.benchmark import off_target_gates
     from miniworld.world import Request
 
     requests = [Request("a tree", ("tree",)), Request("a green square", ("square", "green")),

@@ -195,7 +195,7 @@ def test_the_command_line_loads_a_diffusion_model_file_and_its_text_encoders(tmp
 
     import comfy.utils
 
-    from scripts.tiny_assets import cached_checkpoint
+    from lab.tiny_assets import cached_checkpoint
     from scripts.train_spm import load_models
 
     whole = comfy.utils.load_torch_file(cached_checkpoint(), safe_load=True)

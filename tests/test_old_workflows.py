@@ -2,7 +2,7 @@
 
 tests/old_workflows/ holds each version of each file of workflows/ from the repository's history,
 named `<commit that shipped it>_<file name>.json`, and beside it `<same>.api.json`: its API-format
-prompt as exported at that commit (scripts/comfy_server.workflow_to_api, which assigns widget values
+prompt as exported at that commit (lab/comfy_server.workflow_to_api, which assigns widget values
 as the frontend does, with the /object_info of a server running the pack at that commit). Each
 runs, unchanged, through today's real server: inputs added since then are optional, and their
 absence means what it meant then. Each UI file, opened today, puts every saved value into the
@@ -25,7 +25,7 @@ import shutil
 import pytest
 import torch
 
-from scripts.comfy_server import WORKFLOWS, ComfyServer, load_workflow, workflow_to_api
+from lab.comfy_server import WORKFLOWS, ComfyServer, load_workflow, workflow_to_api
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "old_workflows")
 UI_FILES = sorted(p for p in glob.glob(os.path.join(FIXTURES, "*.json")) if not p.endswith(".api.json"))
@@ -78,7 +78,7 @@ def server(tmp_path_factory):
     """A server of its own: the old trainings write models/spm files the shared one's tests expect absent."""
     from conftest import COMFYUI_ROOT
 
-    from scripts.tiny_assets import install_assets
+    from lab.tiny_assets import install_assets
 
     base = tmp_path_factory.mktemp("old_workflows_base")
     install_assets(str(base / "models"))

@@ -10,7 +10,7 @@ import uuid
 import pytest
 from membrane_helpers import BROKEN_MEMBRANES
 
-from scripts.comfy_server import SHIPPED, WORKFLOWS, for_test_models, load_workflow, shipped_workflow, workflow_to_api
+from lab.comfy_server import SHIPPED, WORKFLOWS, for_test_models, load_workflow, shipped_workflow, workflow_to_api
 
 # Training workflows first: "Miniature world 2" applies the membrane "Miniature world 1" saves.
 SHIPPED_PATHS = sorted(glob.glob(os.path.join(WORKFLOWS, "*.json")), key=lambda p: ("train" not in os.path.basename(p).lower(), p))

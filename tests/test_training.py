@@ -209,7 +209,7 @@ def test_command_line_trains_from_a_checkpoint_and_a_yaml_config(tmp_path, spm_w
 
     from conftest import COMFYUI_ROOT, REPO
 
-    from scripts.tiny_assets import cached_checkpoint
+    from lab.tiny_assets import cached_checkpoint
 
     (tmp_path / "train.yaml").write_text("iterations: 2\nlearning_rate: 1.0e-3\nlatent_sizes: [8]\nrollout_steps: 3\n")
     out = tmp_path / "cli.safetensors"

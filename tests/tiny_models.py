@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from scripts import tiny_assets as assets
+from lab import tiny_assets as assets
 
 ARCH_CLASSES = {"sd1": "SD15", "sd2": "SD20", "sdxl": "SDXL"}
 

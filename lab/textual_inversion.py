@@ -3,7 +3,7 @@
 An embedding of a few vectors is learned for "a <embedding>" with the diffusion loss against the
 bare model's own pictures of the concept (standard textual inversion), either on the bare model or
 against a membrane-equipped model with its gate differentiated through (adaptive: the attacker
-knows the membrane); the optimiser is the gradient attack's (miniworld/attack.py). It is saved as a
+knows the membrane); the optimiser is the gradient attack's (lab/attack.py). It is saved as a
 safetensors embedding file in ComfyUI's embeddings folder and used as "a embedding:<name>" through
 ComfyUI's own tokenizer, so what is measured is what a user with that file gets.
 """
@@ -89,7 +89,7 @@ def embedding_file(folder: str, name: str) -> str:
 def embedding_prompt(lab, name: str) -> str:
     """The prompt "a embedding:<name>" for the embedding `name` in the lab's embeddings folder,
     after checking its file (load_embedding)."""
-    from .model import TEXT_CONFIG
+    from miniworld.model import TEXT_CONFIG
 
     load_embedding(embedding_file(lab.embedding_dir, name), TEXT_CONFIG["hidden_size"])
     return f"a embedding:{name}"

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .classifier import Verdict
+from miniworld.classifier import Verdict
+from miniworld.world import Request, evaluation_prompts
+
 from .evaluate import request_accuracy
 from .paraphrases import paraphrases
 from .setups import Bare
-from .world import Request, evaluation_prompts
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ model alone and the snapshot's erasure is measured with the benchmark's own meas
 open, so no gate interferes). Per probe the raw projections are kept, so every formula and probe
 set compared below comes from the same predictions.
 
-usage: python -m miniworld.erasure_validation [--concepts cross circle ...] [--snapshots 25 50 100 200 400]
+usage: python -m lab.erasure_validation [--concepts cross circle ...] [--snapshots 25 50 100 200 400]
                                               [--count 32] [--json out/erasure_validation.json]
                                               [--folder DIR] [--comfyui PATH] [--report]
 (--report prints the tables of an earlier run's JSON without training or sampling; a run skips the
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from unittest import mock
 
-from .lab import Lab, MembraneSettings
+from .harness import Lab, MembraneSettings
 from .membranes import ERASED
 
 # cross and circle are the ones the default membranes erase worst (8% and 79%): early signal
@@ -97,9 +97,8 @@ def train_with_snapshots(lab: Lab, concept: str, snapshots: Sequence[int]) -> tu
 
 def classifier_erasure(lab: Lab, evaluator, concept: str, files: Sequence[str | None]) -> list[dict]:
     """The benchmark's measure for each file (None: the bare model), always open."""
-    from scripts.erasure_benchmark import OTHERS, TARGETS
-
     from .benchmark import measure, panel
+    from .erasure_benchmark import OTHERS, TARGETS
     from .setups import Chain
 
     # erasure only: the other prompts (preservation) would triple the sampling

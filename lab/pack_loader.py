@@ -7,13 +7,15 @@ import asyncio
 import os
 import sys
 import tempfile
+from types import ModuleType
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .host import REPO
+
 PACKAGE = "comfyui_spm"
 _package_name: str | None = None
 
 
-def load_pack():
+def load_pack() -> ModuleType:
     """The pack's package module, imported once through ComfyUI's own custom-node loader
     (ComfyUI must be importable and its comfy.cli_args set up first)."""
     global _package_name

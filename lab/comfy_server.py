@@ -17,8 +17,9 @@ import urllib.error
 import urllib.request
 import uuid
 
+from .host import REPO
+
 PACK_NAME = "comfyui_spm"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIPPED_NODE_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 

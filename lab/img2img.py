@@ -1,7 +1,7 @@
 """The membrane in img2img: does it still erase, keep the rest, and open only for its concept when
 sampling starts from a picture instead of pure noise?
 
-    python -m miniworld.img2img [--membrane-dir DIR] [--count 32] [--json FILE]
+    python -m lab.img2img [--membrane-dir DIR] [--count 32] [--json FILE]
 
 Trains the default "snowman" membrane once (kept in DIR), samples the bare model's pictures of a
 start prompt at fixed seeds, then runs KSampler on those latents at each denoise (and text-to-image
@@ -22,7 +22,7 @@ import statistics
 
 import torch
 
-from .lab import PICTURE_SIDE, SAMPLER, Lab
+from .harness import PICTURE_SIDE, SAMPLER, Lab
 
 TARGET = "snowman"
 START_PROMPT = "a red circle"
@@ -42,7 +42,7 @@ def sample(lab: Lab, model, prompt: str, latent: torch.Tensor, denoise: float, s
 
 
 def pictures(latent: torch.Tensor) -> torch.Tensor:
-    from .model import LATENT_SCALE, model_space_to_pictures
+    from miniworld.model import LATENT_SCALE, model_space_to_pictures
 
     return model_space_to_pictures(latent.float() * LATENT_SCALE)
 
@@ -76,8 +76,7 @@ def gate_at_picture(lab: Lab, model, prompt: str, start: torch.Tensor, denoise: 
 
 def measure(lab: Lab, membrane: str, count: int) -> list[dict]:
     import nodes
-
-    from .classifier import classify
+    from miniworld.classifier import classify
 
     bare = lab.model
     erasing = lab.apply(bare, membrane, transport="latent")

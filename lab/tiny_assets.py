@@ -5,7 +5,7 @@ Detection needs model_channels 320, a 768-wide cross-attention, conv proj_in, 4 
 no label_emb; depth can be cut to one level. The text encoder must be full CLIP-L (its config is
 fixed), so the file is ~290 MiB; it is cached under ~/.cache/spm-test-assets.
 
-usage: python scripts/tiny_assets.py COMFYUI_ROOT MODELS_DIR
+usage: python -m lab.tiny_assets COMFYUI_ROOT MODELS_DIR
   -> MODELS_DIR/checkpoints/tiny-sd15.safetensors (a link to the cached file)
      MODELS_DIR/spm/{snoopy,mickey_mouse,van_gogh}.safetensors
 """
@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+from .host import use_host
 
 CHECKPOINT = "tiny-sd15.safetensors"
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "spm-test-assets")
@@ -132,10 +134,7 @@ def install_assets(models_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    comfy_root, target = os.path.abspath(sys.argv[1]), os.path.abspath(sys.argv[2])
-    sys.path[:0] = [comfy_root, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-    from comfy.cli_args import args
-
-    args.cpu = True
+    use_host(sys.argv[1])
+    target = os.path.abspath(sys.argv[2])
     install_assets(target)
     print(f"assets ready in {target}")

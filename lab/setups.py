@@ -22,7 +22,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from .lab import Lab
+from .harness import Lab
 
 BOTH_ROWS = "positive and negative"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .world import Request, concept
+from miniworld.world import Request, concept
 
 
 def with_word(request: Request, name: str, word: str) -> Request:

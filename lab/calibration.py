@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .world import caption, concept, random_scene
+from miniworld.world import caption, concept, random_scene
 
 CAPTION_SEED = 9090
 CAPTION_COUNT = 300
@@ -50,7 +50,7 @@ def look_ahead_latents(lab, contexts: torch.Tensor, seed: int) -> tuple[torch.Te
     noisy latent at the start of sampling, and the sigma there."""
     import comfy.model_management
 
-    from .lab import PICTURE_SIDE
+    from .harness import PICTURE_SIDE
 
     transport, runtime = lab.pack("spm_core.transport"), lab.pack("nodes.runtime")
     comfy.model_management.load_models_gpu([lab.model])

@@ -13,7 +13,7 @@ Where the free tokens sit (between the concept-free words `before` and `after`),
 are, how they start (random, or the concept's own word embedding), how long they are optimised and
 how many independent restarts are tried (the one with the lowest final loss kept) are settings;
 the defaults are the benchmark's original attack: "a" and three random tokens, 150 steps. The same
-optimiser, run on the bare model, is textual inversion (miniworld/textual_inversion.py).
+optimiser, run on the bare model, is textual inversion (lab/textual_inversion.py).
 
 A `discrete` attack keeps every free token a word of the vocabulary, as UnlearnDiffAtk's (the
 protocol behind the published attack-success figures): the forward pass uses each free vector's
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .lab import PICTURE_SIDE
-from .model import encode_token_embeddings, pictures_to_model_space, text_transformer, token_ids
+from miniworld.model import encode_token_embeddings, pictures_to_model_space, text_transformer, token_ids
+
+from .harness import PICTURE_SIDE
 
 INITS = ("random", "concept")
 EVALUATION_SIGMAS = 4  # noise levels per reference picture in the fixed batch that scores a run

@@ -1,7 +1,7 @@
 """Train the miniature world's classifier on degraded procedural renders and procedural garbage, then
 report its accuracy on held-out examples (a seed never used in training).
 
-usage: python -m miniworld.train_classifier [--steps N] [--export PATH] [--threads N]
+usage: python -m lab.train_classifier [--steps N] [--export PATH] [--threads N]
 Plain torch: needs no ComfyUI host.
 """
 

@@ -1,8 +1,8 @@
 """Figures for the README, PIL only: the miniature model's training loss curve, and the erasure
 benchmark's erasure against preservation per setup.
 
-usage: python -m miniworld.plots LOSS_CSV OUT_PNG          (from miniworld.train_model)
-       python -m miniworld.plots BENCHMARK_JSON OUT_PNG    (from scripts/erasure_benchmark.py --json)
+usage: python -m lab.plots LOSS_CSV OUT_PNG          (from lab.train_model)
+       python -m lab.plots BENCHMARK_JSON OUT_PNG    (from scripts/erasure_benchmark.py --json)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 and kept in a folder: a file's name carries its concept, its variant and a digest of its
 settings, so a changed setting trains a new file and a re-run reuses what is there.
 
-usage: python -m miniworld.membranes --folder DIR [--variants default no_anchoring ...] [--comfyui PATH]
+usage: python -m lab.membranes --folder DIR [--variants default no_anchoring ...] [--comfyui PATH]
 (trains every benchmark concept for the named variants; what the benchmark would do on its first
 run, split out so it can start early in the background)
 """
@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 
-from .lab import Lab, MembraneSettings
+from .harness import Lab, MembraneSettings
 
 # Ten concepts erased, from every family. "house" is left out: the anchor strength was chosen on
 # it. The four kept concepts are what a stack of all ten must leave intact.

@@ -1,7 +1,7 @@
 """Train the miniature text-to-image model on the procedural world (fixed seeds, resumable).
 
-usage: python -m miniworld.train_model [--steps N] [--work out/miniworld-train] [--export PATH]
-       python -m miniworld.train_model --start-from miniworld/weights/miniworld.safetensors \
+usage: python -m lab.train_model [--steps N] [--work out/miniworld-train] [--export PATH]
+       python -m lab.train_model --start-from miniworld/weights/miniworld.safetensors \
            --striped-share 0.6 --steps 400 --lr 3e-4 --seed 1 --work out/finetune --export out/finetuned.safetensors
        (a fine-tuned copy for the benchmark's transfer test: the UNet trained further on shifted
        data, the text encoder kept, as many community checkpoints are made)
@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from miniworld.host import REPO, use_host
+from lab.host import REPO, use_host
 
 
 def parse_args() -> argparse.Namespace:

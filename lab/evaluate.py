@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .classifier import Verdict
-from .world import CONCEPTS, FAMILIES, Request
+from miniworld.classifier import Verdict
+from miniworld.world import CONCEPTS, FAMILIES, Request
 
 Readings = dict[str, list[Verdict]]  # prompt text -> one verdict per generation
 

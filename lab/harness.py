@@ -54,10 +54,10 @@ class Lab:
         import comfy.utils
         import folder_paths
 
-        from scripts.pack_loader import load_pack
+        from miniworld.classifier import load_classifier
+        from miniworld.model import CLASSIFIER_FILE, MODEL_FILE, load_world
 
-        from .classifier import load_classifier
-        from .model import CLASSIFIER_FILE, MODEL_FILE, load_world
+        from .pack_loader import load_pack
 
         comfy.utils.PROGRESS_BAR_ENABLED = False
         self.package = load_pack().__name__
@@ -95,8 +95,7 @@ class Lab:
         EmptyLatentImage and KSampler (one seed per batch: the same seed gives the same starting
         noise for every model)."""
         import nodes
-
-        from .model import LATENT_SCALE, model_space_to_pictures
+        from miniworld.model import LATENT_SCALE, model_space_to_pictures
 
         (latent,) = nodes.EmptyLatentImage().generate(PICTURE_SIDE, PICTURE_SIDE, count)
         (out,) = nodes.KSampler().sample(model, seed, SAMPLER["steps"], SAMPLER["cfg"], SAMPLER["sampler_name"],
@@ -105,7 +104,7 @@ class Lab:
         return model_space_to_pictures(out["samples"].float() * LATENT_SCALE)
 
     def read(self, pictures: torch.Tensor):
-        from .classifier import classify
+        from miniworld.classifier import classify
 
         return classify(self.classifier, pictures)
 
