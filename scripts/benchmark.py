@@ -1,15 +1,15 @@
-"""Membrane cost on a full-size SD1.5 UNet built from ComfyUI's classes (DESIGN.md §6).
+"""Membrane cost on a full-size SD1.5 UNet built from ComfyUI's classes (the speed targets: docs/speed.md).
 
 Prints one table: the fused stack at 1/5/20/50 membranes, one branch per membrane (the naive
 baseline), an all-zero gate batch, the static-gate fold, and the Facilitated Transport gate
-computation, each beside its DESIGN.md §6 target.
+computation, each beside its target (docs/speed.md).
 
 Forwards of the bare model and of every case run interleaved, round by round (the order
 rotates each round). Measures per case:
   hook ratio  1 + (CPU time inside the membrane hook bodies during a forward) / (bare forward
               CPU time), medians; the hook bodies are timed in this script, not in the library.
   A/B CPU     median forward CPU time of the case over that of the bare model.
-  A/B wall    the same with wall-clock time: what DESIGN.md §6 asks for, and what a busy
+  A/B wall    the same with wall-clock time: what the speed targets ask for, and what a busy
               machine (tests running beside it) skews most.
 
     python scripts/benchmark.py               # 64x64 latent, 5 rounds: ~8 min on 2 idle cores
@@ -304,7 +304,7 @@ def print_table(cases: list[Case], bare: Case) -> None:
     print(f"\nbare forward: median {bare_wall:.2f} s wall, {bare_cpu:.2f} s CPU over {len(walls)} runs "
           f"(wall min {min(walls):.2f}, max {max(walls):.2f})")
     header = (f"{'case':30s} {'hook ratio':>10s} {'hook ms':>8s} {'A/B CPU':>8s} {'A/B wall':>8s} {'runs':>4s}"
-              "   DESIGN §6 target")
+              "   target")
     print(header)
     print("-" * (len(header) + 10))
     for case in cases:

@@ -1,4 +1,4 @@
-"""Training a membrane with Latent Anchoring (DESIGN.md §1), against a small model protocol.
+"""Training a membrane with Latent Anchoring (docs/architecture.md, The method), against a small model protocol.
 
 Per iteration, for one of the membrane's concepts:
   1. roll out k of T deterministic (DDIM/Euler) steps from where ComfyUI's samplers start, with

@@ -1,7 +1,7 @@
 """The erasure benchmark's reduced run (`scripts/erasure_benchmark.py --quick`) as a test: a
 snowman membrane trained with the pack's SPM Train Membrane code on the shipped miniature model, sampled
 through SPM Load Membrane with each main transport and the official code's behaviour, 32 generations per
-prompt read by the classifier. The thresholds are the project's targets (DESIGN.md, issue 8:
+prompt read by the classifier. The thresholds are the project's targets (issue 8:
 erase >= 95% of target generations, accuracy on other prompts within 2 points of the bare
 model); the controls show the same measurement fails for a membrane that erases nothing and for
 one that turns the concept into noise."""
