@@ -316,7 +316,7 @@ class MembraneState:
         """The chunk table of the calc_cond_batch call in progress on this thread, or {} outside one."""
         return getattr(self._call, "chunks", None) or {}
 
-    def row_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor,
+    def call_gates(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor,
                   model_sampling, table: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, membranes) gates for one batched model call, and the strengths of those rows;
         `table` the calc_cond_batch call's chunk_table (None for calls outside one)."""

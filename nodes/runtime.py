@@ -81,7 +81,7 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
         run_bare = _bare_runner(executor, state, x, c_concat, c_crossattn, control, transformer_options, kwargs)
         reference, sigmas = _latent_gate_start(base_model.model_sampling, x, t)
         state.measure_latent_gates(run_bare, transformer_options, x.shape[0], table, reference, sigmas)
-    gates, strengths = state.row_gates(c_crossattn, transformer_options, t, base_model.model_sampling, table)
+    gates, strengths = state.call_gates(c_crossattn, transformer_options, t, base_model.model_sampling, table)
     with state.stack.gates_active(gates, strengths):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 

@@ -203,7 +203,7 @@ def test_a_ramp_also_holds_for_calls_that_bypass_the_guider(spm_world):
     state = model.get_attachment(pack_module("nodes.runtime").KEY)
     sampling = model.get_model_object("model_sampling")
     context = encode(clip, "snoopy")[0][0].expand(2, -1, -1)
-    strengths = [state.row_gates(context, {}, torch.tensor([sampling.percent_to_sigma(percent)]), sampling)[1]
+    strengths = [state.call_gates(context, {}, torch.tensor([sampling.percent_to_sigma(percent)]), sampling)[1]
                  for percent in (0.01, 0.5)]
     assert strengths[0].flatten().tolist() == pytest.approx([0.99, 0.99], abs=0.01)
     assert strengths[1].flatten().tolist() == pytest.approx([0.5, 0.5], abs=0.01)
