@@ -5,10 +5,13 @@ usage: python -m lab.train_model [--steps N] [--work out/miniworld-train] [--exp
            --striped-share 0.6 --steps 400 --lr 3e-4 --seed 1 --work out/finetune --export out/finetuned.safetensors
        (a fine-tuned copy for the benchmark's transfer test: the UNet trained further on shifted
        data, the text encoder kept, as many community checkpoints are made)
+       python -m lab.train_model --world dit --steps 6000 --lr 5e-4 --work out/dit-train
+       (the miniature Flux, miniworld/weights/miniworld_dit.safetensors)
 
-Epsilon-prediction diffusion on ComfyUI's own SD1 noise schedule, through ComfyUI's
-`BaseModel.apply_model`, so what is learnt is exactly what KSampler samples. The UNet and the text
-encoder (all but its frozen random token embedding) train together; 10% of captions are empty so
+The UNet world: epsilon-prediction diffusion on ComfyUI's own SD1 noise schedule; the DiT world:
+flow matching with Flux's shift; both through ComfyUI's own `apply_model`, so what is learnt is
+exactly what KSampler samples. The model and its text encoders (all but their frozen random token
+embeddings) train together; 10% of captions are empty so
 classifier-free guidance works. AdamW with warm-up and cosine decay, gradient clipping, an EMA of
 the weights (what is shipped). Every `--checkpoint-every` steps the whole state goes to
 <work>/state.safetensors (+ state.json), and a rerun continues from there; the loss log is
@@ -23,15 +26,19 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from lab.host import REPO, use_host
+from miniworld.model import pictures_to_model_space
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--world", choices=("unet", "dit"), default="unet",
+                        help="unet: the shipped SD1-class model; dit: the miniature Flux (miniworld.dit)")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -51,15 +58,13 @@ def parse_args() -> argparse.Namespace:
 class CaptionTokens:
     """Token ids per caption, cached (the grammar has a few thousand distinct captions)."""
 
-    def __init__(self, clip) -> None:
-        from miniworld.model import token_ids
-
-        self.clip, self.token_ids, self.cache = clip, token_ids, {}
+    def __init__(self, token_ids: Callable[[str], list[int]]) -> None:
+        self.token_ids, self.cache = token_ids, {}
 
     def __call__(self, captions: list[str]) -> torch.Tensor:
         for text in captions:
             if text not in self.cache:
-                self.cache[text] = self.token_ids(self.clip, text)
+                self.cache[text] = self.token_ids(text)
         return torch.tensor([self.cache[text] for text in captions])
 
 
@@ -80,41 +85,106 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class UNetWorld:
+    """The shipped UNet world: epsilon prediction on SD1's noise schedule, through ComfyUI's
+    `BaseModel.apply_model`, so what is learnt is exactly what KSampler samples."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import safetensors.torch
+
+        from miniworld import model
+
+        self.world, self.export = model, args.export or model.MODEL_FILE
+        self.model, self.clip = model.build_unet(), model.build_clip()
+        text = model.text_transformer(self.clip)
+        if args.start_from:
+            model.load_model_state(self.model, self.clip, safetensors.torch.load_file(args.start_from))
+        else:
+            model.init_for_training_(self.model.diffusion_model, args.seed)
+            model.init_for_training_(text.text_model.encoder, args.seed + 1)
+            model.init_for_training_(text.text_model.final_layer_norm, args.seed + 2)
+            model.init_for_training_(text.text_model.embeddings.position_embedding, args.seed + 3)
+        self.params = dict(self.model.diffusion_model.named_parameters(prefix="unet"))
+        train_text = not args.start_from
+        if train_text:
+            self.params.update({f"text.{k}": p for k, p in text.named_parameters() if not model.is_frozen(k)})
+        for name, p in text.named_parameters():
+            p.requires_grad_(train_text and not model.is_frozen(name))
+        self.tokens = CaptionTokens(lambda text: model.token_ids(self.clip, text))
+
+    def loss(self, pictures: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        x0 = pictures_to_model_space(pictures)
+        t = torch.randint(0, 1000, (x0.shape[0],), generator=generator)
+        sigma = self.model.model_sampling.sigmas[t].float().reshape(-1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=generator)
+        noisy = x0 + noise * sigma
+        context = self.world.encode_ids(self.clip, self.tokens(captions))
+        denoised = self.model.apply_model(noisy, sigma.flatten(), c_crossattn=context)
+        return torch.nn.functional.mse_loss((noisy - denoised) / sigma, noise)
+
+    def shipped_state(self) -> dict[str, torch.Tensor]:
+        return self.world.model_state(self.model, self.clip)
+
+
+class DiTWorld:
+    """The miniature Flux (miniworld.dit): flow matching, the velocity (noise - picture) at a time
+    drawn uniformly and shifted by the model's own sampling (Flux's shift), through ComfyUI's
+    `Flux.apply_model` with T5 context and the pooled CLIP-L vector, as KSampler conditions it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from miniworld import dit
+
+        if args.start_from:
+            raise SystemExit("--start-from fine-tunes the UNet world only")
+        self.world, self.export = dit, args.export or dit.MODEL_FILE
+        self.model, self.clip = dit.build_dit(), dit.build_clip()
+        clip_l = dit.clip_l_transformer(self.clip).text_model
+        for offset, module in enumerate((self.model.diffusion_model, dit.t5(self.clip), clip_l.encoder,
+                                         clip_l.final_layer_norm, clip_l.embeddings.position_embedding)):
+            dit.init_for_training_(module, args.seed + offset)
+        self.params = dict(self.model.diffusion_model.named_parameters(prefix="dit"))
+        for prefix, module in (("t5", dit.t5(self.clip)), ("clip_l", dit.clip_l_transformer(self.clip))):
+            for name, p in module.named_parameters():
+                p.requires_grad_(not dit.is_frozen_text(name))
+                if p.requires_grad:
+                    self.params[f"{prefix}.{name}"] = p
+        self.t5_tokens = CaptionTokens(lambda text: dit.token_ids(self.clip, text)[0])
+        self.clip_tokens = CaptionTokens(lambda text: dit.token_ids(self.clip, text)[1])
+        self.saved_copies = pack_module("nodes.training").copies_of_saved_activations
+
+    def loss(self, pictures: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+        x0 = pictures_to_model_space(pictures, self.world.CHANNELS)
+        sigma = self.model.model_sampling.sigma(torch.rand(x0.shape[0], generator=generator)).reshape(-1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=generator)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        context = self.world.encode_t5(self.clip, self.t5_tokens(captions))
+        pooled = self.world.pooled_clip(self.clip, self.clip_tokens(captions))
+        with self.saved_copies():  # ComfyUI's Flux blocks add their residuals in place
+            denoised = self.model.apply_model(noisy, sigma.flatten(), c_crossattn=context, y=pooled)
+        return torch.nn.functional.mse_loss((noisy - denoised) / sigma, noise - x0)
+
+    def shipped_state(self) -> dict[str, torch.Tensor]:
+        return self.world.model_state(self.model, self.clip)
+
+
+def pack_module(name: str):
+    import importlib
+
+    from lab.pack_loader import load_pack
+
+    return importlib.import_module(f"{load_pack().__name__}.{name}")
+
+
 def main() -> None:
     args = parse_args()
     use_host(args.comfyui)
     import safetensors.torch
 
-    from miniworld.model import (
-        MODEL_FILE,
-        build_clip,
-        build_unet,
-        encode_ids,
-        init_for_training_,
-        is_frozen,
-        load_model_state,
-        model_state,
-        pictures_to_model_space,
-        text_transformer,
-    )
-
-    torch.set_num_threads(os.cpu_count() or 2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 2)
     os.makedirs(args.work, exist_ok=True)
-    unet_model, clip = build_unet(), build_clip()
-    if args.start_from:
-        load_model_state(unet_model, clip, safetensors.torch.load_file(args.start_from))
-    else:
-        init_for_training_(unet_model.diffusion_model, args.seed)
-        init_for_training_(text_transformer(clip).text_model.encoder, args.seed + 1)
-        init_for_training_(text_transformer(clip).text_model.final_layer_norm, args.seed + 2)
-        init_for_training_(text_transformer(clip).text_model.embeddings.position_embedding, args.seed + 3)
-    unet_model.train()
-    params = dict(unet_model.diffusion_model.named_parameters(prefix="unet"))
-    train_text = not args.start_from
-    if train_text:
-        params.update({f"text.{k}": p for k, p in text_transformer(clip).named_parameters() if not is_frozen(k)})
-    for name, p in text_transformer(clip).named_parameters():
-        p.requires_grad_(train_text and not is_frozen(name))
+    world = (DiTWorld if args.world == "dit" else UNetWorld)(args)
+    world.model.train()
+    params = world.params
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=0.01)
     ema = {k: p.detach().clone() for k, p in params.items()}
 
@@ -132,8 +202,6 @@ def main() -> None:
                                   "exp_avg_sq": saved[f"adam_v/{k}"].clone()}
         print(f"resumed at step {start}", flush=True)
 
-    tokens = CaptionTokens(clip)
-    sampling = unet_model.model_sampling
     generator = torch.Generator().manual_seed(args.seed)
     log = open(os.path.join(args.work, "loss.csv"), "a", newline="")
     writer = csv.writer(log)
@@ -143,15 +211,7 @@ def main() -> None:
     for step in range(start, args.steps):
         generator.manual_seed(args.seed * 1_000_003 + step)
         pictures, captions = batch(step, args.batch, args.seed, args.empty_share, args.striped_share)
-        x0 = pictures_to_model_space(pictures)
-        t = torch.randint(0, 1000, (args.batch,), generator=generator)
-        sigma = sampling.sigmas[t].float()
-        noise = torch.randn(x0.shape, generator=generator)
-        noisy = x0 + noise * sigma.reshape(-1, 1, 1, 1)
-        context = encode_ids(clip, tokens(captions))
-        denoised = unet_model.apply_model(noisy, sigma, c_crossattn=context)
-        predicted_noise = (noisy - denoised) / sigma.reshape(-1, 1, 1, 1)
-        loss = torch.nn.functional.mse_loss(predicted_noise, noise)
+        loss = world.loss(pictures, captions, generator)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         optimizer.zero_grad(set_to_none=True)
@@ -182,12 +242,11 @@ def main() -> None:
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(ema[k])
-    shipped = {k: v.detach().half().contiguous() for k, v in model_state(unet_model, clip).items()}
-    export = args.export or MODEL_FILE
-    os.makedirs(os.path.dirname(export), exist_ok=True)
+    shipped = {k: v.detach().half().contiguous() for k, v in world.shipped_state().items()}
+    os.makedirs(os.path.dirname(world.export), exist_ok=True)
     metadata = {"training": json.dumps({k: v for k, v in vars(args).items() if k not in ("work", "export", "comfyui")})}
-    safetensors.torch.save_file(shipped, export, metadata=metadata)
-    print(f"wrote {export} ({os.path.getsize(export) / 1e6:.1f} MB)", flush=True)
+    safetensors.torch.save_file(shipped, world.export, metadata=metadata)
+    print(f"wrote {world.export} ({os.path.getsize(world.export) / 1e6:.1f} MB)", flush=True)
 
 
 if __name__ == "__main__":

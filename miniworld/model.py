@@ -190,10 +190,10 @@ def token_ids(clip, text: str) -> list[int]:
     return [token for token, _weight in clip.tokenize(text)["l"][0]]
 
 
-def pictures_to_model_space(pictures: torch.Tensor) -> torch.Tensor:
-    """(B, 3, 16, 16) RGB in [0, 1] -> (B, 4, 16, 16) model-space latent."""
-    zero = torch.zeros_like(pictures[:, :1])
-    return torch.cat([pictures * 2 - 1, zero], dim=1)
+def pictures_to_model_space(pictures: torch.Tensor, channels: int = 4) -> torch.Tensor:
+    """(B, 3, 16, 16) RGB in [0, 1] -> (B, channels, 16, 16) model-space latent (the rest zero)."""
+    rest = torch.zeros(pictures.shape[0], channels - 3, *pictures.shape[2:], dtype=pictures.dtype)
+    return torch.cat([pictures * 2 - 1, rest], dim=1)
 
 
 def model_space_to_pictures(latent: torch.Tensor) -> torch.Tensor:
@@ -201,17 +201,20 @@ def model_space_to_pictures(latent: torch.Tensor) -> torch.Tensor:
 
 
 class PixelVAE:
-    """The VAE of the miniature world: latent channels 0-2 are the picture's RGB (scaled like an SD1
-    latent), upscaled 8x with nearest-neighbour. Enough of comfy.sd.VAE's interface for VAE Decode
+    """The VAE of the miniature worlds: latent channels 0-2 are the picture's RGB, in the latent
+    format's space (model space = (latent - shift) x scale: SD1's by default, Flux's for the DiT
+    world), upscaled 8x with nearest-neighbour. Enough of comfy.sd.VAE's interface for VAE Decode
     and VAE Encode."""
 
-    latent_channels = 4
     downscale_ratio = UPSCALE
     upscale_ratio = UPSCALE
     output_channels = 3
 
+    def __init__(self, channels: int = 4, scale: float = LATENT_SCALE, shift: float = 0.0) -> None:
+        self.latent_channels, self.scale, self.shift = channels, scale, shift
+
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        pictures = model_space_to_pictures(samples.float() * LATENT_SCALE)
+        pictures = model_space_to_pictures((samples.float() - self.shift) * self.scale)
         pictures = torch.nn.functional.interpolate(pictures, scale_factor=UPSCALE, mode="nearest")
         return pictures.permute(0, 2, 3, 1).cpu()
 
@@ -219,7 +222,7 @@ class PixelVAE:
         pictures = pixels[..., :3].permute(0, 3, 1, 2).float()
         height, width = (math.ceil(s / UPSCALE) for s in pictures.shape[-2:])
         pictures = torch.nn.functional.adaptive_avg_pool2d(pictures, (height, width))
-        return pictures_to_model_space(pictures) / LATENT_SCALE
+        return pictures_to_model_space(pictures, self.latent_channels) / self.scale + self.shift
 
     def spacial_compression_decode(self) -> int:
         return UPSCALE

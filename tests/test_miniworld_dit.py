@@ -1,0 +1,88 @@
+"""The miniature DiT world (miniworld.dit): a tiny Flux built from ComfyUI's classes with Flux's own
+text encoders, its training-time encoders, its VAE in Flux's latent format, and the binding of
+membranes to it."""
+
+from __future__ import annotations
+
+import torch
+
+from miniworld import dit
+from miniworld.model import PixelVAE, model_space_to_pictures, pictures_to_model_space
+
+PROMPTS = ["a red circle", "a striped snow man", ""]
+
+
+def initialised_clip():
+    clip = dit.build_clip()
+    clip_l = dit.clip_l_transformer(clip).text_model
+    for offset, module in enumerate((dit.t5(clip), clip_l.encoder, clip_l.final_layer_norm,
+                                     clip_l.embeddings.position_embedding)):
+        dit.init_for_training_(module, offset)
+    with torch.no_grad():  # trained norms are not all ones: a wrong layer order would show
+        for p in dit.t5(clip).parameters():
+            if p.ndim == 1:
+                p.uniform_(0.5, 1.5)
+    return clip
+
+
+def test_training_encoders_match_comfyuis_forward():
+    clip = initialised_clip()
+    ids = [dit.token_ids(clip, p) for p in PROMPTS]
+    t5_ids, clip_ids = torch.tensor([i[0] for i in ids]), torch.tensor([i[1] for i in ids])
+    assert t5_ids.shape == (3, dit.T5_TOKENS), "T5 pads to the world's window through ComfyUI's tokenizer option"
+    context, pooled = dit.encode_t5(clip, t5_ids), dit.pooled_clip(clip, clip_ids)
+    comfy = [clip.encode_from_tokens(clip.tokenize(p), return_pooled=True) for p in PROMPTS]
+    assert torch.allclose(context, torch.cat([c for c, _ in comfy]), atol=1e-5)
+    assert torch.allclose(pooled, torch.cat([p for _, p in comfy]), atol=1e-5)
+    assert not torch.allclose(context[0], context[1], atol=1e-3)
+
+
+def test_training_encoders_give_gradients_to_every_trained_parameter():
+    clip = initialised_clip()
+    for module in (dit.t5(clip), dit.clip_l_transformer(clip)):  # as lab.train_model does (ComfyUI builds them frozen)
+        for name, p in module.named_parameters():
+            p.requires_grad_(not dit.is_frozen_text(name))
+    ids = dit.token_ids(clip, "a blue cross")
+    with torch.enable_grad():  # ComfyUI's test host runs with gradients off
+        loss = dit.encode_t5(clip, torch.tensor([ids[0]])).square().mean() + \
+            dit.pooled_clip(clip, torch.tensor([ids[1]])).square().mean()
+    loss.backward()
+    for prefix, module in (("t5", dit.t5(clip)), ("clip_l", dit.clip_l_transformer(clip))):
+        for name, p in module.named_parameters():
+            if dit.is_frozen_text(name):
+                continue
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{prefix}.{name} gets no gradient"
+
+
+def test_pixel_vae_speaks_fluxs_latent_format():
+    """The VAE's latent, read through ComfyUI's own Flux latent format (what the samplers do), holds the
+    picture's RGB in [-1, 1] in channels 0-2 and zeros elsewhere; decoding returns the picture."""
+    import comfy.latent_formats
+
+    pictures = torch.rand(2, 3, 16, 16)
+    vae = PixelVAE(channels=dit.CHANNELS, scale=dit.LATENT_SCALE, shift=dit.LATENT_SHIFT)
+    pixels = torch.nn.functional.interpolate(pictures, scale_factor=8, mode="nearest").permute(0, 2, 3, 1)
+    latent = vae.encode(pixels)
+    assert latent.shape == (2, 16, 16, 16)
+    model_space = comfy.latent_formats.Flux().process_in(latent)
+    assert torch.allclose(model_space, pictures_to_model_space(pictures, dit.CHANNELS), atol=1e-5)
+    assert torch.allclose(model_space_to_pictures(model_space), pictures, atol=1e-5)
+    assert torch.allclose(vae.decode(latent), pixels, atol=1e-5)
+
+
+def test_membranes_bind_to_the_text_stream_as_on_flux():
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from pack import pack_module
+
+    architectures = pack_module("nodes.architectures")
+    model = dit.build_dit()
+    dit.init_for_training_(model.diffusion_model, 0)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    assert architectures.model_family(patcher) == architectures.FLUX
+    key_map, shapes = architectures.membrane_layers(patcher)
+    modules = set(key_map.values())
+    # txt_in and, in each of the 2 double blocks, txt_attn.qkv, txt_attn.proj, txt_mlp.0 and txt_mlp.2
+    assert modules == {"diffusion_model.txt_in"} | {f"diffusion_model.double_blocks.{b}.{m}" for b in range(2)
+                                                    for m in ("txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")}
+    assert shapes["diffusion_model.txt_in"][:2] == (128, 128)
