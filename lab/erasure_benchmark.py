@@ -39,7 +39,7 @@ def bare(lab, count: int) -> dict:
     readings = generate_and_read(lab, lab.model, requests, count)
     per_concept = concept_accuracy(readings, requests)
     generations = {c.name: count * sum(c.name in r.concepts for r in requests) for c in CONCEPTS}
-    print(f"\nBare miniature model: classifier accuracy on its own generations ({count} per prompt)")
+    print(f"\nBare miniature model ({lab.world}): classifier accuracy on its own generations ({count} per prompt)")
     print(f"{'concept':<10} {'family':<10} {'found':>7}  {'95% CI':>13}  generations")
     for c in CONCEPTS:
         low, high = wilson_interval(per_concept[c.name], generations[c.name])
@@ -220,6 +220,17 @@ def latent_only(lab, evaluator, singles: bool = True) -> dict:
     return {"singles": one_at_a_time, "stacks": [{**stack, "membranes": len(files)}]}
 
 
+def dit_rows(lab, evaluator) -> dict:
+    """The miniature DiT's main rows: the ten concepts one at a time behind the token gate (the gate
+    Flux membranes take) and always open, and all ten at once behind the token gate."""
+    files = [membrane(lab, concept, "default", VARIANTS["default"]) for concept in ERASED]
+    one_at_a_time = [asdict(measure(evaluator, Chain(lab, label, [file], transport), panel(concept, [concept], TARGETS, OTHERS)))
+                     for label, transport in DIT_TRANSPORTS for concept, file in zip(ERASED, files)]
+    stack = asdict(measure_stack(evaluator, Chain(lab, "token gate", files, "tokens"), ERASED, KEPT, {}))
+    return {"singles": one_at_a_time, "stacks": [{**stack, "membranes": len(files)}]}
+
+
+DIT_TRANSPORTS = (("token gate", "tokens"), ("always open (LoRA loader)", "always_open"))
 ROBUST_TRANSPORTS = (("always open", "always_open"), ("latent gate", "latent"))
 # the attack of prompt_attacks() that succeeded most against the default and rank-4 snowman
 # membranes (--attacks; README, Robustness); it also fits in CI's time
@@ -510,10 +521,16 @@ def run(mode: str | None, count: int, membrane_dir: str, embedding_dir: str, com
     numbers returned."""
     started = time.time()
     os.makedirs(membrane_dir, exist_ok=True)
-    lab = Lab(comfy_root, membrane_dir=membrane_dir, embedding_dir=embedding_dir)
-    results: dict = {"sampler": SAMPLER, "count": count}
-    if mode == "bare":
+    lab = Lab(comfy_root, membrane_dir=membrane_dir, embedding_dir=embedding_dir,
+              world="dit" if mode in ("dit", "dit-bare") else "unet")
+    results: dict = {"sampler": SAMPLER, "count": count, "world": lab.world}
+    if mode in ("bare", "dit-bare"):
         results["bare"] = bare(lab, count)
+    elif mode == "dit":
+        results.update(dit_rows(lab, Evaluator(lab, count)))
+        results["singles_summary"] = print_singles(results["singles"], count)
+        print_per_concept(results["singles"], "token gate")
+        print_stacks(results["stacks"], count)
     elif mode == "calibrate":
         results["calibration"] = print_calibration(calibrate(lab, ERASED))
     elif mode in ("latent", "stack"):

@@ -44,18 +44,25 @@ class MembraneSettings:
     contexts: int = 2  # SPM Train Membrane's default (spm_core.training.TrainingConfig)
 
 
+WORLDS = {"unet": "miniworld.model", "dit": "miniworld.dit"}  # the shipped UNet, the miniature Flux
+
+
 class Lab:
     def __init__(self, comfy_root: str | None = None, membrane_dir: str | None = None,
                  model_file: str | None = None, classifier_file: str | None = None,
-                 embedding_dir: str | None = None) -> None:
+                 embedding_dir: str | None = None, world: str = "unet") -> None:
         """`embedding_dir`: ComfyUI's embeddings folder for this process (default: a fresh temporary
-        one), where the CLIP finds `embedding:name` as the example loader node's CLIP does."""
+        one), where the CLIP finds `embedding:name` as the example loader node's CLIP does.
+        `world`: a key of WORLDS, the model that draws the miniature world."""
         use_host(comfy_root)
         import comfy.utils
         import folder_paths
 
         from miniworld.classifier import load_classifier
-        from miniworld.model import CLASSIFIER_FILE, MODEL_FILE, load_world
+        from miniworld.model import CLASSIFIER_FILE
+
+        self.world = world
+        world_module = importlib.import_module(WORLDS[world])
 
         from .pack_loader import load_pack
 
@@ -64,7 +71,8 @@ class Lab:
         self.embedding_dir = embedding_dir or tempfile.mkdtemp(prefix="miniworld-embeddings-")
         os.makedirs(self.embedding_dir, exist_ok=True)
         folder_paths.add_model_folder_path("embeddings", self.embedding_dir, is_default=True)
-        self.model, self.clip, self.vae = load_world(model_file or MODEL_FILE, folder_paths.get_folder_paths("embeddings"))
+        self.model, self.clip, self.vae = world_module.load_world(model_file or world_module.MODEL_FILE,
+                                                                  folder_paths.get_folder_paths("embeddings"))
         self.classifier = load_classifier(classifier_file or CLASSIFIER_FILE)
         self.membrane_dir = membrane_dir or tempfile.mkdtemp(prefix="miniworld-spm-")
         os.makedirs(self.membrane_dir, exist_ok=True)
@@ -95,13 +103,12 @@ class Lab:
         EmptyLatentImage and KSampler (one seed per batch: the same seed gives the same starting
         noise for every model)."""
         import nodes
-        from miniworld.model import LATENT_SCALE, model_space_to_pictures
 
         (latent,) = nodes.EmptyLatentImage().generate(PICTURE_SIDE, PICTURE_SIDE, count)
         (out,) = nodes.KSampler().sample(model, seed, SAMPLER["steps"], SAMPLER["cfg"], SAMPLER["sampler_name"],
                                          SAMPLER["scheduler"], self.encode(prompt) if isinstance(prompt, str) else prompt,
                                          self.encode(negative), latent)
-        return model_space_to_pictures(out["samples"].float() * LATENT_SCALE)
+        return self.vae.pictures(out["samples"])
 
     def read(self, pictures: torch.Tensor):
         from miniworld.classifier import classify

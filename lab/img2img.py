@@ -41,10 +41,6 @@ def sample(lab: Lab, model, prompt: str, latent: torch.Tensor, denoise: float, s
     return out["samples"]
 
 
-def pictures(latent: torch.Tensor) -> torch.Tensor:
-    from miniworld.model import LATENT_SCALE, model_space_to_pictures
-
-    return model_space_to_pictures(latent.float() * LATENT_SCALE)
 
 
 @torch.no_grad()
@@ -91,7 +87,7 @@ def measure(lab: Lab, membrane: str, count: int) -> list[dict]:
         gates = {}
         for prompt in [TARGET_PROMPT, *UNRELATED]:
             for label, model in (("bare", bare), ("membrane", erasing)):
-                verdicts[(prompt, label)] = classify(lab.classifier, pictures(sample(lab, model, prompt, latent, denoise, 7)))
+                verdicts[(prompt, label)] = classify(lab.classifier, lab.vae.pictures(sample(lab, model, prompt, latent, denoise, 7)))
             gates[prompt] = state.last_gates["positive"][0]
         target_bare, target_membrane = verdicts[(TARGET_PROMPT, "bare")], verdicts[(TARGET_PROMPT, "membrane")]
         row["target found, bare"] = statistics.mean(v.finds(TARGET) for v in target_bare)

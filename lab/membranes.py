@@ -44,7 +44,8 @@ def settings_digest(settings: MembraneSettings) -> str:
 
 def membrane(lab: Lab, concept: str, label: str, settings: MembraneSettings) -> str:
     """The file name (in the lab's spm folder) of `concept`'s membrane trained with `settings`."""
-    name = f"{concept}-{label}-{settings_digest(settings)}"
+    world = "" if lab.world == "unet" else f"{lab.world}-"  # the UNet world's files keep their names
+    name = f"{world}{concept}-{label}-{settings_digest(settings)}"
     if os.path.exists(os.path.join(lab.membrane_dir, f"{name}.safetensors")):
         return f"{name}.safetensors"
     return lab.train_membrane(name, [concept], settings)

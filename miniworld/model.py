@@ -213,9 +213,12 @@ class PixelVAE:
     def __init__(self, channels: int = 4, scale: float = LATENT_SCALE, shift: float = 0.0) -> None:
         self.latent_channels, self.scale, self.shift = channels, scale, shift
 
+    def pictures(self, samples: torch.Tensor) -> torch.Tensor:
+        """The pictures (B, 3, 16, 16) in [0, 1] a latent holds, at their own size."""
+        return model_space_to_pictures((samples.float() - self.shift) * self.scale)
+
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        pictures = model_space_to_pictures((samples.float() - self.shift) * self.scale)
-        pictures = torch.nn.functional.interpolate(pictures, scale_factor=UPSCALE, mode="nearest")
+        pictures = torch.nn.functional.interpolate(self.pictures(samples), scale_factor=UPSCALE, mode="nearest")
         return pictures.permute(0, 2, 3, 1).cpu()
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

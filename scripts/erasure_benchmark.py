@@ -1,7 +1,7 @@
 """Erasure benchmark on the miniature world (miniworld/): prints tables, optionally writes JSON.
 
 usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --latent | --stack | --rank4 | --anchoring | --transfer
-                                           | --attacks | --report JSON ...]
+                                           | --attacks | --dit | --dit-bare | --report JSON ...]
                                            [--count 32] [--json PATH] [--membranes DIR] [--embeddings DIR]
                                            [--comfyui PATH]
                                            [--concepts C ...] [--variants V ...] [--gates G ...] [--attack-names A ...]
@@ -31,6 +31,9 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
                (default: default) under --gates (default paper latent), limited to --attack-names if
                given; the strongest attack per concept beside the bare model's recall. One concept, one
                variant, one gate, one attack: a quick experiment.
+--dit          the miniature DiT world (a tiny Flux, miniworld/dit.py): the ten concepts one at a time behind the
+               token gate and always open, and all ten at once behind the token gate.
+--dit-bare     the bare miniature Flux, as --bare.
 --report       the tables of earlier runs' --json files, merged, without sampling.
 """
 
@@ -46,7 +49,7 @@ from lab.erasure_benchmark import ABLATION_CONCEPTS, GATES, TRANSPORTS, attack_n
 from lab.host import REPO  # noqa: E402
 from lab.membranes import VARIANTS  # noqa: E402
 
-MODES = ("quick", "bare", "calibrate", "latent", "stack", "rank4", "anchoring", "transfer", "attacks")
+MODES = ("quick", "bare", "calibrate", "latent", "stack", "rank4", "anchoring", "transfer", "attacks", "dit", "dit_bare")
 
 
 def main() -> None:
@@ -61,6 +64,8 @@ def main() -> None:
     mode.add_argument("--anchoring", action="store_true", help="only the anchoring sweep")
     mode.add_argument("--transfer", action="store_true", help="only the transfer to a fine-tuned copy")
     mode.add_argument("--attacks", action="store_true", help="every attack a user has, the strongest per concept")
+    mode.add_argument("--dit", action="store_true", help="the miniature Flux: ten concepts one at a time and at once")
+    mode.add_argument("--dit-bare", action="store_true", help="accuracy of the bare miniature Flux")
     mode.add_argument("--report", nargs="+", metavar="JSON", help="print the tables of earlier runs (no sampling)")
     parser.add_argument("--count", type=int, default=32, help="generations per prompt (at least 32 for reported numbers)")
     parser.add_argument("--membranes", default=os.path.join(REPO, "out", "benchmark", "membranes"),
@@ -80,7 +85,8 @@ def main() -> None:
     unknown = set(options.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown membrane variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
-    results = run(next((name for name in MODES if getattr(options, name)), None), options.count, options.membranes,
+    mode_name = next((name for name in MODES if getattr(options, name)), None)
+    results = run(mode_name and mode_name.replace("_", "-"), options.count, options.membranes,
                   options.embeddings, options.comfyui, options.concepts, options.variants, options.gates, options.attack_names)
     if options.json:
         with open(options.json, "w", encoding="utf-8") as handle:
