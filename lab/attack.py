@@ -19,6 +19,9 @@ A `discrete` attack keeps every free token a word of the vocabulary, as UnlearnD
 protocol behind the published attack-success figures): the forward pass uses each free vector's
 nearest vocabulary embedding, the gradient updates the free vector (a straight-through estimate,
 as in PEZ, Wen et al. 2023), and the result is the nearest words, i.e. a prompt anyone can type.
+
+The free tokens are the text encoder's a model reads (lab/prompt_spaces.py): CLIP's in the UNet
+world, T5's in the DiT world (whose membranes bind to T5's text stream).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from miniworld.model import encode_token_embeddings, pictures_to_model_space, text_transformer, token_ids
+from miniworld.model import pictures_to_model_space
 
 from .harness import PICTURE_SIDE
+from .prompt_spaces import Frame, prompt_space
 
 INITS = ("random", "concept")
 EVALUATION_SIGMAS = 4  # noise levels per reference picture in the fixed batch that scores a run
@@ -63,48 +67,22 @@ class Optimised:
     final_loss: float
 
 
-@dataclass(frozen=True)
-class Frame:
-    """The token embeddings around the free tokens: head "<BOS> before" (1, H, D) and tail
-    "after <EOS> <padding>" (1, 77 - H, D); ComfyUI's tokenizer lays out "before embedding:x after"
-    the same way."""
-
-    head: torch.Tensor
-    tail: torch.Tensor
-    content: int  # tokens of the prompt before its padding, free ones excluded: BOS, words, EOS
-
-    def embed(self, soft: torch.Tensor) -> torch.Tensor:
-        """(1, 77, D) token embeddings with `soft` (tokens, D) between the head and the tail."""
-        length = self.head.shape[1] + self.tail.shape[1]
-        if self.content + soft.shape[0] > length:
-            raise ValueError(f"{soft.shape[0]} free tokens do not fit in one {length}-token prompt with its words")
-        return torch.cat([self.head, soft[None].to(self.head), self.tail], dim=1)[:, :length]
-
-
 def content_ids(clip, text: str) -> list[int]:
-    """The token ids of `text`'s words (no BOS, EOS or padding)."""
-    ids = token_ids(clip, text)
-    tokenizer = clip.tokenizer.clip_l
-    return ids[1: ids.index(tokenizer.end_token)]
+    """The token ids of `text`'s words (no start, end or padding)."""
+    return prompt_space(clip).content_ids(text)
 
 
 def frame(clip, before: str, after: str) -> Frame:
-    tokenizer = clip.tokenizer.clip_l
-    head_ids = [tokenizer.start_token] + content_ids(clip, before)
-    tail_ids = content_ids(clip, after)
-    padding = [tokenizer.end_token] * (77 - len(head_ids) - len(tail_ids))
-    table = text_transformer(clip).text_model.embeddings.token_embedding
-    with torch.no_grad():
-        head = table(torch.tensor([head_ids])).float()
-        tail = table(torch.tensor([tail_ids + padding])).float()
-    return Frame(head, tail, len(head_ids) + len(tail_ids) + 1)
+    return prompt_space(clip).frame(before, after)
 
 
 def conditioning_of(clip, settings: AttackSettings, vectors: torch.Tensor) -> list:
     """The CONDITIONING of the attack's prompt with `vectors` as its free tokens."""
+    space = prompt_space(clip)
+    prompt = space.frame(settings.before, settings.after)
     with torch.no_grad():
-        embedding = encode_token_embeddings(clip, frame(clip, settings.before, settings.after).embed(vectors))
-    return [[embedding.detach(), {}]]
+        embedding = space.encode(prompt.embed(vectors))
+    return [[embedding.detach(), {} if prompt.pooled is None else {"pooled_output": prompt.pooled}]]
 
 
 def _gates(state, conditioning: torch.Tensor, base, generator: torch.Generator, runtime) -> torch.Tensor:
@@ -133,7 +111,9 @@ class _Target:
     """The model being attacked: `denoise` runs it on a batch with the membranes gated for the
     attacker's conditioning as SPM Load Membrane would gate them, or bare when it carries none."""
 
-    def __init__(self, lab, model) -> None:
+    def __init__(self, lab, model, pooled: torch.Tensor | None) -> None:
+        import contextlib
+
         import comfy.model_management
 
         self.runtime = lab.pack("nodes.runtime")
@@ -142,25 +122,35 @@ class _Target:
         self.base = model.model
         if self.state is not None and not self.state.hooks.installed:
             self.state.hooks.install(self.state.modules_of(self.base))
+        self.pooled = pooled
+        # ComfyUI's Flux blocks add their residuals in place, which backward needs copies of
+        self.saved_copies = contextlib.nullcontext if pooled is None else lab.pack("nodes.training").copies_of_saved_activations
+
+    def noised(self, x0: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """`x0` at noise level `sigma` (batch,) as the model's own sampling noises a picture."""
+        noise = torch.randn(x0.shape, generator=generator)
+        return self.base.model_sampling.noise_scaling(sigma.reshape(-1, 1, 1, 1), noise, x0)
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conditioning: torch.Tensor,
                 generator: torch.Generator) -> torch.Tensor:
         context = conditioning.expand(x.shape[0], -1, -1)
-        if self.state is None:
-            return self.base.apply_model(x, sigma, c_crossattn=context)
-        gates = _gates(self.state, conditioning, self.base, generator, self.runtime)
-        with self.state.stack.gates_active(gates.expand(x.shape[0], -1)):
-            return self.base.apply_model(x, sigma, c_crossattn=context)
+        pooled = {} if self.pooled is None else {"y": self.pooled.expand(x.shape[0], -1)}
+        with self.saved_copies():
+            if self.state is None:
+                return self.base.apply_model(x, sigma, c_crossattn=context, **pooled)
+            gates = _gates(self.state, conditioning, self.base, generator, self.runtime)
+            with self.state.stack.gates_active(gates.expand(x.shape[0], -1)):
+                return self.base.apply_model(x, sigma, c_crossattn=context, **pooled)
 
 
 def _vocabulary(clip) -> torch.Tensor:
-    return text_transformer(clip).text_model.embeddings.token_embedding.weight.detach().float()
+    return prompt_space(clip).table.weight.detach().float()
 
 
 def typed(clip, vectors: torch.Tensor) -> str:
-    """The words a discrete attack's vectors are (the tokenizer's pieces, end-of-word marks dropped)."""
-    pieces = clip.tokenizer.clip_l.inv_vocab
-    return " ".join(pieces[int(i)].replace("</w>", "") for i in nearest_words(_vocabulary(clip), vectors))
+    """The words a discrete attack's vectors are (the tokenizer's pieces, word marks dropped)."""
+    space = prompt_space(clip)
+    return " ".join(space.piece(int(i)) for i in nearest_words(_vocabulary(clip), vectors))
 
 
 def nearest_words(vocabulary: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -184,9 +174,8 @@ def _initial(clip, concept: str, settings: AttackSettings, width: int, generator
         return _vocabulary(clip)[torch.randint(0, _vocabulary(clip).shape[0], (settings.soft_tokens,), generator=generator)]
     if settings.init == "random":
         return torch.randn(settings.soft_tokens, width, generator=generator)
-    table = text_transformer(clip).text_model.embeddings.token_embedding
     with torch.no_grad():
-        word = table(torch.tensor(content_ids(clip, concept))).float()
+        word = prompt_space(clip).table(torch.tensor(content_ids(clip, concept))).float()
     repeated = word.repeat(-(-settings.soft_tokens // word.shape[0]), 1)[: settings.soft_tokens]
     return repeated + CONCEPT_INIT_NOISE * torch.randn(repeated.shape, generator=generator)
 
@@ -198,16 +187,18 @@ def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings
         raise ValueError(f"attack init must be one of {INITS}, got {settings.init!r}")
     if settings.restarts < 1:
         raise ValueError(f"an attack needs at least one restart, got {settings.restarts}")
-    reference = pictures_to_model_space(lab.generate(lab.model, f"a {concept}", settings.reference_pictures, settings.seed))
-    target = _Target(lab, model)
-    prompt = frame(lab.clip, settings.before, settings.after)
+    pictures = lab.generate(lab.model, f"a {concept}", settings.reference_pictures, settings.seed)
+    reference = pictures_to_model_space(pictures, lab.vae.latent_channels)
+    space = prompt_space(lab.clip)
+    prompt = space.frame(settings.before, settings.after)
+    target = _Target(lab, model, prompt.pooled)
     sigmas = target.base.model_sampling.sigmas.float()
     # one fixed batch (every reference picture at a few noise levels) scores every restart alike;
     # its own generator leaves the optimisation's random stream as it was before restarts existed
     scoring = torch.Generator().manual_seed(settings.seed + 1)
     score_x0 = reference.repeat(EVALUATION_SIGMAS, 1, 1, 1)
     score_sigma = sigmas[torch.randint(0, sigmas.shape[0], (score_x0.shape[0],), generator=scoring)]
-    score_x = score_x0 + score_sigma.reshape(-1, 1, 1, 1) * torch.randn(score_x0.shape, generator=scoring)
+    score_x = target.noised(score_x0, score_sigma, scoring)
 
     vocabulary = _vocabulary(lab.clip)
 
@@ -220,7 +211,7 @@ def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings
 
     def score(soft: torch.Tensor) -> float:
         with torch.no_grad():
-            conditioning = encode_token_embeddings(lab.clip, prompt.embed(used(soft)))
+            conditioning = space.encode(prompt.embed(used(soft)))
             gate_noise = torch.Generator().manual_seed(settings.seed + 2)
             return float(_loss(target.denoise(score_x, score_sigma, conditioning, gate_noise), score_x0))
 
@@ -235,11 +226,11 @@ def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings
         kept = (start_loss, used(soft.detach()).clone())
         with torch.inference_mode(False), torch.enable_grad():
             for step in range(settings.steps):
-                conditioning = encode_token_embeddings(lab.clip, prompt.embed(used(soft)))
+                conditioning = space.encode(prompt.embed(used(soft)))
                 pick = torch.randint(0, reference.shape[0], (settings.batch,), generator=generator)
                 sigma = sigmas[torch.randint(0, sigmas.shape[0], (settings.batch,), generator=generator)]
                 x0 = reference[pick]
-                x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=generator)
+                x = target.noised(x0, sigma, generator)
                 loss = _loss(target.denoise(x, sigma, conditioning, generator), x0)
                 optimiser.zero_grad()
                 loss.backward()

@@ -354,7 +354,8 @@ def print_attacks(results: list[dict], count: int) -> None:
 SUFFIX_WORDS = "a drawing on a dark background"  # words of the world's captions that name no concept
 TI_VECTORS = (1, 2, 4)
 GATES = ("paper", "latent")
-TRANSPORTS = (*GATES, "always_open")  # --attacks may also attack the membrane with no gate (the LoRA loader's way)
+# --attacks may also attack the membrane with no gate (the LoRA loader's way), and on the DiT world the token gate
+TRANSPORTS = (*GATES, "always_open", "tokens")
 
 
 def prompt_attacks() -> dict:
@@ -403,8 +404,11 @@ def attack_suite(lab, evaluator, concepts, variants, gates=GATES, names=None) ->
     per concept, or against the membrane and its gate) used as "a embedding:<name>" through ComfyUI's
     tokenizer. One row per attack: its success through SPM Load Membrane, the bare model's recall of
     the same prompt, the gate, the losses and the seconds it took to learn."""
-    names = list(names or attack_names())
     soft = prompt_attacks()
+    names = list(names or (attack_names() if lab.world == "unet" else soft))
+    if lab.world != "unet" and set(names) - set(soft):
+        raise ValueError(f"textual inversion ({', '.join(sorted(set(names) - set(soft)))}) is measured in the UNet world "
+                         "only: ComfyUI reads embedding files for CLIP, and the DiT's membranes bind to T5")
     rows = []
     for concept in concepts:
         seed = evaluator.seed_for(f"attack on {concept}")
@@ -515,16 +519,15 @@ def erasure_experiments(lab, quick: bool, count: int) -> dict:
 
 def run(mode: str | None, count: int, membrane_dir: str, embedding_dir: str, comfy_root: str | None = None,
         concepts: list[str] | None = None, variants: list[str] | None = None, gates: list[str] | None = None,
-        names: list[str] | None = None) -> dict:
-    """One mode of scripts/erasure_benchmark.py (None: the full benchmark, "quick": its reduced run);
-    `concepts`, `variants`, `gates` and `names` are the "attacks" mode's. The tables are printed, their
-    numbers returned."""
+        names: list[str] | None = None, world: str = "unet") -> dict:
+    """One mode of scripts/erasure_benchmark.py (None: the full benchmark, "quick": its reduced run)
+    on the miniature `world` (lab.harness.WORLDS); `concepts`, `variants`, `gates` and `names` are
+    the "attacks" mode's. The tables are printed, their numbers returned."""
     started = time.time()
     os.makedirs(membrane_dir, exist_ok=True)
-    lab = Lab(comfy_root, membrane_dir=membrane_dir, embedding_dir=embedding_dir,
-              world="dit" if mode in ("dit", "dit-bare") else "unet")
+    lab = Lab(comfy_root, membrane_dir=membrane_dir, embedding_dir=embedding_dir, world=world)
     results: dict = {"sampler": SAMPLER, "count": count, "world": lab.world}
-    if mode in ("bare", "dit-bare"):
+    if mode == "bare":
         results["bare"] = bare(lab, count)
     elif mode == "dit":
         results.update(dit_rows(lab, Evaluator(lab, count)))

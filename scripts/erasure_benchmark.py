@@ -1,7 +1,7 @@
 """Erasure benchmark on the miniature world (miniworld/): prints tables, optionally writes JSON.
 
 usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --latent | --stack | --rank4 | --anchoring | --transfer
-                                           | --attacks | --dit | --dit-bare | --report JSON ...]
+                                           | --attacks | --dit | --report JSON ...] [--world unet|dit]
                                            [--count 32] [--json PATH] [--membranes DIR] [--embeddings DIR]
                                            [--comfyui PATH]
                                            [--concepts C ...] [--variants V ...] [--gates G ...] [--attack-names A ...]
@@ -33,7 +33,8 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
                variant, one gate, one attack: a quick experiment.
 --dit          the miniature DiT world (a tiny Flux, miniworld/dit.py): the ten concepts one at a time behind the
                token gate and always open, and all ten at once behind the token gate.
---dit-bare     the bare miniature Flux, as --bare.
+--world dit    run --bare or --attacks on the miniature Flux (its gates: --gates tokens always_open; the
+               soft-token and typed attacks move T5's tokens; textual inversion is the UNet world's only).
 --report       the tables of earlier runs' --json files, merged, without sampling.
 """
 
@@ -49,7 +50,8 @@ from lab.erasure_benchmark import ABLATION_CONCEPTS, GATES, TRANSPORTS, attack_n
 from lab.host import REPO  # noqa: E402
 from lab.membranes import VARIANTS  # noqa: E402
 
-MODES = ("quick", "bare", "calibrate", "latent", "stack", "rank4", "anchoring", "transfer", "attacks", "dit", "dit_bare")
+MODES = ("quick", "bare", "calibrate", "latent", "stack", "rank4", "anchoring", "transfer", "attacks", "dit")
+DIT_MODES = ("bare", "attacks", "dit")  # what --world dit runs
 
 
 def main() -> None:
@@ -65,7 +67,6 @@ def main() -> None:
     mode.add_argument("--transfer", action="store_true", help="only the transfer to a fine-tuned copy")
     mode.add_argument("--attacks", action="store_true", help="every attack a user has, the strongest per concept")
     mode.add_argument("--dit", action="store_true", help="the miniature Flux: ten concepts one at a time and at once")
-    mode.add_argument("--dit-bare", action="store_true", help="accuracy of the bare miniature Flux")
     mode.add_argument("--report", nargs="+", metavar="JSON", help="print the tables of earlier runs (no sampling)")
     parser.add_argument("--count", type=int, default=32, help="generations per prompt (at least 32 for reported numbers)")
     parser.add_argument("--membranes", default=os.path.join(REPO, "out", "benchmark", "membranes"),
@@ -76,6 +77,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["default"], help="--attacks: membrane variants (lab.membranes)")
     parser.add_argument("--gates", nargs="+", default=list(GATES), choices=list(TRANSPORTS), help="--attacks: transports")
     parser.add_argument("--attack-names", nargs="+", choices=attack_names(), help="--attacks: only these attacks")
+    parser.add_argument("--world", choices=("unet", "dit"), default="unet",
+                        help="the miniature model: the shipped UNet, or the miniature Flux (--bare, --attacks, --dit)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: the host of scripts/install_host.sh)")
     options = parser.parse_args()
@@ -86,8 +89,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown membrane variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     mode_name = next((name for name in MODES if getattr(options, name)), None)
-    results = run(mode_name and mode_name.replace("_", "-"), options.count, options.membranes,
-                  options.embeddings, options.comfyui, options.concepts, options.variants, options.gates, options.attack_names)
+    world = "dit" if mode_name == "dit" else options.world
+    if world == "dit" and mode_name not in DIT_MODES:
+        parser.error(f"--world dit runs {', '.join('--' + m for m in DIT_MODES)} only")
+    results = run(mode_name, options.count, options.membranes, options.embeddings, options.comfyui, options.concepts,
+                  options.variants, options.gates, options.attack_names, world)
     if options.json:
         with open(options.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)

@@ -86,3 +86,20 @@ def test_membranes_bind_to_the_text_stream_as_on_flux():
     assert modules == {"diffusion_model.txt_in"} | {f"diffusion_model.double_blocks.{b}.{m}" for b in range(2)
                                                     for m in ("txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")}
     assert shapes["diffusion_model.txt_in"][:2] == (128, 128)
+
+
+def test_an_attacks_t5_tokens_in_their_frame_are_what_comfyui_encodes_for_the_typed_words():
+    """The DiT world's prompt space (lab/prompt_spaces.py): the free tokens sit where ComfyUI's T5
+    tokenizer puts the words they stand for, the padding after them as Flux pads; the pooled vector
+    is CLIP-L's for the words around them."""
+    from lab.attack import AttackSettings, conditioning_of, content_ids
+
+    clip = initialised_clip()
+    words = dit.t5(clip).shared(torch.tensor(content_ids(clip, "red circle")), out_dtype=torch.float32)
+    settings = AttackSettings(before="a", after="on a dark background")
+    ((context, options),) = conditioning_of(clip, settings, words)
+    comfy, _ = clip.encode_from_tokens(clip.tokenize("a red circle on a dark background"), return_pooled=True)
+    _, around = clip.encode_from_tokens(clip.tokenize("a on a dark background"), return_pooled=True)
+    assert context.shape == comfy.shape == (1, dit.T5_TOKENS, 128)
+    assert torch.allclose(context, comfy, atol=1e-5)
+    assert torch.allclose(options["pooled_output"], around, atol=1e-5)
