@@ -208,8 +208,11 @@ SHIPPED = {  # what the tests and the demo call the shipped workflows (the file 
     "train_then_apply": "SPM - Train, then apply (SD1.5).json",
     "miniworld_train": "SPM - Miniature world 1, train.json",
     "miniworld_erase": "SPM - Miniature world 2, erase.json",
+    "miniature_dit": "SPM - Miniature DiT, train and erase.json",
+    "erase_flux": "SPM - Erase one concept (Flux).json",
 }
 SD15_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+FLUX_CHECKPOINT = "flux1-dev-fp8.safetensors"
 
 
 def shipped_workflow(key: str) -> dict:
@@ -217,10 +220,32 @@ def shipped_workflow(key: str) -> dict:
 
 
 def for_test_models(workflow: dict, checkpoint: str = "tiny-sd15.safetensors") -> dict:
-    """A shipped SD1.5 workflow on the tests' tiny checkpoint: 256 px, 6 steps, SPM Train Membrane sized for a
-    CPU. Workflows on the miniature model are returned as they are. Changes `workflow` in place."""
+    """A shipped workflow on what the test machine has, sized for a CPU. Changes `workflow` in place.
+
+    - SD1.5 (Load Checkpoint naming SD15_CHECKPOINT): the tests' tiny checkpoint, 256 px, 6 steps, SPM Train
+      Membrane cut to 8 iterations.
+    - Flux (Load Checkpoint naming FLUX_CHECKPOINT): no Flux.1-dev here, so the checkpoint loader is swapped for
+      SPM Example: Load Miniature DiT (a tiny Flux.1 from ComfyUI's classes, the same MODEL / CLIP / VAE outputs,
+      no widgets; node id, links and position kept), the latent cut to 128x128 (its 16x16 latent) and the
+      samplers to 4 steps. The membrane names stay: lab/tiny_assets.py writes `pikachu.safetensors` as a random
+      membrane bound to the miniature DiT's layers (architecture flux), so SPM Load Membrane reads a real Flux
+      membrane through the `tokens` gate. FluxGuidance stays; the miniature DiT has no guidance input and ignores it.
+    - Workflows on the miniature models are returned as they are."""
     nodes = workflow["nodes"]
-    if not any(n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] == SD15_CHECKPOINT for n in nodes):
+    loaders = {n["widgets_values"][0] for n in nodes if n["type"] == "CheckpointLoaderSimple"}
+    if FLUX_CHECKPOINT in loaders:
+        for node in nodes:
+            values = node.get("widgets_values")
+            if node["type"] == "CheckpointLoaderSimple" and values[0] == FLUX_CHECKPOINT:
+                node["type"] = "SPMExampleLoadMiniatureDiT"
+                node["widgets_values"] = []
+                node["properties"] = {"Node name for S&R": "SPMExampleLoadMiniatureDiT"}
+            elif node["type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
+                values[:2] = [128, 128]
+            elif node["type"] == "KSampler":
+                values[2] = 4
+        return workflow
+    if SD15_CHECKPOINT not in loaders:
         return workflow
     for node in nodes:
         values = node.get("widgets_values")

@@ -5,9 +5,13 @@ Detection needs model_channels 320, a 768-wide cross-attention, conv proj_in, 4 
 no label_emb; depth can be cut to one level. The text encoder must be full CLIP-L (its config is
 fixed), so the file is ~290 MiB; it is cached under ~/.cache/spm-test-assets.
 
+The shipped Flux workflow runs on the miniature DiT instead of Flux.1-dev (lab/comfy_server.py:
+for_test_models); its membrane is a random one bound to the miniature DiT's membrane layers.
+
 usage: python -m lab.tiny_assets COMFYUI_ROOT MODELS_DIR
   -> MODELS_DIR/checkpoints/tiny-sd15.safetensors (a link to the cached file)
-     MODELS_DIR/spm/{snoopy,mickey_mouse,van_gogh}.safetensors
+     MODELS_DIR/spm/{snoopy,mickey_mouse,van_gogh}.safetensors (SD1.5)
+     MODELS_DIR/spm/pikachu.safetensors (Flux: the miniature DiT)
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ CHECKPOINT = "tiny-sd15.safetensors"
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "spm-test-assets")
 CHECKPOINT_VERSION = "v1"
 MEMBRANES = {"snoopy": 11, "mickey mouse": 12, "van gogh": 13}
+FLUX_MEMBRANES = {"pikachu": 14}  # the membrane the shipped Flux workflow names
 UNET = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
     "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
@@ -124,6 +129,39 @@ def write_membranes(folder: str, concepts: dict[str, int] = MEMBRANES) -> list[s
     return written
 
 
+def write_flux_membranes(folder: str, concepts: dict[str, int] = FLUX_MEMBRANES) -> list[str]:
+    """Random rank-1 membranes (architecture flux) on every membrane layer of the miniature DiT: txt_in and
+    the text stream of its double blocks, the layers nodes.architectures.membrane_layers binds on Flux."""
+    import comfy.lora
+    import comfy.supported_models
+    import torch
+
+    from miniworld.dit import FLUX_CONFIG
+    from spm_core.concepts import Concept
+    from spm_core.file_format import FLUX_LAYER, save_membrane
+    from spm_core.membrane import LayerWeights, Membrane
+    from spm_core.stack import module_shape
+
+    model = comfy.supported_models.Flux(dict(FLUX_CONFIG)).get_model({}, device="meta")
+    key_map = {n: k[: -len(".weight")] for n, k in comfy.lora.model_lora_keys_unet(model, {}).items()
+               if isinstance(k, str) and FLUX_LAYER.match(n)}
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    for target, seed in concepts.items():
+        generator = torch.Generator().manual_seed(seed)
+        layers = {}
+        for name, key in sorted(key_map.items()):
+            out_features, in_features, conv = module_shape(model.get_submodule(key))
+            layers[name] = LayerWeights(down=torch.randn(1, in_features, generator=generator) * 0.5,
+                                        up=torch.randn(out_features, 1, generator=generator) * 0.05, alpha=1.0, conv=conv)
+        file_name = target.replace(" ", "_") + ".safetensors"
+        membrane = Membrane(name=target, concepts=(Concept(target),), layers=layers, architecture="flux")
+        save_membrane(os.path.join(folder, file_name), membrane,
+                      training={"note": "random weights on the miniature DiT for tests, not a trained eraser"})
+        written.append(file_name)
+    return written
+
+
 def install_assets(models_dir: str) -> None:
     checkpoints = os.path.join(models_dir, "checkpoints")
     os.makedirs(checkpoints, exist_ok=True)
@@ -131,6 +169,7 @@ def install_assets(models_dir: str) -> None:
     if not os.path.exists(link):
         os.symlink(cached_checkpoint(), link)
     write_membranes(os.path.join(models_dir, "spm"))
+    write_flux_membranes(os.path.join(models_dir, "spm"))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ template browser lists with the file name as its title and `<name>.jpg` as its t
 The JSON files are the product; this script keeps their widget slots, sizes and layout right.
 Run it after changing a node's inputs: python scripts/build_workflows.py
 
-The SD1.5 workflows name the checkpoint ComfyUI's own SD1.5 templates use (with its download
-address, so the frontend offers it when missing); the tests swap in their tiny checkpoint
-(lab/comfy_server.py: for_test_models).
+The SD1.5 and Flux workflows name the checkpoints ComfyUI's own SD1.5 and Flux.1-dev templates use
+(with their download addresses, so the frontend offers them when missing); the tests swap in their tiny
+checkpoint, and the miniature DiT for Flux (lab/comfy_server.py: for_test_models).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as _handle:
 PACK = {"cnr_id": _project["name"], "ver": _project["version"]}  # the registry id the Manager installs from
 CORE = {"cnr_id": "comfy-core", "ver": "0.3.75"}
 OURS = {"SPMLoader", "SPMTextEncode", "SPMTransportInspector", "SPMSaveAsLoRA", "SPMMergeIntoModel", "SPMTrain",
-        "SPMExampleLoadMiniatureWorld"}
+        "SPMExampleLoadMiniatureWorld", "SPMExampleLoadMiniatureDiT"}
 
 # type -> (linked inputs [(name, type)], outputs [(name, type)], size [w, h] at least the frontend's computeSize)
 NODES = {
@@ -45,6 +45,9 @@ NODES = {
     "SPMTrain": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("loss", "IMAGE"), ("path", "STRING")],
                  [360, 766]),
     "SPMExampleLoadMiniatureWorld": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 66]),
+    "SPMExampleLoadMiniatureDiT": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 66]),
+    "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")], [320, 58]),
+    "EmptySD3LatentImage": ([], [("LATENT", "LATENT")], [320, 106]),
     "MarkdownNote": ([], [], [400, 260]),
 }
 
@@ -289,9 +292,88 @@ def miniworld_erase() -> None:
     flow.save(title)
 
 
+DIT_NOTE = ("## {title}\n\n{what}\n\nThe miniature DiT ships with the pack: the miniature world (shapes, colours, "
+            "characters such as snowman, house, tree and mushroom, and stripes; 16x16 pictures shown at 128x128) drawn "
+            "by a tiny Flux.1 built from ComfyUI's own classes, with Flux's text encoders (T5 and CLIP-L) at miniature "
+            "size. It is not guidance-distilled: it is sampled with a negative prompt at cfg 5, without FluxGuidance.\n\n"
+            "**Membranes on Flux** bind where the text enters (txt_in and the double blocks' text stream) and are gated "
+            "with the `tokens` transport: SPM Train Membrane hands on the model behind it. To apply the saved file "
+            "later, use SPM Load Membrane with transport `tokens` (the other gates are refused on Flux).")
+
+
+def miniature_dit() -> None:
+    """SPM Train Membrane on the miniature DiT (the miniature world's settings, lab.harness.MembraneSettings),
+    then the same seed without and with the trained membrane. On Flux the node returns the model behind the
+    `tokens` transport (nodes/train.py), so its output is sampled directly."""
+    flow = Workflow()
+    title = "SPM - Miniature DiT, train and erase"
+    world = flow.add("SPMExampleLoadMiniatureDiT", (0, 0), [])
+    flow.add("MarkdownNote", (0, flow.below(world)), [DIT_NOTE.format(
+        title=title, what="SPM Train Membrane erases *snowman* from the miniature DiT (about a minute on a CPU) and saves "
+                          "`models/spm/snowman_dit.safetensors`; the two samplers then draw *a striped snowman* with the "
+                          "same seeds without and with the new membrane: the snowman goes, the stripes stay.")],
+        title="About the miniature DiT", height=300)
+    trained = flow.add("SPMTrain", (440, 0), ["snowman", "", "", 200, 1e-2, 1, 1.0, 10.0, 2, "prompts", 1.0, 20, 16, 0,
+                                              "fixed", "snowman_dit", False, False, *LATER_TRAIN_INPUTS],
+                       model=(world, 0), clip=(world, 1))
+    positive = flow.add("SPMTextEncode", (840, 0), ["a striped snowman"], title="Positive (SPM Text Encode)",
+                        clip=(world, 1))
+    negative = flow.add("SPMTextEncode", (840, flow.below(positive)), [""], title="Negative", clip=(world, 1))
+    latent = flow.add("EmptyLatentImage", (840, flow.below(negative)), [128, 128, 4])
+    flow.add("PreviewImage", (840, flow.below(latent)), [], title="Loss curve", images=(trained, 1))
+    after = sampler(flow, (1280, 0), trained, positive, negative, latent, MINIWORLD_SAMPLER,
+                    title="After (trained membrane)")
+    before = sampler(flow, (1280, flow.below(after)), world, positive, negative, latent, MINIWORLD_SAMPLER,
+                     title="Before (no membrane, same seed)")
+    after_image = flow.add("VAEDecode", (1640, 0), [], samples=(after, 0), vae=(world, 2))
+    before_image = flow.add("VAEDecode", (1640, flow.below(after_image)), [], samples=(before, 0), vae=(world, 2))
+    saved = flow.add("SaveImage", (1900, 0), ["miniature_dit_after"], title="After", images=(after_image, 0))
+    flow.add("SaveImage", (1900, flow.below(saved)), ["miniature_dit_before"], title="Before", images=(before_image, 0))
+    flow.save(title)
+
+
+FLUX_DEV = "flux1-dev-fp8.safetensors"
+FLUX_DEV_MODEL = {"name": FLUX_DEV, "directory": "checkpoints",  # as ComfyUI's Flux.1-dev template names it
+                  "url": "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors?download=true"}
+FLUX_NOTE = (f"## {{title}}\n\n{{what}}\n\n**Checkpoint:** Flux.1-dev (`{FLUX_DEV}` in `models/checkpoints`, the "
+             "checkpoint of ComfyUI's own Flux.1-dev template, text encoders and VAE included). 1024x1024, 20 steps, "
+             "FluxGuidance 3.5 and cfg 1, so the negative prompt is ignored.\n\n"
+             "**Flux membranes** are trained on Flux: SPM Train Membrane on this checkpoint (see *SPM - Train, then apply*) "
+             "or `scripts/train_spm.py` saves one in `models/spm`. Erasure LoRAs of Flux's text layers (kohya, "
+             "diffusers, PEFT or BFL names) load too. Membranes trained on SD1.5 or SDXL do not fit Flux and are "
+             "refused. The name here is an example.\n\n"
+             "**Transport `tokens`:** Flux reads T5 token vectors padded to 256 tokens, so whole prompts all look "
+             "alike to a cosine; the gate looks for the concept's own tokens among the prompt's instead. `paper`, "
+             "`cosine`, `calibrated` and `latent` are refused on Flux.\n\n"
+             "**No checkpoint at hand?** Open *SPM - Miniature DiT, train and erase*: a tiny Flux shipped with the pack.")
+
+
+def erase_one_concept_flux() -> None:
+    flow = Workflow()
+    title = "SPM - Erase one concept (Flux)"
+    flow.models.append(FLUX_DEV_MODEL)
+    checkpoint = flow.add("CheckpointLoaderSimple", (0, 0), [FLUX_DEV])
+    flow.nodes[-1]["properties"]["models"] = [FLUX_DEV_MODEL]
+    flow.add("MarkdownNote", (0, flow.below(checkpoint)), [FLUX_NOTE.format(
+        title=title, what="One membrane erases its concept from Flux.1-dev: prompts that name it come out without it, "
+                          "other prompts are untouched (the gate stays closed).")],
+        title="About this workflow", height=440)
+    model = spm(flow, (440, 0), checkpoint, checkpoint, "pikachu.safetensors", transport="tokens")
+    positive = flow.add("SPMTextEncode", (440, flow.below(model)), ["pikachu sitting on a park bench, photo"],
+                        title="Positive (SPM Text Encode)", clip=(checkpoint, 1))
+    guided = flow.add("FluxGuidance", (440, flow.below(positive)), [3.5], conditioning=(positive, 0))
+    negative = flow.add("SPMTextEncode", (440, flow.below(guided)), [""], title="Negative (ignored at cfg 1)",
+                        clip=(checkpoint, 1))
+    latent = flow.add("EmptySD3LatentImage", (440, flow.below(negative)), [1024, 1024, 1])
+    samples = sampler(flow, (880, 0), model, guided, negative, latent, [42, "fixed", 20, 1.0, "euler", "simple", 1.0])
+    image = flow.add("VAEDecode", (1240, 0), [], samples=(samples, 0), vae=(checkpoint, 2))
+    flow.add("SaveImage", (1240, flow.below(image)), ["spm_erase_one_flux"], images=(image, 0))
+    flow.save(title)
+
+
 if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     for build in (erase_one_concept, chain_three_membranes, before_after, inspector, train_then_apply,
-                  miniworld_train, miniworld_erase):
+                  miniworld_train, miniworld_erase, miniature_dit, erase_one_concept_flux):
         build()
     print("workflows written to", OUT)

@@ -8,7 +8,7 @@ One server and one page per frontend, shared by the tests of that frontend:
   frontend's node search finds SPM Load Membrane by "erase", "concept", "membrane" and "SPM";
 - every shipped workflow loads exactly (widget values as the file holds them), and with the classic
   renderer no node is smaller than the frontend needs and none overlaps another; the template
-  browser lists each with its thumbnail, under a title it shows whole; an SD1.5 workflow opened
+  browser lists each with its thumbnail, under a title it shows whole; an SD1.5 or Flux workflow opened
   without its checkpoint offers the download; SPM Load Membrane's help page (web/docs/SPMLoader.md)
   opens where the frontend shows node help;
 - SPM Load Membrane's label (a DOM widget) is shown by both renderers and follows the node: what the
@@ -57,6 +57,7 @@ DOCS_SCREENSHOT = os.path.join(REPO, "docs", "images", "browser_load_spm.png")
 TEMPLATES_DOCS_SCREENSHOT = os.path.join(REPO, "docs", "images", "browser_templates.png")
 LOADER_ID = 6  # the SPM Load Membrane node of the erase workflow
 SD15_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+FLUX_CHECKPOINT = "flux1-dev-fp8.safetensors"
 
 
 def newest_frontend() -> tuple[str, str]:
@@ -500,16 +501,18 @@ def test_template_browser(frontend, page):
     page.js(f"{STORE.format(name='dialog')}.closeDialog(), true")
 
 
-def test_missing_checkpoint_is_offered(page):
-    """A user without the SD1.5 checkpoint is offered its download when opening an SD1.5 workflow."""
-    page.js(f"window.app.loadGraphData({json.dumps(shipped_workflow('erase'))}, true, true, 'missing models').then(() => true)")
+@pytest.mark.parametrize("key, checkpoint", [("erase", SD15_CHECKPOINT), ("erase_flux", FLUX_CHECKPOINT)])
+def test_missing_checkpoint_is_offered(page, key, checkpoint):
+    """A user without the SD1.5 (Flux.1-dev) checkpoint is offered its download when opening an SD1.5 (Flux)
+    workflow."""
+    page.js(f"window.app.loadGraphData({json.dumps(shipped_workflow(key))}, true, true, 'missing models').then(() => true)")
     # the pinned frontend opens a Missing Models dialog; newer ones list the model in a panel
     offered = page.wait_for(f"""(() => {{
         const dialogs = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText).filter(t => t.startsWith('Missing Models'));
-        if (dialogs.length) return dialogs[0].includes('checkpoints / {SD15_CHECKPOINT}\\nDownload') && 'dialog';
+        if (dialogs.length) return dialogs[0].includes('checkpoints / {checkpoint}\\nDownload') && 'dialog';
         const store = {STORE.format(name="missingModel")};
-        const model = store?.missingModelCandidates?.find(m => m.name === '{SD15_CHECKPOINT}');
-        return model?.url?.startsWith('https://') && document.body.innerText.includes('{SD15_CHECKPOINT} is missing') && 'panel';
+        const model = store?.missingModelCandidates?.find(m => m.name === '{checkpoint}');
+        return model?.url?.startsWith('https://') && document.body.innerText.includes('{checkpoint} is missing') && 'panel';
     }})()""", 30, "the missing checkpoint to be offered")
     assert offered in ("dialog", "panel"), offered
     page.js(f"{STORE.format(name='dialog')}.closeDialog(), true")

@@ -57,7 +57,7 @@ def test_shipped_workflow_runs(comfy_server, object_info, path):
     for node in prompt.values():
         if node["class_type"] == "SPMTrain":
             node["inputs"]["iterations"] = min(node["inputs"]["iterations"], TEST_ITERATIONS)
-    entry = comfy_server.run(prompt)
+    entry, events = comfy_server.run_with_events(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
     assert images, "the workflow produced no image"
@@ -67,6 +67,13 @@ def test_shipped_workflow_runs(comfy_server, object_info, path):
     if os.path.basename(path) == SHIPPED["inspector"]:
         table = next(output["text"][0] for output in entry["outputs"].values() if "text" in output)
         assert "snoopy" in table and "van_gogh" in table
+    if os.path.basename(path) in (SHIPPED["miniature_dit"], SHIPPED["erase_flux"]):
+        # on Flux (the miniature DiT) the membranes, SPM Train Membrane's and SPM Load Membrane's, are gated by
+        # the concept's tokens: open for the prompt that names it
+        gates = [event["data"] for event in events if event["type"] == "spm.gates"]
+        assert gates, f"no spm.gates event among {sorted({event['type'] for event in events})}"
+        (membrane,) = gates[-1]["membranes"]
+        assert membrane["transport"] == "tokens" and membrane["positive"] == 1.0, membrane
 
 
 def erase_prompt(object_info, **loader_inputs):
