@@ -128,7 +128,8 @@ class TrainSPM(io.ComfyNode):
                              tooltip=TrainingConfig.help("contexts")),
             ],
             outputs=[
-                io.Model.Output(display_name="model", tooltip="The model with the new membrane applied (paper transport)."),
+                io.Model.Output(display_name="model", tooltip="The model with the new membrane applied (paper transport; "
+                                                              "tokens on Flux and Chroma)."),
                 io.Image.Output(display_name="loss", tooltip="Loss curve."),
                 io.String.Output(display_name="path", tooltip="Where the membrane was saved."),
             ],
