@@ -20,8 +20,8 @@ protocol behind the published attack-success figures): the forward pass uses eac
 nearest vocabulary embedding, the gradient updates the free vector (a straight-through estimate,
 as in PEZ, Wen et al. 2023), and the result is the nearest words, i.e. a prompt anyone can type.
 
-The free tokens are the text encoder's a model reads (lab/prompt_spaces.py): CLIP's in the UNet
-world, T5's in the DiT world (whose membranes bind to T5's text stream).
+The free tokens live in the token table of the text encoder the model reads (lab/prompt_spaces.py):
+CLIP's in the UNet world, T5's in the DiT world (whose membranes bind to T5's text stream).
 """
 
 from __future__ import annotations
