@@ -25,7 +25,7 @@ import shutil
 import pytest
 import torch
 
-from lab.comfy_server import WORKFLOWS, ComfyServer, load_workflow, workflow_to_api
+from lab.comfy_server import FLUX_CHECKPOINT, WORKFLOWS, ComfyServer, load_workflow, workflow_to_api
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "old_workflows")
 UI_FILES = sorted(p for p in glob.glob(os.path.join(FIXTURES, "*.json")) if not p.endswith(".api.json"))
@@ -48,9 +48,20 @@ def read_json(path: str) -> dict:
 
 def sized_for_tests(prompt: dict) -> dict:
     """A copy of an API prompt on the tiny SD1.5 checkpoint (256 px, 6 steps, a 4-iteration training)
-    when it loads a checkpoint; a miniature-world training capped at MINIATURE_ITERATIONS."""
+    when it loads an SD1.5 checkpoint; on the miniature DiT (128 px, 4 steps) when it loads Flux.1-dev, as
+    for_test_models does for the UI files; a miniature-world training capped at MINIATURE_ITERATIONS."""
     prompt = json.loads(json.dumps(prompt))
-    on_checkpoint = any(node["class_type"] == "CheckpointLoaderSimple" for node in prompt.values())
+    loaders = [node for node in prompt.values() if node["class_type"] == "CheckpointLoaderSimple"]
+    if any(node["inputs"]["ckpt_name"] == FLUX_CHECKPOINT for node in loaders):
+        for node in prompt.values():
+            if node["class_type"] == "CheckpointLoaderSimple":
+                node.update(class_type="SPMExampleLoadMiniatureDiT", inputs={})
+            elif node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
+                node["inputs"].update(width=128, height=128)
+            elif node["class_type"] == "KSampler":
+                node["inputs"]["steps"] = 4
+        return prompt
+    on_checkpoint = bool(loaders)
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "CheckpointLoaderSimple":
