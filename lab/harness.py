@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .host import use_host
+from .pack_loader import pack_module
 
 SAMPLER = {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
 PICTURE_SIDE = 128  # EmptyLatentImage size: a 16 x 16 latent
@@ -81,7 +82,7 @@ class Lab:
 
     def pack(self, name: str):
         """A module of the loaded pack, e.g. pack("nodes.runtime")."""
-        return importlib.import_module(f"{self.package}.{name}")
+        return pack_module(name)
 
     @staticmethod
     def node(name: str, unique_id: str = "lab"):

@@ -4,6 +4,7 @@ drive its nodes in-process. The pack's modules use relative imports, so they nee
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import sys
 import tempfile
@@ -28,3 +29,8 @@ def load_pack() -> ModuleType:
             raise RuntimeError("ComfyUI failed to import the SPM pack; see the log above")
         _package_name = link.replace(".", "_x_")  # the module name ComfyUI's loader gives a folder
     return sys.modules[_package_name]
+
+
+def pack_module(name: str) -> ModuleType:
+    """A submodule of the loaded pack, e.g. pack_module("nodes.runtime")."""
+    return importlib.import_module(f"{load_pack().__name__}.{name}")

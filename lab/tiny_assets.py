@@ -101,50 +101,42 @@ def cached_checkpoint() -> str:
 
 def write_membranes(folder: str, concepts: dict[str, int] = MEMBRANES) -> list[str]:
     """Random rank-1 membranes on every SPM layer of the tiny checkpoint's UNet."""
-    import comfy.lora
     import comfy.supported_models
-    import torch
 
-    from spm_core.concepts import Concept
-    from spm_core.file_format import DIFFUSERS_LAYER, save_membrane
-    from spm_core.membrane import LayerWeights, Membrane
-    from spm_core.stack import module_shape
+    from spm_core.file_format import DIFFUSERS_LAYER
 
     model = comfy.supported_models.SD15(dict(UNET)).get_model({}, device="meta")
-    key_map = {n: k[: -len(".weight")] for n, k in comfy.lora.model_lora_keys_unet(model, {}).items() if DIFFUSERS_LAYER.match(n)}
-    os.makedirs(folder, exist_ok=True)
-    written = []
-    for target, seed in concepts.items():
-        generator = torch.Generator().manual_seed(seed)
-        layers = {}
-        for name, key in sorted(key_map.items()):
-            out_features, in_features, conv = module_shape(model.get_submodule(key))
-            layers[name] = LayerWeights(down=torch.randn(1, in_features, generator=generator) * 0.5,
-                                        up=torch.randn(out_features, 1, generator=generator) * 0.05, alpha=1.0, conv=conv)
-        file_name = target.replace(" ", "_") + ".safetensors"
-        membrane = Membrane(name=target, concepts=(Concept(target),), layers=layers, architecture="sd1")
-        save_membrane(os.path.join(folder, file_name), membrane,
-                      training={"note": "random weights for tests and the demo, not a trained eraser"})
-        written.append(file_name)
-    return written
+    return _write_random_membranes(folder, model, DIFFUSERS_LAYER, "sd1", concepts,
+                                   "random weights for tests and the demo, not a trained eraser")
 
 
 def write_flux_membranes(folder: str, concepts: dict[str, int] = FLUX_MEMBRANES) -> list[str]:
     """Random rank-1 membranes (architecture flux) on every membrane layer of the miniature DiT: txt_in and
     the text stream of its double blocks, the layers nodes.architectures.membrane_layers binds on Flux."""
-    import comfy.lora
     import comfy.supported_models
-    import torch
 
     from miniworld.dit import FLUX_CONFIG
+    from spm_core.file_format import FLUX_LAYER
+
+    model = comfy.supported_models.Flux(dict(FLUX_CONFIG)).get_model({}, device="meta")
+    return _write_random_membranes(folder, model, FLUX_LAYER, "flux", concepts,
+                                   "random weights on the miniature DiT for tests, not a trained eraser")
+
+
+def _write_random_membranes(folder: str, model, layer_pattern, architecture: str, concepts: dict[str, int],
+                            note: str) -> list[str]:
+    """One random rank-1 membrane per concept (seeded by its value) on the layers of `model` (a meta-device
+    ComfyUI model) whose LoRA names match `layer_pattern`; returns the file names written in `folder`."""
+    import comfy.lora
+    import torch
+
     from spm_core.concepts import Concept
-    from spm_core.file_format import FLUX_LAYER, save_membrane
+    from spm_core.file_format import save_membrane
     from spm_core.membrane import LayerWeights, Membrane
     from spm_core.stack import module_shape
 
-    model = comfy.supported_models.Flux(dict(FLUX_CONFIG)).get_model({}, device="meta")
     key_map = {n: k[: -len(".weight")] for n, k in comfy.lora.model_lora_keys_unet(model, {}).items()
-               if isinstance(k, str) and FLUX_LAYER.match(n)}
+               if isinstance(k, str) and layer_pattern.match(n)}
     os.makedirs(folder, exist_ok=True)
     written = []
     for target, seed in concepts.items():
@@ -155,9 +147,8 @@ def write_flux_membranes(folder: str, concepts: dict[str, int] = FLUX_MEMBRANES)
             layers[name] = LayerWeights(down=torch.randn(1, in_features, generator=generator) * 0.5,
                                         up=torch.randn(out_features, 1, generator=generator) * 0.05, alpha=1.0, conv=conv)
         file_name = target.replace(" ", "_") + ".safetensors"
-        membrane = Membrane(name=target, concepts=(Concept(target),), layers=layers, architecture="flux")
-        save_membrane(os.path.join(folder, file_name), membrane,
-                      training={"note": "random weights on the miniature DiT for tests, not a trained eraser"})
+        membrane = Membrane(name=target, concepts=(Concept(target),), layers=layers, architecture=architecture)
+        save_membrane(os.path.join(folder, file_name), membrane, training={"note": note})
         written.append(file_name)
     return written
 

@@ -150,6 +150,8 @@ class DiTWorld:
                     self.params[f"{prefix}.{name}"] = p
         self.t5_tokens = CaptionTokens(lambda text: dit.token_ids(self.clip, text)[0])
         self.clip_tokens = CaptionTokens(lambda text: dit.token_ids(self.clip, text)[1])
+        from lab.pack_loader import pack_module
+
         self.saved_copies = pack_module("nodes.training").copies_of_saved_activations
 
     def loss(self, pictures: torch.Tensor, captions: list[str], generator: torch.Generator) -> torch.Tensor:
@@ -165,14 +167,6 @@ class DiTWorld:
 
     def shipped_state(self) -> dict[str, torch.Tensor]:
         return self.world.model_state(self.model, self.clip)
-
-
-def pack_module(name: str):
-    import importlib
-
-    from lab.pack_loader import load_pack
-
-    return importlib.import_module(f"{load_pack().__name__}.{name}")
 
 
 def main() -> None:

@@ -165,6 +165,15 @@ def save_side_by_side(flow, x, before, after, checkpoint, prefix):
     flow.add("SaveImage", (x, flow.below(pair)), [prefix], images=(pair, 0))
 
 
+def save_after_and_before(flow, x, after, before, loader, prefix):
+    """Both samplers' latents decoded in a column at x and saved separately (`<prefix>_after`,
+    `<prefix>_before`) in the column beside it: the miniature models' pictures are small enough to show both."""
+    after_image = flow.add("VAEDecode", (x, 0), [], samples=(after, 0), vae=(loader, 2))
+    before_image = flow.add("VAEDecode", (x, flow.below(after_image)), [], samples=(before, 0), vae=(loader, 2))
+    saved = flow.add("SaveImage", (x + 260, 0), [f"{prefix}_after"], title="After", images=(after_image, 0))
+    flow.add("SaveImage", (x + 260, flow.below(saved)), [f"{prefix}_before"], title="Before", images=(before_image, 0))
+
+
 def sd15_sampler(seed=42):
     return [seed, "fixed", 25, 7.0, *SD15_SAMPLER]
 
@@ -285,10 +294,7 @@ def miniworld_erase() -> None:
     after = sampler(flow, (880, 0), model, positive, negative, latent, MINIWORLD_SAMPLER, title="After (membrane)")
     before = sampler(flow, (880, flow.below(after)), world, positive, negative, latent, MINIWORLD_SAMPLER,
                      title="Before (no membrane, same seed)")
-    after_image = flow.add("VAEDecode", (1240, 0), [], samples=(after, 0), vae=(world, 2))
-    before_image = flow.add("VAEDecode", (1240, flow.below(after_image)), [], samples=(before, 0), vae=(world, 2))
-    saved = flow.add("SaveImage", (1500, 0), ["miniworld_after"], title="After", images=(after_image, 0))
-    flow.add("SaveImage", (1500, flow.below(saved)), ["miniworld_before"], title="Before", images=(before_image, 0))
+    save_after_and_before(flow, 1240, after, before, world, "miniworld")
     flow.save(title)
 
 
@@ -325,10 +331,7 @@ def miniature_dit() -> None:
                     title="After (trained membrane)")
     before = sampler(flow, (1280, flow.below(after)), world, positive, negative, latent, MINIWORLD_SAMPLER,
                      title="Before (no membrane, same seed)")
-    after_image = flow.add("VAEDecode", (1640, 0), [], samples=(after, 0), vae=(world, 2))
-    before_image = flow.add("VAEDecode", (1640, flow.below(after_image)), [], samples=(before, 0), vae=(world, 2))
-    saved = flow.add("SaveImage", (1900, 0), ["miniature_dit_after"], title="After", images=(after_image, 0))
-    flow.add("SaveImage", (1900, flow.below(saved)), ["miniature_dit_before"], title="Before", images=(before_image, 0))
+    save_after_and_before(flow, 1640, after, before, world, "miniature_dit")
     flow.save(title)
 
 

@@ -3,16 +3,9 @@ as ComfyUI's executor would."""
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from lab.pack_loader import load_pack
-
-
-def pack_module(name: str):
-    """A submodule of the loaded pack, e.g. pack_module("nodes.runtime")."""
-    return importlib.import_module(f"{load_pack().__name__}.{name}")
+from lab.pack_loader import pack_module  # noqa: F401 (the tests import it from here)
 
 
 def node(name, unique_id="1"):
