@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lab.pack_loader import pack_module  # noqa: F401 (the tests import it from here)
+from lab.pack_loader import load_pack, pack_module  # noqa: F401 (the tests import them from here)
 
 
 def node(name, unique_id="1"):
