@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import comfy.ldm.flux.layers
+import comfy.ldm.modules.attention
 import comfy.model_base
 import comfy.model_management
 import comfy.model_sampling
@@ -23,8 +24,18 @@ from ..spm_core.concepts import Concept, clean_prompt
 from ..spm_core.contexts import ContextPrompts, context_texts
 from ..spm_core.errors import SPMError, SPMModelMismatch
 from ..spm_core.file_format import CONTEXT_DIM_ARCHITECTURE, DIFFUSERS_LAYER, FLUX_LAYER, load_membrane, save_membrane
+from ..spm_core.recompute import recomputed
 from ..spm_core.surrogates import Prompt, make_sampler, random_word_prompts
-from ..spm_core.training import AdversarySpace, ConceptPrompts, StepReport, TrainableMembrane, Trainer, TrainingConfig, training_metadata
+from ..spm_core.training import (
+    PAPER_ROLLOUT_CFG,
+    AdversarySpace,
+    ConceptPrompts,
+    StepReport,
+    TrainableMembrane,
+    Trainer,
+    TrainingConfig,
+    training_metadata,
+)
 from .architectures import FLUX, UNET, model_family, model_label, text_width_of
 from .encode import tokenize_one_chunk
 from .paths import PARTIAL_SUFFIX, refuse_to_replace
@@ -121,16 +132,19 @@ def sampled_without_cfg(model) -> bool:
 
 
 @contextlib.contextmanager
-def trainable_copies(module: torch.nn.Module):
+def trainable_weights(module: torch.nn.Module):
     """Parameters loaded under ComfyUI's inference mode cannot be saved for backward, and the
-    membrane's gradient flows back through every UNet layer. Swap such parameters for plain
-    copies while training (this costs one more copy of the UNet weights) and put the originals
-    back afterwards, so the model other nodes share is as it was."""
+    membrane's gradient flows back through every layer. Swap each such parameter for an ordinary
+    tensor on the same memory (no copy: a 12B Flux has no room for a second set of weights) while
+    training, and put the originals back afterwards, so the model other nodes share is as it was.
+    Nothing writes to the weights meanwhile: only the membrane is trained."""
     swapped = []
     for sub in module.modules():
         for name, parameter in list(sub._parameters.items()):
             if parameter is not None and parameter.is_inference():
-                sub._parameters[name] = torch.nn.Parameter(parameter.clone(), requires_grad=False)
+                alias = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+                alias.set_(parameter.untyped_storage(), parameter.storage_offset(), parameter.size(), parameter.stride())
+                sub._parameters[name] = torch.nn.Parameter(alias, requires_grad=False)
                 swapped.append((sub, name, parameter))
     try:
         yield
@@ -147,6 +161,41 @@ def copies_of_saved_activations():
     with torch.autograd.graph.saved_tensors_hooks(lambda saved: saved if saved.is_leaf else saved.clone(),
                                                   lambda saved: saved):
         yield
+
+
+# the transformer blocks gradient checkpointing runs twice: they hold nearly all of a model's activations
+CHECKPOINTED_BLOCKS = (comfy.ldm.modules.attention.BasicTransformerBlock, comfy.ldm.flux.layers.DoubleStreamBlock,
+                       comfy.ldm.flux.layers.SingleStreamBlock)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(diffusion_model: torch.nn.Module, membrane: TrainableMembrane,
+                        recompute_context: Callable[[], contextlib.AbstractContextManager]):
+    """While inside, every transformer block of the model keeps only its inputs for backward and is
+    recomputed there (spm_core.recompute), with the membrane switched as it was in the first run.
+    The blocks' own forward methods are put back afterwards."""
+    def replay_factory():
+        as_then = membrane.as_now()
+
+        @contextlib.contextmanager
+        def replay():
+            with as_then(), recompute_context():
+                yield
+        return replay
+
+    parameters = list(membrane.parameters())
+    blocks = [module for module in diffusion_model.modules() if isinstance(module, CHECKPOINTED_BLOCKS)]
+    previous = [module.__dict__.get("forward") for module in blocks]  # another node's patch, if any
+    for block in blocks:
+        block.forward = recomputed(block.forward, parameters, replay_factory)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, previous):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def encode(clip, text: str, what: str = "prompt") -> Prompt:
@@ -218,8 +267,8 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
         raise SPMError(f"adversary space {AdversarySpace.TOKENS.value!r} searches CLIP token embeddings, and "
                        f"{model_label(model)} reads T5 text: set adversary space to "
                        f"{AdversarySpace.CONDITIONING.value!r} (or adversaries to 0)")
-    if sampled_without_cfg(model) and not math.isclose(config.rollout_cfg, 1.0):
-        config = dataclasses.replace(config, rollout_cfg=1.0)  # roll out as the model is sampled
+    if config.rollout_cfg is None:  # roll out as the model is sampled
+        config = dataclasses.replace(config, rollout_cfg=1.0 if sampled_without_cfg(model) else PAPER_ROLLOUT_CFG)
 
     comfy.model_management.load_models_gpu([model])
     names = {name: key for name, key in key_map.items() if FILE_LAYER[family].match(name)}
@@ -257,8 +306,12 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
 
         # the token search differentiates through the text encoder too
         text_encoder = clip.cond_stage_model if token_search else torch.nn.Module()
-        saved = copies_of_saved_activations() if family == FLUX else contextlib.nullcontext()
-        with trainable_copies(model.model.diffusion_model), trainable_copies(text_encoder), saved:
+        # ComfyUI's Flux blocks add their residuals in place: every run of them, recomputed ones too, copies what it saves
+        copies = copies_of_saved_activations if family == FLUX else contextlib.nullcontext
+        diffusion_model = model.model.diffusion_model
+        checkpointing = checkpointed_blocks(diffusion_model, membrane, copies) if config.gradient_checkpointing \
+            else contextlib.nullcontext()
+        with trainable_weights(diffusion_model), trainable_weights(text_encoder), copies(), checkpointing:
             membrane.attach(modules)
             try:
                 reports = trainer.run(start, step)

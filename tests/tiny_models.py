@@ -110,8 +110,11 @@ def amplify_text_values_(diffusion_model: torch.nn.Module, gain: float) -> None:
             qkv.bias[2 * third:].mul_(gain)
 
 
-def build_flux_patcher(seed: int = 0, text_width: int = 32, std: float = 0.1, prompt_gain: float = 1.0):
-    """A ModelPatcher around a tiny random Flux.1 (comfy.model_base.Flux, comfy.ldm.flux.model.Flux)."""
+def build_flux_patcher(seed: int = 0, text_width: int = 32, std: float = 0.1, prompt_gain: float = 1.0,
+                       weight_dtype: torch.dtype | None = None):
+    """A ModelPatcher around a tiny random Flux.1 (comfy.model_base.Flux, comfy.ldm.flux.model.Flux).
+    `weight_dtype` (e.g. torch.float8_e4m3fn): the weights stored in it and cast to fp32 per layer, as
+    ComfyUI runs an fp8 checkpoint (the same random values, rounded)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -119,6 +122,12 @@ def build_flux_patcher(seed: int = 0, text_width: int = 32, std: float = 0.1, pr
     model = comfy.supported_models.Flux(flux_config(text_width=text_width)).get_model({})
     randomize_(model.diffusion_model, seed, std=std)
     amplify_text_values_(model.diffusion_model, prompt_gain)
+    if weight_dtype is not None:
+        config = comfy.supported_models.Flux(flux_config(text_width=text_width))
+        config.set_inference_dtype(weight_dtype, torch.float32)
+        stored = config.get_model({})
+        stored.diffusion_model.load_state_dict(model.diffusion_model.state_dict())
+        model = stored
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 

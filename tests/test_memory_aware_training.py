@@ -1,0 +1,165 @@
+"""Memory-aware training (issue 17, deliver 3), on tiny models from ComfyUI's classes: gradient
+checkpointing of the transformer blocks (spm_core/recompute.py, wired in nodes/training.py), the base
+weights used in place instead of copied, an fp8 Flux base under an fp32 membrane, and the rollouts'
+CFG left to the model or set.
+
+What memory a full-size Flux needs is printed by `python scripts/benchmark.py --flux --training`;
+no GPU is here to measure it on one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+
+import pytest
+import torch
+from pack import pack_module
+from test_training import train
+from tiny_models import build_clip, build_flux_clip, build_flux_patcher, build_patcher
+
+
+@pytest.fixture(scope="module")
+def models(spm_world):
+    pack_module("nodes")
+    return {"sd1": (build_patcher("sd1", seed=0, prompt_gain=16), build_clip("sd1", seed=1)),
+            "flux": (build_flux_patcher(seed=3, prompt_gain=8), build_flux_clip(seed=4))}
+
+
+@contextlib.contextmanager
+def counted_saves(total: list[int]):
+    """Adds up the bytes autograd keeps for backward (weights excluded), copying them as the trainer
+    does on Flux, whose blocks add into what they saved."""
+    def pack(saved: torch.Tensor) -> torch.Tensor:
+        if saved.is_leaf:
+            return saved
+        total[0] += saved.numel() * saved.element_size()
+        return saved.clone()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved):
+        yield
+
+
+def membrane_gradients(patcher, clip, checkpointing: bool) -> tuple[list[torch.Tensor], int]:
+    """The gradient of a loss on two rows (the membrane on the first only) for every membrane parameter,
+    switched off before backward as the trainer does, and the bytes kept for backward."""
+    training, core = pack_module("nodes.training"), pack_module("spm_core.training")
+    key_map, shapes = pack_module("nodes.runtime").membrane_layers_of(patcher)
+    layer_names = training.FILE_LAYER[pack_module("nodes.architectures").model_family(patcher)]
+    names = {name: key for name, key in key_map.items() if layer_names.match(name)}
+    membrane = core.TrainableMembrane({n: shapes[k] for n, k in names.items()}, rank=2, alpha=1.0, seed=0)
+    with torch.no_grad():
+        for index, up in enumerate(membrane.up):
+            up.copy_(torch.randn(up.shape, generator=torch.Generator().manual_seed(index)) * 0.1)
+    membrane.attach({n: patcher.model.get_submodule(k) for n, k in names.items()})
+    predictor = training.ComfyNoisePredictor(patcher)
+    prompts = [training.encode(clip, "snoopy"), training.encode(clip, "a red car")]
+    generator = torch.Generator().manual_seed(1)
+    channels = patcher.model.latent_format.latent_channels
+    x, sigma = torch.randn(2, channels, 8, 8, generator=generator), torch.tensor([0.7, 0.7])
+    target = torch.randn(2, channels, 8, 8, generator=generator)
+    diffusion_model = patcher.model.diffusion_model
+    blocks = training.checkpointed_blocks(diffusion_model, membrane, training.copies_of_saved_activations) \
+        if checkpointing else contextlib.nullcontext()
+    saved = [0]
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), blocks:
+            membrane.enabled, membrane.row_mask = True, torch.tensor([1.0, 0.0])
+            with counted_saves(saved):
+                loss = torch.nn.functional.mse_loss(predictor.eps(x, sigma, prompts), target)
+            membrane.enabled, membrane.row_mask = False, None
+            with training.copies_of_saved_activations():
+                gradients = torch.autograd.grad(loss, list(membrane.parameters()))
+    finally:
+        membrane.detach()
+    assert "forward" not in diffusion_model.__dict__ and not any("forward" in m.__dict__ for m in diffusion_model.modules()), \
+        "every block's own forward is back"
+    return list(gradients), saved[0]
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_checkpointed_blocks_give_the_same_gradients_and_keep_far_fewer_activations(models, family):
+    """The membrane's gradients are those of the plain pass (its row mask and switch replayed in the
+    recomputation), and what is kept for backward is the blocks' inputs, not their insides."""
+    patcher, clip = models[family]
+    plain, plain_bytes = membrane_gradients(patcher, clip, checkpointing=False)
+    checkpointed, checkpointed_bytes = membrane_gradients(patcher, clip, checkpointing=True)
+    assert any(g.abs().max() > 0 for g in plain)
+    for a, b in zip(plain, checkpointed):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max() + 1e-12))
+    print(family, "bytes kept for backward", plain_bytes, "->", checkpointed_bytes)
+    assert checkpointed_bytes < 0.5 * plain_bytes
+
+
+def test_checkpointed_training_trains_the_same_membrane_and_records_it(models, tmp_path):
+    patcher, clip = models["flux"]
+    settings = dict(iterations=6, learning_rate=5e-2, anchor_strength=1.0, erasure_every=3)
+    plain, plain_reports, _ = train(patcher, clip, tmp_path / "plain.safetensors", **settings)
+    checkpointed, reports, _ = train(patcher, clip, tmp_path / "checkpointed.safetensors", gradient_checkpointing=True,
+                                     **settings)
+    assert [r.loss for r in reports] == pytest.approx([r.loss for r in plain_reports], rel=1e-4)
+    for name, layer in plain.layers.items():
+        assert torch.allclose(layer.up, checkpointed.layers[name].up, atol=1e-5)
+        assert torch.allclose(layer.down, checkpointed.layers[name].down, atol=1e-5)
+    assert any(layer.up.abs().max() > 0 for layer in checkpointed.layers.values()), "it trained"
+    assert checkpointed.metadata["training"]["gradient_checkpointing"] is True
+
+
+def test_inference_weights_are_used_in_place_for_training_not_copied():
+    """Weights ComfyUI loaded under inference mode cannot be saved for backward: training swaps each
+    for an ordinary tensor on the same memory and puts the original back afterwards."""
+    training = pack_module("nodes.training")
+    with torch.inference_mode():
+        module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    originals = list(module.parameters())
+    with torch.inference_mode(False):
+        x = torch.randn(3, 4, requires_grad=True)
+        with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
+            module(x).sum().backward()
+        with training.trainable_weights(module):
+            swapped = list(module.parameters())
+            assert not any(p.is_inference() or p.requires_grad for p in swapped)
+            assert [p.data_ptr() for p in swapped] == [p.data_ptr() for p in originals], "no copy"
+            module(x).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(a is b for a, b in zip(module.parameters(), originals))
+
+
+def test_an_fp8_flux_trains_an_fp32_membrane_and_keeps_its_weights(tmp_path):
+    """ComfyUI runs an fp8 checkpoint with its weights stored in fp8 and cast per layer; the membrane
+    trains in fp32 over it (with checkpointing, as on a 24 GB GPU) and the weights stay as they were."""
+    patcher, clip = build_flux_patcher(seed=3, prompt_gain=8, weight_dtype=torch.float8_e4m3fn), build_flux_clip(seed=4)
+    before = {k: v.clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    assert {v.dtype for v in before.values()} == {torch.float8_e4m3fn}
+    membrane, reports, _ = train(patcher, clip, tmp_path / "fp8.safetensors", iterations=40, learning_rate=5e-2,
+                                 anchor_strength=1.0, gradient_checkpointing=True)
+    erase = [r.erase_loss for r in reports]
+    assert not any(r.skipped for r in reports)
+    assert statistics.mean(erase[-10:]) < 0.8 * statistics.mean(erase[:10])
+    assert all(layer.up.dtype == torch.float32 for layer in membrane.layers.values())
+    after = patcher.model.diffusion_model.state_dict()
+    assert all(after[k].dtype == torch.float8_e4m3fn and torch.equal(after[k].view(torch.uint8), v.view(torch.uint8))
+               for k, v in before.items())
+
+
+def test_rollouts_follow_the_model_unless_a_cfg_is_set(models, tmp_path):
+    """Not set: Flux.1 rolls out at CFG 1 without an uncond row, an SD model at 3. Set: a Flux
+    derivative sampled with CFG rolls out with it (and its uncond row)."""
+    flux, flux_clip = models["flux"]
+    sd1, sd1_clip = models["sd1"]
+    settings = dict(iterations=8, anchor_samples=0, anchor_strength=0.0)
+    _, _, left_rows = train(flux, flux_clip, tmp_path / "left.safetensors", **settings)
+    set_membrane, _, set_rows = train(flux, flux_clip, tmp_path / "set.safetensors", rollout_cfg=4.0, **settings)
+    sd1_membrane, _, _ = train(sd1, sd1_clip, tmp_path / "sd1.safetensors", **settings)
+    assert set_membrane.metadata["training"]["rollout_cfg"] == 4.0
+    assert sd1_membrane.metadata["training"]["rollout_cfg"] == 3.0
+    assert set_rows > left_rows + 2, "the same draws of k, each rollout step with an uncond row more"
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(rollout_cfg=0.5), r"rollout CFG 0.5 is outside 1..30"),
+    (dict(gradient_checkpointing="yes"), r"gradient checkpointing must be true or false, not 'yes'"),
+])
+def test_bad_memory_settings_are_refused_by_name(settings, message):
+    core, errors = pack_module("spm_core.training"), pack_module("spm_core.errors")
+    with pytest.raises(errors.SPMError, match=message):
+        core.TrainingConfig(**settings).check()
