@@ -132,25 +132,32 @@ def sampled_without_cfg(model) -> bool:
 
 
 @contextlib.contextmanager
-def trainable_weights(module: torch.nn.Module):
-    """Parameters loaded under ComfyUI's inference mode cannot be saved for backward, and the
-    membrane's gradient flows back through every layer. Swap each such parameter for an ordinary
-    tensor on the same memory (no copy: a 12B Flux has no room for a second set of weights) while
-    training, and put the originals back afterwards, so the model other nodes share is as it was.
-    Nothing writes to the weights meanwhile: only the membrane is trained."""
-    swapped = []
+def frozen_weights(module: torch.nn.Module):
+    """While the membrane trains, the model's own parameters are constants to autograd: none asks for a
+    gradient, so no layer keeps its input for one (half of what a layer would keep). Parameters loaded
+    under ComfyUI's inference mode, which autograd cannot save, are swapped for ordinary tensors on
+    the same memory (no copy: a 12B Flux has no room for a second set of weights). Everything is put
+    back as it was afterwards, so the model other nodes share is unchanged; nothing writes to it."""
+    swapped, frozen = [], []
     for sub in module.modules():
         for name, parameter in list(sub._parameters.items()):
-            if parameter is not None and parameter.is_inference():
+            if parameter is None:
+                continue
+            if parameter.is_inference():
                 alias = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
                 alias.set_(parameter.untyped_storage(), parameter.storage_offset(), parameter.size(), parameter.stride())
                 sub._parameters[name] = torch.nn.Parameter(alias, requires_grad=False)
                 swapped.append((sub, name, parameter))
+            elif parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen.append(parameter)
     try:
         yield
     finally:
         for sub, name, parameter in swapped:
             sub._parameters[name] = parameter
+        for parameter in frozen:
+            parameter.requires_grad_(True)
 
 
 @contextlib.contextmanager
@@ -311,7 +318,7 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
         diffusion_model = model.model.diffusion_model
         checkpointing = checkpointed_blocks(diffusion_model, membrane, copies) if config.gradient_checkpointing \
             else contextlib.nullcontext()
-        with trainable_weights(diffusion_model), trainable_weights(text_encoder), copies(), checkpointing:
+        with frozen_weights(diffusion_model), frozen_weights(text_encoder), copies(), checkpointing:
             membrane.attach(modules)
             try:
                 reports = trainer.run(start, step)

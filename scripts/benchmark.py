@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository, for lab
+from lab.full_size import FLUX_DEV, FLUX_TEXT_TOKENS  # noqa: E402
 from lab.host import REPO, use_host  # noqa: E402
 
 use_host()
@@ -63,11 +64,6 @@ SD15_UNET = {
     "context_dim": 768, "use_linear_in_transformer": False, "adm_in_channels": None, "use_spatial_transformer": True,
     "legacy": False, "use_temporal_resblock": False, "use_temporal_attention": False,
 }
-# Flux.1-dev as ComfyUI's model detection configures it
-FLUX_DEV = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
-            "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
-            "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
-FLUX_TEXT_TOKENS = 256
 COUNTS = (1, 5, 20, 50)
 FUSED_TARGET = {1: "<= 1.01x", 5: "<= 1.015x", 20: "<= 1.025x (wall <= 1.05x)", 50: "<= 1.045x"}
 NAIVE_REFERENCE = {20: "probe: 1.5-1.7x", 50: "probe: 2.3-3.1x"}

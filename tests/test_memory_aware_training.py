@@ -104,24 +104,30 @@ def test_checkpointed_training_trains_the_same_membrane_and_records_it(models, t
     assert checkpointed.metadata["training"]["gradient_checkpointing"] is True
 
 
-def test_inference_weights_are_used_in_place_for_training_not_copied():
+def test_the_models_weights_are_frozen_in_place_for_training_not_copied():
     """Weights ComfyUI loaded under inference mode cannot be saved for backward: training swaps each
-    for an ordinary tensor on the same memory and puts the original back afterwards."""
+    for an ordinary tensor on the same memory; weights that ask for a gradient stop asking, so no
+    layer keeps its input for one. Everything is as it was afterwards."""
     training = pack_module("nodes.training")
     with torch.inference_mode():
-        module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    originals = list(module.parameters())
+        loaded = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    built = torch.nn.Linear(2, 3)
+    originals = list(loaded.parameters())
     with torch.inference_mode(False):
         x = torch.randn(3, 4, requires_grad=True)
         with pytest.raises(RuntimeError, match="[Ii]nference tensors"):
-            module(x).sum().backward()
-        with training.trainable_weights(module):
-            swapped = list(module.parameters())
-            assert not any(p.is_inference() or p.requires_grad for p in swapped)
+            loaded(x).sum().backward()
+        with training.frozen_weights(loaded), training.frozen_weights(built):
+            swapped = list(loaded.parameters())
+            assert not any(p.is_inference() or p.requires_grad for p in [*swapped, *built.parameters()])
             assert [p.data_ptr() for p in swapped] == [p.data_ptr() for p in originals], "no copy"
-            module(x).sum().backward()
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                built(loaded(x)).sum().backward()
+            assert not any(t.shape == (3, 8) for t in saved), "the second layer's input is not kept for its weight"
         assert x.grad is not None and x.grad.abs().sum() > 0
-    assert all(a is b for a, b in zip(module.parameters(), originals))
+    assert all(a is b for a, b in zip(loaded.parameters(), originals))
+    assert all(p.requires_grad and p.grad is None for p in built.parameters())
 
 
 def test_an_fp8_flux_trains_an_fp32_membrane_and_keeps_its_weights(tmp_path):
