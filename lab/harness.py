@@ -116,17 +116,21 @@ class Lab:
 
         return classify(self.classifier, pictures)
 
+    def training_config(self, settings: MembraneSettings = MembraneSettings(), **overrides):
+        """The pack's TrainingConfig for the lab's `settings` (and any other TrainingConfig field in `overrides`)."""
+        return self.pack("spm_core.training").TrainingConfig(**{
+            "iterations": settings.iterations, "learning_rate": settings.learning_rate,
+            "anchor_strength": settings.anchor_strength, "anchor_samples": settings.anchor_samples,
+            "surrogates": settings.surrogates, "rollout_steps": settings.rollout_steps,
+            "erase_guidance": settings.erase_guidance, "latent_sizes": [PICTURE_SIDE // 8], "seed": settings.seed,
+            "rank": settings.rank, "adversaries": settings.adversaries, "adversary_space": settings.adversary_space,
+            "adversary_every": settings.adversary_every, "adversary_steps": settings.adversary_steps,
+            "adversary_tokens": settings.adversary_tokens, "contexts": settings.contexts, **overrides})
+
     def train_membrane(self, name: str, targets: Sequence[str], settings: MembraneSettings = MembraneSettings()) -> str:
         """Trains a membrane with the pack's own SPM Train Membrane code; returns its file name in the spm folder."""
         training = self.pack("nodes.training")
-        config = self.pack("spm_core.training").TrainingConfig(
-            iterations=settings.iterations, learning_rate=settings.learning_rate, anchor_strength=settings.anchor_strength,
-            anchor_samples=settings.anchor_samples, surrogates=settings.surrogates, rollout_steps=settings.rollout_steps,
-            erase_guidance=settings.erase_guidance, latent_sizes=[PICTURE_SIDE // 8], seed=settings.seed,
-            rank=settings.rank, adversaries=settings.adversaries, adversary_space=settings.adversary_space,
-            adversary_every=settings.adversary_every, adversary_steps=settings.adversary_steps,
-            adversary_tokens=settings.adversary_tokens,
-            contexts=settings.contexts)
+        config = self.training_config(settings)
         path = os.path.join(self.membrane_dir, f"{name}.safetensors")
         request = training.TrainingRequest(list(targets), [], "", config, path, False)
         with torch.inference_mode(False):

@@ -16,6 +16,7 @@ training; ComfyUI can offload them), and the membrane with its optimiser state (
 
     python scripts/training_memory.py              # 512 px, 1 and 6 rows
     python scripts/training_memory.py --pixels 1024 --rows 1
+    python scripts/training_memory.py --miniature 100   # the time checkpointing costs, on the miniature worlds
 """
 
 from __future__ import annotations
@@ -117,14 +118,48 @@ def measure(stored, rows: int, pixels: int, checkpointing: bool) -> dict[str, fl
             "block": max(per_block)}
 
 
+def miniature_times(iterations: int) -> None:
+    """Seconds per iteration of the miniature worlds' default training, without and with checkpointing,
+    and how far apart the two membranes end (the same membrane up to float rounding)."""
+    import tempfile
+    import time
+
+    import torch
+
+    from lab.harness import Lab
+
+    print(f"miniature worlds, default training settings, {iterations} iterations (snowman), {torch.get_num_threads()} threads")
+    print(f"{'world':6s} {'checkpointing':>13s} {'s / iteration':>13s} {'largest weight difference':>26s}")
+    for world in ("unet", "dit"):
+        lab = Lab(world=world, membrane_dir=tempfile.mkdtemp(prefix="spm_memory_"))
+        training, file_format = lab.pack("nodes.training"), lab.pack("spm_core.file_format")
+        trained = {}
+        for checkpointing in (False, True):
+            path = os.path.join(lab.membrane_dir, f"snowman-{checkpointing}.safetensors")
+            config = lab.training_config(iterations=iterations, gradient_checkpointing=checkpointing)
+            started = time.perf_counter()
+            with torch.inference_mode(False):
+                training.train(lab.model, lab.clip, training.TrainingRequest(["snowman"], [], "", config, path))
+            seconds = (time.perf_counter() - started) / iterations
+            trained[checkpointing] = file_format.load_membrane(path).layers
+            difference = max(float((layer.up - trained[False][n].up).abs().max()) for n, layer in trained[checkpointing].items())
+            print(f"{world:6s} {'on' if checkpointing else 'off':>13s} {seconds:13.3f} {difference:26.2e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pixels", type=int, default=512, help="picture side (latent side x 8)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, DEFAULT_ROWS],
                         help="rows with gradients per iteration (default settings: 6)")
+    parser.add_argument("--miniature", type=int, metavar="ITERATIONS",
+                        help="instead: time the miniature worlds' training without and with checkpointing")
     options = parser.parse_args()
     use_host(cpu=True)
     import torch
+
+    if options.miniature:
+        miniature_times(options.miniature)
+        return
 
     single_block = measure(torch.bfloat16, 1, options.pixels, checkpointing=False)["block"]
     print(f"Flux.1-dev (ComfyUI's class on the meta device), {options.pixels} px: {(options.pixels // 16) ** 2} image + "
