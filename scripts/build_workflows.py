@@ -242,7 +242,7 @@ def train_then_apply() -> None:
                      "`models/spm/snoopy_trained.safetensors` and hands the model on with the new membrane; the "
                      "progress bar shows the time left. The paper trains 3000 iterations; this starts with 500. A "
                      "queue with unchanged settings does not retrain; an existing file is kept unless *overwrite* is on.",
-        "snoopy sitting on a red doghouse", x=400, y=910)
+        "snoopy sitting on a red doghouse", x=400, y=1000)
     trained = flow.add("SPMTrain", (400, 0), ["snoopy", "", "", 500, 1e-4, 1, 1.0, 1000.0, 2, "prompts", 1.0, 30, 64, 0,
                                               "fixed", "snoopy_trained", False, False, *LATER_TRAIN_INPUTS],
                        model=(checkpoint, 0), clip=(checkpoint, 1))

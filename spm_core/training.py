@@ -106,8 +106,8 @@ class TrainingConfig:
         "Iterations between two measurements of the erasure level (it is also measured after the last one).")})
     gradient_checkpointing: bool = field(default=False, metadata={"help": (
         "Keep only each transformer block's inputs for the backward pass and run the block again there: the "
-        "activations of one block at a time instead of all of them (what a Flux needs on a 24 GB GPU), for about "
-        "a third more time per iteration. The membrane trained is the same.")})
+        "activations of one block at a time instead of all of them (what a Flux needs on a 24 GB GPU), for one "
+        "more forward pass of the rows with gradients per iteration. The membrane trained is the same.")})
 
     @classmethod
     def help(cls, name: str) -> str:
