@@ -55,6 +55,7 @@ NODES = {
 # SPM Train Membrane's later inputs at their defaults: stop_at_erasure, adversaries, adversary_tokens,
 # adversary_every, adversary_steps, contexts, rollout_cfg (0: as the model is sampled), gradient_checkpointing
 LATER_TRAIN_INPUTS = [0.0, 0, 3, 20, 20, 2, 0.0, False]
+ROLLOUT_CFG_INPUT = -2  # where rollout_cfg sits in LATER_TRAIN_INPUTS
 
 
 class Workflow:
@@ -317,10 +318,14 @@ def miniature_dit() -> None:
     flow.add("MarkdownNote", (0, flow.below(world)), [DIT_NOTE.format(
         title=title, what="SPM Train Membrane erases *snowman* from the miniature DiT (about a minute on a CPU) and saves "
                           "`models/spm/snowman_dit.safetensors`; the two samplers then draw *a striped snowman* with the "
-                          "same seeds without and with the new membrane: the snowman goes, the stripes stay.")],
+                          "same seeds without and with the new membrane: the snowman goes, the stripes stay. This DiT is "
+                          "sampled with CFG, so the training rolls out with CFG too (*rollout_cfg* 3; Flux.1 itself "
+                          "rolls out at 1, which 0 picks).")],
         title="About the miniature DiT", height=300)
+    later = list(LATER_TRAIN_INPUTS)
+    later[ROLLOUT_CFG_INPUT] = 3.0  # sampled with CFG, unlike Flux.1: roll out with it (README, Flux.1 and Chroma)
     trained = flow.add("SPMTrain", (440, 0), ["snowman", "", "", 200, 1e-2, 1, 1.0, 10.0, 2, "prompts", 1.0, 20, 16, 0,
-                                              "fixed", "snowman_dit", False, False, *LATER_TRAIN_INPUTS],
+                                              "fixed", "snowman_dit", False, False, *later],
                        model=(world, 0), clip=(world, 1))
     positive = flow.add("SPMTextEncode", (840, 0), ["a striped snowman"], title="Positive (SPM Text Encode)",
                         clip=(world, 1))
