@@ -220,10 +220,10 @@ def latent_only(lab, evaluator, singles: bool = True) -> dict:
     return {"singles": one_at_a_time, "stacks": [{**stack, "membranes": len(files)}]}
 
 
-def dit_rows(lab, evaluator) -> dict:
+def dit_rows(lab, evaluator, variant: str = "default") -> dict:
     """The miniature DiT's main rows: the ten concepts one at a time behind the token gate (the gate
-    Flux membranes take) and always open, and all ten at once behind the token gate."""
-    files = [membrane(lab, concept, "default", VARIANTS["default"]) for concept in ERASED]
+    Flux membranes take) and always open, and all ten at once behind the token gate; membranes of `variant`."""
+    files = [membrane(lab, concept, variant, VARIANTS[variant]) for concept in ERASED]
     one_at_a_time = [asdict(measure(evaluator, Chain(lab, label, [file], transport), panel(concept, [concept], TARGETS, OTHERS)))
                      for label, transport in DIT_TRANSPORTS for concept, file in zip(ERASED, files)]
     stack = asdict(measure_stack(evaluator, Chain(lab, "token gate", files, "tokens"), ERASED, KEPT, {}))
@@ -530,7 +530,7 @@ def run(mode: str | None, count: int, membrane_dir: str, embedding_dir: str, com
     if mode == "bare":
         results["bare"] = bare(lab, count)
     elif mode == "dit":
-        results.update(dit_rows(lab, Evaluator(lab, count)))
+        results.update(dit_rows(lab, Evaluator(lab, count), (variants or ["default"])[0]))
         results["singles_summary"] = print_singles(results["singles"], count)
         print_per_concept(results["singles"], "token gate")
         print_stacks(results["stacks"], count)

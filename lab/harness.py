@@ -43,6 +43,7 @@ class MembraneSettings:
     adversary_steps: int = 20
     adversary_tokens: int = 3
     contexts: int = 2  # SPM Train Membrane's default (spm_core.training.TrainingConfig)
+    rollout_cfg: float | None = None  # None: as the model is sampled (SPM Train Membrane's default)
 
 
 WORLDS = {"unet": "miniworld.model", "dit": "miniworld.dit"}  # the shipped UNet, the miniature Flux
@@ -125,7 +126,8 @@ class Lab:
             "erase_guidance": settings.erase_guidance, "latent_sizes": [PICTURE_SIDE // 8], "seed": settings.seed,
             "rank": settings.rank, "adversaries": settings.adversaries, "adversary_space": settings.adversary_space,
             "adversary_every": settings.adversary_every, "adversary_steps": settings.adversary_steps,
-            "adversary_tokens": settings.adversary_tokens, "contexts": settings.contexts, **overrides})
+            "adversary_tokens": settings.adversary_tokens, "contexts": settings.contexts,
+            "rollout_cfg": settings.rollout_cfg, **overrides})
 
     def train_membrane(self, name: str, targets: Sequence[str], settings: MembraneSettings = MembraneSettings()) -> str:
         """Trains a membrane with the pack's own SPM Train Membrane code; returns its file name in the spm folder."""

@@ -29,6 +29,8 @@ VARIANTS = {
     "token_adversarial": dataclasses.replace(MembraneSettings(), adversaries=4),
     # the robustness candidate: more capacity and more contexts (README, Robustness: it does not hold)
     "rank4": dataclasses.replace(MembraneSettings(), rank=4, contexts=4),
+    # rollouts with CFG on the miniature DiT, which is sampled with CFG (on the UNet world 3 is the default)
+    "cfg_rollouts": dataclasses.replace(MembraneSettings(), rollout_cfg=3.0),
 }
 
 
@@ -38,7 +40,8 @@ def anchor_variant(surrogates: str, strength: float) -> MembraneSettings:
 
 
 def settings_digest(settings: MembraneSettings) -> str:
-    text = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+    # a setting added later keeps, when it is not set (None), the names of the membranes trained before it
+    text = json.dumps({k: v for k, v in dataclasses.asdict(settings).items() if v is not None}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

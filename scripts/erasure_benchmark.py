@@ -32,7 +32,9 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
                given; the strongest attack per concept beside the bare model's recall. One concept, one
                variant, one gate, one attack: a quick experiment.
 --dit          the miniature DiT world (a tiny Flux, miniworld/dit.py): the ten concepts one at a time behind the
-               token gate and always open, and all ten at once behind the token gate.
+               token gate and always open, and all ten at once behind the token gate, with the membranes of the
+               first --variants (default: default; cfg_rollouts: trained with rollouts at CFG 3, as this DiT is
+               sampled with CFG).
 --world dit    run --bare or --attacks on the miniature Flux (its gates: --gates tokens always_open; the
                soft-token and typed attacks move T5's tokens; textual inversion is the UNet world's only).
 --report       the tables of earlier runs' --json files, merged, without sampling.
