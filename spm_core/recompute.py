@@ -34,13 +34,16 @@ def recomputed(function: Callable[..., Any], parameters: Sequence[torch.Tensor],
             return function(*args, **kwargs)  # nothing to save, or an input we cannot route through
         positions = [i for i, value in enumerate(args) if torch.is_tensor(value)]
         keys = [key for key, value in kwargs.items() if torch.is_tensor(value)]
-        # a dict argument (transformer_options) is changed by the model between blocks: keep it as it is now
-        args = tuple(dict(value) if isinstance(value, dict) else value for value in args)
-        kwargs = {key: dict(value) if isinstance(value, dict) else value for key, value in kwargs.items()}
+        tensors = [args[i] for i in positions] + [kwargs[key] for key in keys]
+        # what the recomputation calls with: no tensor (those are the Function's saved inputs, or the
+        # closure would keep a second reference to each), and a dict argument (transformer_options,
+        # which the model changes between blocks) as it is now
+        args = tuple(None if torch.is_tensor(v) else dict(v) if isinstance(v, dict) else v for v in args)
+        kwargs = {k: None if torch.is_tensor(v) else dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
         single: list[bool] = []
 
-        def run(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            copies = [tensor.clone() for tensor in tensors]  # the block may add into its inputs in place
+        def run(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            copies = [tensor.clone() for tensor in inputs]  # the block may add into its inputs in place
             new_args, new_kwargs = list(args), dict(kwargs)
             for position, copy in zip(positions, copies):
                 new_args[position] = copy
@@ -51,7 +54,6 @@ def recomputed(function: Callable[..., Any], parameters: Sequence[torch.Tensor],
                 single.append(torch.is_tensor(output))
             return (output,) if torch.is_tensor(output) else tuple(output)
 
-        tensors = [args[i] for i in positions] + [kwargs[key] for key in keys]
         outputs = _Recomputed.apply(run, replay_factory(), len(tensors), *tensors, *parameters)
         return outputs[0] if single[0] else outputs
 

@@ -135,3 +135,20 @@ def test_an_input_changed_after_the_forward_is_refused_in_backward():
     x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(out.sum(), [weight])
+
+
+def test_only_the_saved_copy_of_an_input_is_kept():
+    """Under the trainer's copies on Flux, what the recomputation keeps of an input is its saved copy:
+    no second reference keeps the input itself alive until backward."""
+    import weakref
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    call = recomputed(torch.sin, [weight], lambda: copies)
+    with copies():
+        x = torch.randn(4) * weight
+        out = call(x)
+    alive = weakref.ref(x)
+    del x
+    assert alive() is None
+    (gradient,) = torch.autograd.grad(out.sum(), [weight])
+    assert gradient.abs().sum() > 0
