@@ -322,10 +322,13 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
             membrane.attach(modules)
             try:
                 reports = trainer.run(start, step)
-            except BaseException:  # cancel included: keep what was trained, resumable
-                if completed > start or request.resume:
+            except BaseException as error:  # cancel included: keep what was trained, resumable
+                kept = completed > start or request.resume
+                if kept:
                     _save(membrane, name, concepts, architecture, config, completed, partial_path(request.path), trainer)
                     _write_state(trainer, state_path(request.path))
+                if isinstance(error, torch.OutOfMemoryError):
+                    raise SPMError(out_of_memory_advice(config, partial_path(request.path) if kept else None)) from error
                 raise
             finally:
                 membrane.detach()
@@ -336,6 +339,15 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
             os.remove(leftover)
     rows = trainer.unet_rows / max(1, config.iterations - start)
     return result, reports, rows
+
+
+def out_of_memory_advice(config: TrainingConfig, kept: str | None) -> str:
+    """What to change when training runs out of memory, most effective first (README, Memory)."""
+    steps = [] if config.gradient_checkpointing else ["switch on gradient_checkpointing"]
+    steps += ["load the model's fp8 version (e.g. Load Diffusion Model with weight_dtype fp8_e4m3fn)",
+              "lower latent_size, contexts or anchor_samples (each context and anchor is one more row with gradients)"]
+    where = f"; what was trained is kept in {os.path.basename(kept)}, which 'resume' continues" if kept else ""
+    return "training ran out of memory: " + "; or ".join(steps) + where
 
 
 def _resume_point(request: TrainingRequest, membrane: TrainableMembrane) -> int:

@@ -169,3 +169,24 @@ def test_bad_memory_settings_are_refused_by_name(settings, message):
     core, errors = pack_module("spm_core.training"), pack_module("spm_core.errors")
     with pytest.raises(errors.SPMError, match=message):
         core.TrainingConfig(**settings).check()
+
+
+def test_running_out_of_memory_says_what_to_change_and_keeps_what_was_trained(models, tmp_path, monkeypatch):
+    """A GPU that runs out of memory in the fourth iteration (raised here by the model adapter): the
+    error names the settings that need less memory, and the iterations done are kept for resume."""
+    patcher, clip = models["flux"]
+    training, errors = pack_module("nodes.training"), pack_module("spm_core.errors")
+    predict, calls = training.ComfyNoisePredictor._predict, []
+
+    def running_out(self, x, sigma, prompts):
+        calls.append(len(prompts))
+        if len(calls) > 3 and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(self, x, sigma, prompts)
+
+    monkeypatch.setattr(training.ComfyNoisePredictor, "_predict", running_out)
+    with pytest.raises(errors.SPMError, match=r"training ran out of memory: switch on gradient_checkpointing; or load "
+                                              r"the model's fp8 version .*; or lower latent_size, contexts or "
+                                              r"anchor_samples .*; what was trained is kept in oom.partial.safetensors"):
+        train(patcher, clip, tmp_path / "oom.safetensors", iterations=10, rollout_steps=2)
+    assert (tmp_path / "oom.partial.safetensors").exists() and not (tmp_path / "oom.safetensors").exists()
