@@ -200,3 +200,16 @@ def test_running_out_of_memory_says_what_to_change_and_keeps_what_was_trained(mo
                                               r"anchor_samples .*; what was trained is kept in oom.partial.safetensors"):
         train(patcher, clip, tmp_path / "oom.safetensors", iterations=10, rollout_steps=2)
     assert (tmp_path / "oom.partial.safetensors").exists() and not (tmp_path / "oom.safetensors").exists()
+
+
+def test_on_a_full_size_flux_checkpointing_keeps_a_small_share_of_the_activations():
+    """scripts/training_memory.py's count on ComfyUI's Flux.1-dev class (meta device, one row at 512 px):
+    what backward keeps drops to the blocks' inputs, and its weights count as 12B parameters."""
+    from scripts.training_memory import measure
+
+    plain = measure(torch.bfloat16, 1, 512, checkpointing=False)
+    checkpointed = measure(torch.bfloat16, 1, 512, checkpointing=True)
+    print("full-size Flux, 1 row, 512 px: kept", plain["kept"] / 1e9, "GB ->", checkpointed["kept"] / 1e9, "GB")
+    assert 23.5e9 < plain["weights"] < 24.0e9
+    assert checkpointed["kept"] < 0.1 * plain["kept"]
+    assert checkpointed["weights"] == plain["weights"]
