@@ -110,6 +110,14 @@ class ComfyNoisePredictor:
         return {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batched.items()}
 
 
+def trained_layers(model) -> dict[str, torch.nn.Module]:
+    """The modules a membrane trained on `model` adapts, by the layer names its file gives them (the
+    public SPM names on UNets, kohya / BFL names on Flux). Refuses, naming it, a model that takes none."""
+    key_map, _ = membrane_layers_of(model)
+    names = FILE_LAYER[model_family(model)]
+    return {name: model.model.get_submodule(key) for name, key in key_map.items() if names.match(name)}
+
+
 def architecture_of(model) -> str:
     """The `architecture` a membrane trained on `model` is saved with (flux, sd1, sd2, sdxl): by the
     model's family, then by its config's name or its text width. Refused when none tells: such a
@@ -266,7 +274,7 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
     surrogates = request.surrogates * len(request.targets) if len(request.surrogates) == 1 else request.surrogates
     concepts = tuple(Concept(t, surrogate=(surrogates[i] if surrogates else None), neutral=request.neutral or None)
                      for i, t in enumerate(request.targets))
-    key_map, shapes = membrane_layers_of(model)  # refuses a model that takes no membranes, naming it
+    modules = trained_layers(model)  # refuses a model that takes no membranes, naming it
     architecture = architecture_of(model)
     family = model_family(model)
     token_search = config.adversaries > 0 and config.adversary_space == AdversarySpace.TOKENS.value
@@ -278,7 +286,6 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
         config = dataclasses.replace(config, rollout_cfg=1.0 if sampled_without_cfg(model) else PAPER_ROLLOUT_CFG)
 
     comfy.model_management.load_models_gpu([model])
-    names = {name: key for name, key in key_map.items() if FILE_LAYER[family].match(name)}
     with torch.inference_mode(False), torch.enable_grad():
         empty = encode(clip, "")
         prompts = [ConceptPrompts(c, encode(clip, c.target, "target"), encode(clip, c.target, "target"),
@@ -295,9 +302,8 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
         if config.contexts:
             words = random_word_prompts(vocabulary_words(clip), avoid, CONTEXT_POOL, config.seed + 1, (1, 3))
             contexts = ContextPrompts([context_texts(c, words) for c in concepts], lambda text: encode(clip, text))
-        membrane = TrainableMembrane({n: shapes[k] for n, k in names.items()}, config.rank, config.alpha, config.seed)
+        membrane = TrainableMembrane.for_modules(modules, config.rank, config.alpha, config.seed)
         start = _resume_point(request, membrane) if request.resume else 0
-        modules = {n: model.model.get_submodule(k) for n, k in names.items()}
         soft_prompts = ClipSoftPrompts(clip, [c.target for c in concepts]) if token_search else None
         trainer = Trainer(ComfyNoisePredictor(model), membrane, prompts, empty, sampler, config, soft_prompts, contexts)
         if request.resume and os.path.exists(partial_path(request.path)) and os.path.exists(state_path(request.path)):

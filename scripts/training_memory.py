@@ -83,9 +83,8 @@ def measure(stored, rows: int, pixels: int, checkpointing: bool) -> dict[str, fl
     config.set_inference_dtype(stored, None if stored == torch.bfloat16 else torch.bfloat16)
     model = config.get_model({}, device="meta")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    key_map, shapes = pack_module("nodes.runtime").membrane_layers_of(patcher)
-    names = {name: key for name, key in key_map.items() if training.FILE_LAYER[pack_module("nodes.architectures").FLUX].match(name)}
-    membrane = core.TrainableMembrane({n: shapes[k] for n, k in names.items()}, rank=1, alpha=1.0, seed=0).to("meta")
+    modules = training.trained_layers(patcher)
+    membrane = core.TrainableMembrane.for_modules(modules, rank=1, alpha=1.0, seed=0).to("meta")
     dit = model.diffusion_model
     weights = {id(p) for p in dit.parameters()} | {id(p) for p in membrane.parameters()}
     kept, per_block, opened = [0], [], []
@@ -98,7 +97,7 @@ def measure(stored, rows: int, pixels: int, checkpointing: bool) -> dict[str, fl
     blocks = [*dit.double_blocks, *dit.single_blocks]
     handles = [b.register_forward_pre_hook(lambda *_: opened.append(kept[0])) for b in blocks]
     handles += [b.register_forward_hook(lambda *_: per_block.append(kept[0] - opened.pop())) for b in blocks]
-    membrane.attach({n: model.get_submodule(k) for n, k in names.items()})
+    membrane.attach(modules)
     side = pixels // 8
     meta = dict(device="meta", dtype=torch.bfloat16)
     recompute = training.checkpointed_blocks(dit, membrane, contextlib.nullcontext) if checkpointing \

@@ -44,6 +44,7 @@ from .contexts import ContextPrompts
 from .erasure import erasure_level, make_probes
 from .errors import SPMError
 from .membrane import LayerWeights, Membrane
+from .stack import module_shape
 from .surrogates import Prompt
 
 
@@ -227,6 +228,11 @@ class TrainableMembrane(torch.nn.Module):
         self.enabled = False
         self.row_mask: torch.Tensor | None = None  # (rows,) 0/1: which batch rows the branch acts on
         self._handles: list = []
+
+    @classmethod
+    def for_modules(cls, modules: Mapping[str, torch.nn.Module], rank: int, alpha: float, seed: int) -> TrainableMembrane:
+        """A membrane for `modules` (file layer name -> the Linear or 1x1 conv it adapts)."""
+        return cls({name: module_shape(module) for name, module in modules.items()}, rank, alpha, seed)
 
     def layer(self, index: int) -> LayerWeights:
         return LayerWeights(down=self.down[index], up=self.up[index], alpha=self.alpha, conv=self.conv[self.names[index]])

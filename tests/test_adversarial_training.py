@@ -66,16 +66,15 @@ def test_searches_start_from_the_concepts_words_then_from_random_vocabulary(spm_
 def make_trainer(patcher, clip, **overrides):
     """spm_core's Trainer over the tiny model, set up as nodes/training.py sets it up."""
     training, core = pack_module("nodes.training"), pack_module("spm_core.training")
-    runtime, concepts = pack_module("nodes.runtime"), pack_module("spm_core.concepts")
+    concepts = pack_module("spm_core.concepts")
     surrogates = pack_module("spm_core.surrogates")
     values = dict(iterations=4, learning_rate=2e-2, latent_sizes=[8], rollout_steps=6, anchor_strength=3.0,
                   anchor_samples=1, adversaries=2, adversary_every=1, adversary_steps=6, contexts=0)
     values.update(overrides)
     config = core.TrainingConfig(**values)
-    key_map, shapes = runtime.membrane_layers_of(patcher)
-    names = {n: k for n, k in key_map.items() if pack_module("spm_core.file_format").DIFFUSERS_LAYER.match(n)}
-    membrane = core.TrainableMembrane({n: shapes[k] for n, k in names.items()}, 1, 1.0, 0)
-    membrane.attach({n: patcher.model.get_submodule(k) for n, k in names.items()})
+    modules = training.trained_layers(patcher)
+    membrane = core.TrainableMembrane.for_modules(modules, 1, 1.0, 0)
+    membrane.attach(modules)
     target, empty = training.encode(clip, "snoopy"), training.encode(clip, "")
     prompts = [core.ConceptPrompts(concepts.Concept("snoopy"), target, target, empty)]
     sampler = surrogates.PromptSurrogates(["a house", "a tree"], lambda text: training.encode(clip, text))

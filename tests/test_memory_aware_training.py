@@ -44,14 +44,12 @@ def membrane_gradients(patcher, clip, checkpointing: bool) -> tuple[list[torch.T
     and for the first row's conditioning, the membrane switched off before backward as the trainer does,
     and the bytes kept for backward."""
     training, core = pack_module("nodes.training"), pack_module("spm_core.training")
-    key_map, shapes = pack_module("nodes.runtime").membrane_layers_of(patcher)
-    layer_names = training.FILE_LAYER[pack_module("nodes.architectures").model_family(patcher)]
-    names = {name: key for name, key in key_map.items() if layer_names.match(name)}
-    membrane = core.TrainableMembrane({n: shapes[k] for n, k in names.items()}, rank=2, alpha=1.0, seed=0)
+    modules = training.trained_layers(patcher)
+    membrane = core.TrainableMembrane.for_modules(modules, rank=2, alpha=1.0, seed=0)
     with torch.no_grad():
         for index, up in enumerate(membrane.up):
             up.copy_(torch.randn(up.shape, generator=torch.Generator().manual_seed(index)) * 0.1)
-    membrane.attach({n: patcher.model.get_submodule(k) for n, k in names.items()})
+    membrane.attach(modules)
     predictor = training.ComfyNoisePredictor(patcher)
     prompts = [training.encode(clip, "snoopy"), training.encode(clip, "a red car")]
     searched = prompts[0].embedding.clone()  # as an adversarial search moves the conditioning
