@@ -121,7 +121,7 @@ class _Target:
         comfy.model_management.load_models_gpu([model])
         self.base = model.model
         if self.state is not None and not self.state.hooks.installed:
-            self.state.hooks.install(self.state.modules_of(self.base))
+            self.state.install_hooks(self.base)
         self.pooled = pooled
         # ComfyUI's Flux blocks add their residuals in place, which backward needs copies of
         self.saved_copies = contextlib.nullcontext if pooled is None else lab.pack("nodes.training").copies_of_saved_activations

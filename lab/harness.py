@@ -44,6 +44,8 @@ class MembraneSettings:
     adversary_tokens: int = 3
     contexts: int = 2  # SPM Train Membrane's default (spm_core.training.TrainingConfig)
     rollout_cfg: float | None = None  # None: as the model is sampled (SPM Train Membrane's default)
+    # None: SPM Train Membrane's default (on; DiT membranes in a folder from before 2026-12-03 were trained without)
+    single_blocks: bool | None = None
 
 
 WORLDS = {"unet": "miniworld.model", "dit": "miniworld.dit"}  # the shipped UNet, the miniature Flux
@@ -127,7 +129,8 @@ class Lab:
             "rank": settings.rank, "adversaries": settings.adversaries, "adversary_space": settings.adversary_space,
             "adversary_every": settings.adversary_every, "adversary_steps": settings.adversary_steps,
             "adversary_tokens": settings.adversary_tokens, "contexts": settings.contexts,
-            "rollout_cfg": settings.rollout_cfg, **overrides})
+            "rollout_cfg": settings.rollout_cfg,
+            **({} if settings.single_blocks is None else {"single_blocks": settings.single_blocks}), **overrides})
 
     def train_membrane(self, name: str, targets: Sequence[str], settings: MembraneSettings = MembraneSettings()) -> str:
         """Trains a membrane with the pack's own SPM Train Membrane code; returns its file name in the spm folder."""

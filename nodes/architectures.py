@@ -5,8 +5,9 @@ Stable Diffusion 1.x / 2.x / XL UNets: the transformer blocks' Linears and 1x1 c
 (docs/architecture.md, the method). Flux.1 (comfy.ldm.flux) and Chroma (Flux.1's blocks): where the text enters, i.e.
 txt_in and the text stream of every double block (txt_attn.qkv, txt_attn.proj, txt_mlp.0,
 txt_mlp.2); each maps a (batch, text tokens, width) input row by row, so the per-row gate applies
-as on a UNet, and no image token passes through them. Single blocks (one Linear over text and
-image tokens) would need the update masked to the text tokens: not bound. Layer names and module
+as on a UNet, and no image token passes through them. Single blocks (linear1, linear2: one Linear
+over the text tokens, then the image tokens) carry a membrane on their text tokens only; how many
+lead comes from the last double block's text output (text_stream_blocks). Layer names and module
 keys come from ComfyUI's own LoRA key map (comfy.lora.model_lora_keys_unet), which gives Flux's
 original (BFL) module names the same `lora_unet_` names kohya's Flux LoRAs use.
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import comfy.lora
 import comfy.model_base
+import torch
 
 from ..spm_core.errors import SPMError, SPMModelMismatch
-from ..spm_core.file_format import UNET_ARCHITECTURES, is_membrane_layer
+from ..spm_core.file_format import UNET_ARCHITECTURES, is_membrane_layer, is_text_token_layer
 from ..spm_core.membrane import Membrane
 from ..spm_core.stack import module_shape
 from ..spm_core.transport import Transport, TransportMode
@@ -65,12 +67,20 @@ def membrane_layers(model) -> tuple[dict[str, str], dict[str, tuple[int, int, bo
     family = model_family(model)
     key_map = {} if family is None else {
         name: key[: -len(".weight")] for name, key in comfy.lora.model_lora_keys_unet(model.model, {}).items()
-        if isinstance(key, str) and is_membrane_layer(name)}
+        if isinstance(key, str) and (is_membrane_layer(name) or (family == FLUX and is_text_token_layer(name)))}
     if not key_map:
         raise SPMModelMismatch(f"{model_label(model)} ({type(model.model).__name__}) takes no membranes: SPM membranes "
                                f"apply to {SUPPORTED}")
     shapes = {key: module_shape(model.model.get_submodule(key)) for key in set(key_map.values())}
     return key_map, shapes
+
+
+def text_stream_blocks(base_model) -> list[torch.nn.Module]:
+    """The blocks whose output is (image tokens, text tokens), so that membranes on text tokens only
+    learn how many text tokens lead the single blocks' input: Flux's last double block (its text
+    stream is what the single blocks' input starts with). None on other models."""
+    blocks = getattr(base_model.diffusion_model, "double_blocks", None)
+    return [blocks[-1]] if isinstance(base_model, (comfy.model_base.Flux, comfy.model_base.Chroma)) and blocks else []
 
 
 def check_membrane_fits(model, membrane: Membrane, transport: Transport | None = None) -> None:

@@ -8,14 +8,22 @@ import comfy.lora
 import folder_paths
 from comfy_api.latest import io
 
-from ..spm_core.file_format import lora_tensors, save_membrane
+from ..spm_core.errors import SPMError
+from ..spm_core.file_format import is_text_token_layer, lora_tensors, save_membrane
 from ..spm_core.membrane import bake
 from . import paths
 from .runtime import membrane_layers_of, state_of, without_membranes
 
 
 def baked(model, name: str):
+    """The model's membranes as one static membrane; refused for membranes on Flux single blocks, whose
+    update a weight cannot confine to the text tokens."""
     state = state_of(model)
+    masked = [entry.membrane.name for entry in state.entries if any(map(is_text_token_layer, entry.membrane.layers))]
+    if masked:
+        raise SPMError(f"{', '.join(masked)}: adapts Flux single blocks on the text tokens only, which a plain LoRA or "
+                       "merged weights cannot express (they would change the image tokens too). Train it with "
+                       "single_blocks off for a membrane that can be baked")
     return bake([(entry.membrane, entry.strength) for entry in state.entries], name)
 
 

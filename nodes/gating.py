@@ -28,6 +28,7 @@ from ..spm_core.membrane import GateLaw, Membrane
 from ..spm_core.ramp import Ramp, SamplingSchedule
 from ..spm_core.stack import InstalledHooks, MembraneStack, MembraneUse
 from ..spm_core.transport import Transport, TransportMode, look_ahead
+from .architectures import text_stream_blocks
 from .encode import TOKENS_KEY, TOKENS_OF_KEY, embedding_fingerprint
 
 MAX_STRENGTH = 100.0  # also the SPM Load Membrane widgets' limits
@@ -137,8 +138,9 @@ class MembraneState:
     def on_model_patcher_clone(self) -> MembraneState:
         return self  # clones of this MODEL (made by samplers or other packs) share its membranes
 
-    def modules_of(self, base_model) -> dict[str, torch.nn.Module]:
-        return {key: base_model.get_submodule(key) for key in self.stack.layers}
+    def install_hooks(self, base_model) -> None:
+        """The stack's hooks on `base_model`'s modules (see InstalledHooks.install); idempotent."""
+        self.hooks.install({key: base_model.get_submodule(key) for key in self.stack.layers}, text_stream_blocks(base_model))
 
     # --- gates
     def gates_for(self, embedding: torch.Tensor, token_ids: frozenset[int] | None) -> torch.Tensor:

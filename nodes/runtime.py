@@ -74,7 +74,7 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     if state is None or c_crossattn is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     if not state.hooks.installed:  # the clone inherited an "already injected" flag: install now
-        state.hooks.install(state.modules_of(base_model))
+        state.install_hooks(base_model)
     transformer_options = transformer_options or {}
     table = state.call_chunks()
     if state.reads_model:
@@ -188,7 +188,7 @@ def with_membrane(model, entry: MembraneEntry):
     patched = model.clone()
     patched.set_attachments(KEY, state)
     # forward hooks live exactly while ComfyUI has the model loaded
-    patched.set_injections(KEY, [PatcherInjection(inject=lambda patcher: state.hooks.install(state.modules_of(patcher.model)),
+    patched.set_injections(KEY, [PatcherInjection(inject=lambda patcher: state.install_hooks(patcher.model),
                                                   eject=lambda patcher: state.hooks.remove())])
     for wrapper_type, wrapper in ((WrappersMP.CALC_COND_BATCH, _calc_cond_batch_wrapper),
                                   (WrappersMP.APPLY_MODEL, _apply_model_wrapper),

@@ -130,6 +130,7 @@ class TrainSPM(io.ComfyNode):
                                tooltip=TrainingConfig.help("rollout_cfg")),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip=TrainingConfig.help("gradient_checkpointing")),
+                io.Boolean.Input("single_blocks", default=True, optional=True, tooltip=TrainingConfig.help("single_blocks")),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the new membrane applied (paper transport; "
@@ -144,7 +145,8 @@ class TrainSPM(io.ComfyNode):
     def execute(cls, model, clip, target, surrogate, neutral, iterations, learning_rate, rank, alpha, anchor_strength,
                 anchor_samples, surrogate_sampler, erase_guidance, rollout_steps, latent_size, seed, name, resume,
                 overwrite=False, stop_at_erasure=0.0, adversaries=0, adversary_tokens=3, adversary_every=20,
-                adversary_steps=20, contexts=0, rollout_cfg=0.0, gradient_checkpointing=False) -> io.NodeOutput:
+                adversary_steps=20, contexts=0, rollout_cfg=0.0, gradient_checkpointing=False,
+                single_blocks=False) -> io.NodeOutput:
         name = paths.safe_stem(name)
         folder = folder_paths.get_folder_paths(paths.FOLDER)[0]
         os.makedirs(folder, exist_ok=True)
@@ -154,7 +156,7 @@ class TrainSPM(io.ComfyNode):
                                 surrogates=surrogate_sampler, stop_at_erasure=stop_at_erasure, adversaries=adversaries,
                                 adversary_tokens=adversary_tokens, adversary_every=adversary_every,
                                 adversary_steps=adversary_steps, contexts=contexts, rollout_cfg=rollout_cfg or None,
-                                gradient_checkpointing=gradient_checkpointing)
+                                gradient_checkpointing=gradient_checkpointing, single_blocks=single_blocks)
         request = TrainingRequest(targets=parse_lines(target, "target"), surrogates=parse_lines(surrogate, "surrogate"),
                                   neutral=neutral.strip(), config=config,
                                   path=os.path.join(folder, name + ".safetensors"), resume=resume, overwrite=overwrite)

@@ -23,7 +23,14 @@ from safetensors.torch import load_file, save_file
 from ..spm_core.concepts import Concept, clean_prompt
 from ..spm_core.contexts import ContextPrompts, context_texts
 from ..spm_core.errors import SPMError, SPMModelMismatch
-from ..spm_core.file_format import CONTEXT_DIM_ARCHITECTURE, DIFFUSERS_LAYER, FLUX_LAYER, load_membrane, save_membrane
+from ..spm_core.file_format import (
+    CONTEXT_DIM_ARCHITECTURE,
+    DIFFUSERS_LAYER,
+    FLUX_LAYER,
+    is_text_token_layer,
+    load_membrane,
+    save_membrane,
+)
 from ..spm_core.recompute import recomputed
 from ..spm_core.surrogates import Prompt, make_sampler, random_word_prompts
 from ..spm_core.training import (
@@ -36,7 +43,7 @@ from ..spm_core.training import (
     TrainingConfig,
     training_metadata,
 )
-from .architectures import FLUX, UNET, model_family, model_label, text_width_of
+from .architectures import FLUX, UNET, model_family, model_label, text_stream_blocks, text_width_of
 from .encode import tokenize_one_chunk
 from .paths import PARTIAL_SUFFIX, refuse_to_replace
 from .runtime import membrane_layers_of
@@ -110,12 +117,14 @@ class ComfyNoisePredictor:
         return {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batched.items()}
 
 
-def trained_layers(model) -> dict[str, torch.nn.Module]:
+def trained_layers(model, single_blocks: bool = True) -> dict[str, torch.nn.Module]:
     """The modules a membrane trained on `model` adapts, by the layer names its file gives them (the
-    public SPM names on UNets, kohya / BFL names on Flux). Refuses, naming it, a model that takes none."""
+    public SPM names on UNets, kohya / BFL names on Flux; Flux's single blocks unless `single_blocks`
+    is off). Refuses, naming it, a model that takes none."""
     key_map, _ = membrane_layers_of(model)
     names = FILE_LAYER[model_family(model)]
-    return {name: model.model.get_submodule(key) for name, key in key_map.items() if names.match(name)}
+    return {name: model.model.get_submodule(key) for name, key in key_map.items()
+            if names.match(name) or (single_blocks and is_text_token_layer(name))}
 
 
 def architecture_of(model) -> str:
@@ -274,7 +283,7 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
     surrogates = request.surrogates * len(request.targets) if len(request.surrogates) == 1 else request.surrogates
     concepts = tuple(Concept(t, surrogate=(surrogates[i] if surrogates else None), neutral=request.neutral or None)
                      for i, t in enumerate(request.targets))
-    modules = trained_layers(model)  # refuses a model that takes no membranes, naming it
+    modules = trained_layers(model, config.single_blocks)  # refuses a model that takes no membranes, naming it
     architecture = architecture_of(model)
     family = model_family(model)
     token_search = config.adversaries > 0 and config.adversary_space == AdversarySpace.TOKENS.value
@@ -325,7 +334,7 @@ def train(model, clip, request: TrainingRequest, on_step: Callable[[StepReport],
         checkpointing = checkpointed_blocks(diffusion_model, membrane, copies) if config.gradient_checkpointing \
             else contextlib.nullcontext()
         with frozen_weights(diffusion_model), frozen_weights(text_encoder), copies(), checkpointing:
-            membrane.attach(modules)
+            membrane.attach(modules, text_stream_blocks(model.model))
             try:
                 reports = trainer.run(start, step)
             except BaseException as error:  # cancel included: keep what was trained, resumable

@@ -43,7 +43,7 @@ NODES = {
     "SPMTransportInspector": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                ("latent", "LATENT")], [("table", "STRING"), ("image", "IMAGE")], [320, 130]),
     "SPMTrain": ([("model", "MODEL"), ("clip", "CLIP")], [("model", "MODEL"), ("loss", "IMAGE"), ("path", "STRING")],
-                 [360, 818]),
+                 [360, 842]),
     "SPMExampleLoadMiniatureWorld": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 66]),
     "SPMExampleLoadMiniatureDiT": ([], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")], [320, 66]),
     "FluxGuidance": ([("conditioning", "CONDITIONING")], [("CONDITIONING", "CONDITIONING")], [320, 58]),
@@ -53,9 +53,10 @@ NODES = {
 
 
 # SPM Train Membrane's later inputs at their defaults: stop_at_erasure, adversaries, adversary_tokens,
-# adversary_every, adversary_steps, contexts, rollout_cfg (0: as the model is sampled), gradient_checkpointing
-LATER_TRAIN_INPUTS = [0.0, 0, 3, 20, 20, 2, 0.0, False]
-ROLLOUT_CFG_INPUT = -2  # where rollout_cfg sits in LATER_TRAIN_INPUTS
+# adversary_every, adversary_steps, contexts, rollout_cfg (0: as the model is sampled), gradient_checkpointing,
+# single_blocks
+LATER_TRAIN_INPUTS = [0.0, 0, 3, 20, 20, 2, 0.0, False, True]
+ROLLOUT_CFG_INPUT = -3  # where rollout_cfg sits in LATER_TRAIN_INPUTS
 
 
 class Workflow:

@@ -97,7 +97,7 @@ def measure(stored, rows: int, pixels: int, checkpointing: bool) -> dict[str, fl
     blocks = [*dit.double_blocks, *dit.single_blocks]
     handles = [b.register_forward_pre_hook(lambda *_: opened.append(kept[0])) for b in blocks]
     handles += [b.register_forward_hook(lambda *_: per_block.append(kept[0] - opened.pop())) for b in blocks]
-    membrane.attach(modules)
+    membrane.attach(modules, pack_module("nodes.architectures").text_stream_blocks(model))
     side = pixels // 8
     meta = dict(device="meta", dtype=torch.bfloat16)
     recompute = training.checkpointed_blocks(dit, membrane, contextlib.nullcontext) if checkpointing \

@@ -5,7 +5,8 @@ Tensor keys: `lora_unet_<diffusers module path, . -> _>.{lora_down.weight, lora_
 Flux membranes name their layers after the original (BFL) Flux modules, as kohya's Flux LoRAs do:
 `lora_unet_double_blocks_<i>_txt_attn_qkv`, `lora_unet_txt_in`, ...
 Public metadata: `prompts` (targets joined by ","), `rank`, `alpha`.
-Ours adds: `spm_format`, `concepts` (JSON list), `architecture`, `base_model`, `training`.
+Ours adds: `spm_format`, `concepts` (JSON list), `architecture`, `base_model`, `training`, and on
+Flux membranes that adapt single blocks `single_blocks: text_tokens` (FLUX_TEXT_TOKEN_LAYER).
 Only `.safetensors` is read: pickled formats can run code when loaded and are refused.
 """
 
@@ -42,10 +43,17 @@ DIFFUSERS_LAYER = re.compile(r"^lora_unet_(?:(?:down|up)_blocks_\d+_attentions_\
 ORIGINAL_UNET_LAYER = re.compile(r"^lora_unet_(?:input_blocks_\d+_1|middle_block_1|output_blocks_\d+_1)" + _LAYER_IN_BLOCK)
 # Flux (issue 17): where the text enters. The text-input projection and the text
 # stream of every double block (its attention's qkv and proj, its MLP) read text tokens only, so a
-# per-row update there touches no image token directly. Single blocks (one Linear over text and
-# image tokens together) and the image stream are not membrane layers: FLUX_OTHER_LAYER names them
-# so that a file adapting them is refused with the reason.
+# per-row update there touches no image token directly. The image stream (and single blocks adapted
+# on every token, below) are not membrane layers: FLUX_OTHER_LAYER names them so that a file adapting
+# them is refused with the reason.
 FLUX_LAYER = re.compile(r"^lora_unet_(?:txt_in|double_blocks_\d+_txt_(?:attn_qkv|attn_proj|mlp_0|mlp_2))$")
+# Single blocks run one Linear over the text and image tokens together. A membrane adapts their
+# linear1 (qkv and MLP in) and linear2 (attention and MLP out) on the text tokens only (the update is
+# masked to them, so no image token passes through a membrane there either). A stock loader cannot mask:
+# files that adapt these layers say so in their metadata (TEXT_TOKENS_KEY), and other files that adapt
+# single blocks are refused.
+FLUX_TEXT_TOKEN_LAYER = re.compile(r"^lora_unet_single_blocks_\d+_linear[12]$")
+TEXT_TOKENS_KEY, TEXT_TOKENS_VALUE = "single_blocks", "text_tokens"
 FLUX_OTHER_LAYER = re.compile(r"^lora_unet_(?:single_blocks_\d+_\w+|double_blocks_\d+_(?:img_\w+|txt_mod_lin))$")
 # Public layouts of the same Flux layers, read into the names above: the original (BFL) module paths
 # with dots (`diffusion_model.double_blocks.0.txt_attn.qkv`) and diffusers / PEFT paths
@@ -70,17 +78,24 @@ MAX_WEIGHT_SCALE = 1e4  # bound on |up| x |down| x alpha / rank: real adapters s
 
 
 def is_membrane_layer(name: str) -> bool:
+    """A layer every membrane file may adapt (the text-token layers need the file's word: is_text_token_layer)."""
     return bool(DIFFUSERS_LAYER.match(name) or ORIGINAL_UNET_LAYER.match(name) or FLUX_LAYER.match(name))
 
 
-def layer_name(stem: str) -> tuple[str, int | None] | None:
+def is_text_token_layer(name: str) -> bool:
+    """A Flux single-block layer, which a membrane adapts on the text tokens only."""
+    return bool(FLUX_TEXT_TOKEN_LAYER.match(name))
+
+
+def layer_name(stem: str, text_tokens: bool = False) -> tuple[str, int | None] | None:
     """The membrane layer a file's layer name (its keys without the tensor suffix) adapts, in the
     names above, and for a diffusers split of Flux's qkv which third it is (0 q, 1 k, 2 v); None
-    when it names no membrane layer."""
-    if is_membrane_layer(stem):
+    when it names no membrane layer. Single-block layers count only in a file that adapts them on
+    the text tokens (`text_tokens`)."""
+    if is_membrane_layer(stem) or (text_tokens and is_text_token_layer(stem)):
         return stem, None
     flat = _flat_path(stem)
-    if FLUX_LAYER.match(PREFIX + flat):
+    if FLUX_LAYER.match(PREFIX + flat) or (text_tokens and is_text_token_layer(PREFIX + flat)):
         return PREFIX + flat, None
     for pattern, template in _DIFFUSERS_FLUX_LAYER:
         match = pattern.match(flat)
@@ -109,7 +124,7 @@ def load_membrane(path: str) -> Membrane:
     path = os.fspath(path)
     _check_path(path)
     tensors, metadata = _read_safetensors(path)
-    file_layers = _layers_from_tensors(path, tensors)
+    file_layers = _layers_from_tensors(path, tensors, metadata.get(TEXT_TOKENS_KEY) == TEXT_TOKENS_VALUE)
     concepts = _concepts_from_metadata(path, metadata)
     _check_metadata_agrees(path, metadata, {stem: layer for stem, (_, _, layer) in file_layers.items()})
     layers = _joined_layers(path, file_layers)
@@ -136,6 +151,8 @@ def save_membrane(path: str, membrane: Membrane, *, base_model: Mapping | None =
         "alpha": str(alphas.pop()) if len(alphas) == 1 else "per-layer",
         "architecture": membrane.architecture,
     }
+    if any(is_text_token_layer(name) for name in membrane.layers):
+        metadata[TEXT_TOKENS_KEY] = TEXT_TOKENS_VALUE
     for key, value in (("base_model", base_model or membrane.metadata.get("base_model")),
                        ("training", training or membrane.metadata.get("training"))):
         if value:
@@ -184,28 +201,33 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, metadata
 
 
-def _layers_from_tensors(path: str, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, int | None, LayerWeights]]:
-    """file layer name -> (membrane layer name, qkv part or None, its weights)."""
+def _layers_from_tensors(path: str, tensors: dict[str, torch.Tensor],
+                         text_tokens: bool) -> dict[str, tuple[str, int | None, LayerWeights]]:
+    """file layer name -> (membrane layer name, qkv part or None, its weights); single-block layers
+    only where the file adapts them on the text tokens (`text_tokens`)."""
     names: dict[str, tuple[str, int | None]] = {}
     foreign: list[str] = []
     for key in tensors:
         for suffix in SUFFIXES:
-            layer = layer_name(key[: -len(suffix)]) if key.endswith(suffix) else None
+            layer = layer_name(key[: -len(suffix)], text_tokens) if key.endswith(suffix) else None
             if layer is not None:
                 names[key[: -len(suffix)]] = layer
                 break
         else:
             foreign.append(key)
     if foreign:
+        flux_layers = any(_other_flux_layer(k) for k in foreign)
         if any(k.startswith("lora_te") for k in foreign):
             hint = "it also adapts the text encoder"
-        elif any(_other_flux_layer(k) for k in foreign):
-            hint = ("it adapts Flux layers that membranes do not use: single blocks (one layer over text and image "
-                    "tokens together) or the image stream; a Flux membrane adapts txt_in and the text stream of the "
-                    "double blocks")
+        elif flux_layers:
+            hint = ("it adapts Flux layers that membranes do not use as it does: the image stream, or single blocks "
+                    "(one layer over text and image tokens together) on every token, where a membrane adapts them on "
+                    "the text tokens only (files made so say it in their metadata, "
+                    f"{TEXT_TOKENS_KEY}={TEXT_TOKENS_VALUE}); a Flux membrane adapts txt_in, the text stream of the "
+                    "double blocks and the single blocks' text tokens")
         else:
             hint = "it adapts layers outside the transformer blocks or uses another adapter type"
-        if not names:
+        if not names and not flux_layers:
             raise SPMFileError(path, f"not an SPM membrane or LoRA in the SPM key scheme (e.g. key {foreign[0]!r}); "
                                      "expected lora_unet_<transformer layer>.lora_down.weight / .lora_up.weight / .alpha")
         raise SPMFileError(path, f"not an SPM membrane: {hint} ({len(foreign)} keys such as {foreign[0]!r}). "
@@ -331,7 +353,7 @@ def _check_metadata_agrees(path: str, metadata: dict[str, str], layers: dict[str
 def infer_architecture(layers: Mapping[str, LayerWeights]) -> str | None:
     """flux from Flux layer names; sd1 / sd2 / sdxl from the cross-attention context width; None
     if no layer tells."""
-    if any(FLUX_LAYER.match(name) for name in layers):
+    if any(FLUX_LAYER.match(name) or is_text_token_layer(name) for name in layers):
         return "flux"
     for name, layer in layers.items():
         if name.endswith(("attn2_to_k", "attn2_to_v")):

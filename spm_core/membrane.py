@@ -136,8 +136,11 @@ class FusedLayer:
     gate. Device/dtype copies are cached so a hot loop never converts weights twice.
     """
 
-    def __init__(self, parts: list[tuple[int, LayerWeights]]) -> None:
+    def __init__(self, parts: list[tuple[int, LayerWeights]], text_tokens_only: bool = False) -> None:
         self.conv = parts[0][1].conv
+        # a Flux single-block layer: its input is the text tokens, then the image tokens; only the
+        # text tokens get the branch (add_to_text_tokens)
+        self.text_tokens_only = text_tokens_only
         self.down = torch.cat([w.down for _, w in parts], dim=0).contiguous()
         self.up = torch.cat([w.up * w.scale for _, w in parts], dim=1).contiguous()
         self.column_owner = torch.cat(
@@ -222,6 +225,16 @@ class FusedLayer:
             self._accumulate_(output[open_rows], x[open_rows], row_gates[open_rows])
         return output
 
+    def add_to_text_tokens(self, output: torch.Tensor, x: torch.Tensor, row_gates: torch.Tensor,
+                           text_tokens: int) -> torch.Tensor:
+        """`output` with the branch added to its first `text_tokens` tokens (dim 1) only; the image
+        tokens after them are left exactly as they are. In place unless autograd needs the original."""
+        delta = self.delta(x[:, :text_tokens], row_gates)
+        if _tracked(output, x, self.down, self.up, row_gates):
+            return torch.cat([output[:, :text_tokens] + delta, output[:, text_tokens:]], dim=1)
+        output[:, :text_tokens] += delta
+        return output
+
     def _accumulate_(self, output: torch.Tensor, x: torch.Tensor, row_gates: torch.Tensor) -> None:
         # No intermediate as large as the output exists: the second product is added into
         # `output` by BLAS itself (beta = 1), so the output is read and written once.
@@ -247,6 +260,8 @@ class FusedLayer:
         hold for every row and step, so the layer can run without a hook. Computed in fp32 and
         rounded once to the weight's dtype.
         """
+        if self.text_tokens_only:
+            raise SPMError("a membrane on a Flux single block acts on the text tokens only, which no weight can express")
         down, up, owner = self.weights_on(weight.device, torch.float32)
         column_gates = self._column_gates(gates.to(device=weight.device, dtype=torch.float32), owner)
         base = weight.detach().reshape(self.out_features, self.in_features).float()

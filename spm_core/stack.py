@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SPMError, SPMModelMismatch
-from .file_format import module_key_map
+from .file_format import is_text_token_layer, module_key_map
 from .membrane import FusedLayer, GateLaw, LayerWeights, Membrane
 
 
@@ -55,13 +55,26 @@ class MembraneStack:
         for index, use in enumerate(self.uses):
             for module_key, layer in bind_membrane(use.membrane, key_map, module_shapes).items():
                 parts.setdefault(module_key, []).append((index, layer))
-        self.layers = {key: FusedLayer(layer_parts) for key, layer_parts in parts.items()}
+        text_token_keys = {key_map[name] for use in self.uses for name in use.membrane.layers if is_text_token_layer(name)}
+        if text_token_keys and gate_law is GateLaw.OFFICIAL_MERGE:
+            raise SPMError("the official code's merge has no form for layers that act on text tokens only (Flux single blocks)")
+        self.layers = {key: FusedLayer(layer_parts, key in text_token_keys) for key, layer_parts in parts.items()}
         self.strengths = torch.tensor([use.strength for use in self.uses], dtype=torch.float32)
         self._context = _GateContext()
 
     @property
     def membrane_count(self) -> int:
         return len(self.uses)
+
+    @property
+    def reads_text_tokens(self) -> bool:
+        """Whether some layer acts on text tokens only, so the hooks must learn how many lead its input."""
+        return any(layer.text_tokens_only for layer in self.layers.values())
+
+    def note_text_stream(self, module: torch.nn.Module, inputs: tuple, output: tuple) -> None:
+        """A forward hook for a block that returns (image tokens, text tokens) (Flux's double blocks):
+        how many text tokens the single blocks after it will see first."""
+        self._context.text_tokens = output[1].shape[1]
 
     def row_gates(self, gates: torch.Tensor, strengths: torch.Tensor | None = None) -> torch.Tensor:
         """Effective per-row gates: the gate law applied, times each membrane's strength, or times
@@ -101,6 +114,12 @@ class MembraneStack:
         if self.gate_law is GateLaw.OFFICIAL_MERGE:
             return output + layer.merged_delta(x, _expand_rows(call.gates, x.shape[0]), self.strengths)
         gates, open_rows = call.prepared(x.shape[0], x.device, x.dtype)
+        if layer.text_tokens_only:
+            text_tokens = self._context.text_tokens
+            if text_tokens is None or not 0 < text_tokens < x.shape[1]:
+                raise SPMError(f"a membrane layer that acts on text tokens only met {x.shape[1]} tokens, but the "
+                               f"model's text stream gave {text_tokens}: this model does not lay out its tokens as Flux does")
+            return layer.add_to_text_tokens(output, x, gates, text_tokens)
         return layer.add_to(output, x, gates, open_rows)
 
     def folded_weights(self, weights: Mapping[str, torch.Tensor], gates: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -185,6 +204,7 @@ class _GateContext(threading.local):
 
     def __init__(self) -> None:
         self.call: _CallGates | None = None
+        self.text_tokens: int | None = None  # what the last text-stream block gave (note_text_stream)
 
 
 def _expand_rows(row_gates: torch.Tensor, rows: int) -> torch.Tensor:
@@ -206,14 +226,21 @@ class InstalledHooks:
     def installed(self) -> bool:
         return bool(self._handles)
 
-    def install(self, modules: Mapping[str, torch.nn.Module]) -> None:
+    def install(self, modules: Mapping[str, torch.nn.Module], text_streams: Sequence[torch.nn.Module] = ()) -> None:
+        """Hooks on the stack's layers (`modules` by module key) and, when some layer acts on text
+        tokens only, on `text_streams`: the blocks that return (image tokens, text tokens)."""
         if self._handles:
             return
         missing = [key for key in self.stack.layers if key not in modules]
         if missing:
             raise SPMModelMismatch(f"model has no module {missing[0]} for the membrane stack")
+        if self.stack.reads_text_tokens and not text_streams:
+            raise SPMModelMismatch("the membranes act on text tokens only in some layers, and the model has no text stream "
+                                   "to count them from (Flux's double blocks)")
         for key, layer in self.stack.layers.items():
             self._handles.append(modules[key].register_forward_hook(self._hook_for(layer)))
+        if self.stack.reads_text_tokens:
+            self._handles += [block.register_forward_hook(self.stack.note_text_stream) for block in text_streams]
 
     def remove(self) -> None:
         for handle in self._handles:

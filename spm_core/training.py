@@ -43,6 +43,7 @@ from .concepts import Concept
 from .contexts import ContextPrompts
 from .erasure import erasure_level, make_probes
 from .errors import SPMError
+from .file_format import is_text_token_layer
 from .membrane import LayerWeights, Membrane
 from .stack import module_shape
 from .surrogates import Prompt
@@ -109,6 +110,11 @@ class TrainingConfig:
         "Keep only each transformer block's inputs for the backward pass and run the block again there: the "
         "activations of one block at a time instead of all of them (what a Flux needs on a 24 GB GPU), for one "
         "more forward pass of the rows with gradients per iteration. The membrane trained is the same.")})
+    single_blocks: bool = field(default=True, metadata={"help": (
+        "Flux-class models: adapt the single blocks too, on the text tokens only (no image token passes through "
+        "the membrane there). Erases more on the miniature DiT; such a file cannot be baked into a plain LoRA, and "
+        "a stock LoRA loader would apply those layers to the image tokens as well. Off: txt_in and the double "
+        "blocks' text stream only. No effect on UNets.")})
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -131,8 +137,9 @@ class TrainingConfig:
             problems.append("rollout steps must be at least 2")
         if self.rollout_cfg is not None and not (1 <= self.rollout_cfg <= 30):
             problems.append(f"rollout CFG {self.rollout_cfg} is outside 1..30")
-        if not isinstance(self.gradient_checkpointing, bool):
-            problems.append(f"gradient checkpointing must be true or false, not {self.gradient_checkpointing!r}")
+        for name in ("gradient_checkpointing", "single_blocks"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name.replace('_', ' ')} must be true or false, not {getattr(self, name)!r}")
         if not 0 <= self.contexts <= 16:
             problems.append(f"contexts {self.contexts} is outside 0..16")
         if self.adversaries < 0 or self.adversary_every < 1 or self.adversary_steps < 1:
@@ -227,6 +234,9 @@ class TrainableMembrane(torch.nn.Module):
             self.up.append(torch.nn.Parameter(torch.zeros(out_features, rank)))
         self.enabled = False
         self.row_mask: torch.Tensor | None = None  # (rows,) 0/1: which batch rows the branch acts on
+        # Flux single-block layers act on the text tokens only: how many lead their input, from the text stream
+        self.text_token_layers = {index for index, name in enumerate(self.names) if is_text_token_layer(name)}
+        self.text_tokens: int | None = None
         self._handles: list = []
 
     @classmethod
@@ -248,10 +258,19 @@ class TrainableMembrane(torch.nn.Module):
                 self.down[index].copy_(saved.down)
                 self.up[index].copy_(saved.up)
 
-    def attach(self, modules: Mapping[str, torch.nn.Module]) -> None:
+    def attach(self, modules: Mapping[str, torch.nn.Module], text_streams: Sequence[torch.nn.Module] = ()) -> None:
+        """Hooks on `modules` (by layer name) and, for layers on text tokens only, on `text_streams`
+        (blocks that return (image tokens, text tokens)), as the inference hooks (stack.InstalledHooks)."""
         self.detach()
+        if self.text_token_layers and not text_streams:
+            raise SPMError("this membrane adapts layers on text tokens only, and the model has no text stream to count them from")
         for index, name in enumerate(self.names):
             self._handles.append(modules[name].register_forward_hook(self._hook(index)))
+        if self.text_token_layers:
+            self._handles += [block.register_forward_hook(self._note_text_stream) for block in text_streams]
+
+    def _note_text_stream(self, module: torch.nn.Module, inputs: tuple, output: tuple) -> None:
+        self.text_tokens = output[1].shape[1]
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -262,26 +281,35 @@ class TrainableMembrane(torch.nn.Module):
         def hook(module, inputs, output):
             if not self.enabled:
                 return None
+            x = inputs[0]
+            text_tokens = self.text_tokens if index in self.text_token_layers else None
+            if index in self.text_token_layers:
+                if text_tokens is None or not 0 < text_tokens < x.shape[1]:
+                    raise SPMError(f"layer {self.names[index]} acts on text tokens only and met {x.shape[1]} tokens, "
+                                   f"but the model's text stream gave {text_tokens}")
+                x = x[:, :text_tokens]
             # the branch runs in fp32 whatever the base precision
-            branch = self.layer(index).branch(inputs[0].float())
+            branch = self.layer(index).branch(x.float())
             if self.row_mask is not None:
                 branch = branch * self.row_mask.to(branch).reshape(-1, *([1] * (branch.ndim - 1)))
+            if text_tokens is not None:
+                return torch.cat([output[:, :text_tokens] + branch.to(output.dtype), output[:, text_tokens:]], dim=1)
             return output + branch.to(output.dtype)
         return hook
 
     def as_now(self) -> Callable[[], AbstractContextManager]:
         """What switches the branch as it is switched now, to enter later: gradient checkpointing
         recomputes a block inside backward, when the trainer has already switched the branch off."""
-        enabled, row_mask = self.enabled, self.row_mask
+        now = self.enabled, self.row_mask, self.text_tokens
 
         @contextmanager
         def switched():
-            before = self.enabled, self.row_mask
-            self.enabled, self.row_mask = enabled, row_mask
+            before = self.enabled, self.row_mask, self.text_tokens
+            self.enabled, self.row_mask, self.text_tokens = now
             try:
                 yield
             finally:
-                self.enabled, self.row_mask = before
+                self.enabled, self.row_mask, self.text_tokens = before
         return switched
 
     def as_membrane(self, name: str, concepts: tuple[Concept, ...], architecture: str, metadata: dict | None = None) -> Membrane:

@@ -74,7 +74,7 @@ def make_trainer(patcher, clip, **overrides):
     config = core.TrainingConfig(**values)
     modules = training.trained_layers(patcher)
     membrane = core.TrainableMembrane.for_modules(modules, 1, 1.0, 0)
-    membrane.attach(modules)
+    membrane.attach(modules, pack_module("nodes.architectures").text_stream_blocks(patcher.model))
     target, empty = training.encode(clip, "snoopy"), training.encode(clip, "")
     prompts = [core.ConceptPrompts(concepts.Concept("snoopy"), target, target, empty)]
     sampler = surrogates.PromptSurrogates(["a house", "a tree"], lambda text: training.encode(clip, text))

@@ -21,10 +21,10 @@ from pack import load_spm, node, pack_module
 from tiny_models import build_chroma_clip, build_chroma_patcher, build_clip, build_flux_clip, build_flux_patcher, build_patcher
 
 from spm_core.concepts import Concept
-from spm_core.file_format import load_membrane, lora_tensors, save_membrane
+from spm_core.file_format import is_text_token_layer, load_membrane, lora_tensors, save_membrane
 from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse
 
-DEPTH = 2  # double blocks of the tiny Flux (tiny_models.flux_config)
+DEPTH, SINGLE_DEPTH = 2, 1  # double and single blocks of the tiny Flux (tiny_models.flux_config)
 UNRELATED = "a bowl of fruit on a table"
 
 
@@ -36,7 +36,7 @@ def flux(tmp_path_factory):
 
     pack_module("nodes")  # the pack loaded the way ComfyUI loads it
     patcher, clip = build_flux_patcher(seed=3), build_flux_clip(seed=4)
-    key_map, _ = pack_module("nodes.architectures").membrane_layers(patcher)
+    key_map = double_stream_layers(patcher)
     modules = modules_of(patcher, key_map)
     folder = tmp_path_factory.mktemp("flux_models")
     for kind in ("spm", "loras"):
@@ -51,6 +51,14 @@ def flux(tmp_path_factory):
            "folder": folder, "sd1": sd1}
     for kind in ("spm", "loras"):  # later test modules find their own folders where they left them
         folder_paths.folder_names_and_paths[kind][0].remove(str(folder))
+
+
+def double_stream_layers(patcher) -> dict[str, str]:
+    """The model's membrane layers but the single blocks' (a plain LoRA's update there would reach the image
+    tokens too, so our single-block layers are not compared with ComfyUI's LoRA patching here: see
+    tests/test_flux_single_blocks.py)."""
+    key_map, _ = pack_module("nodes.architectures").membrane_layers(patcher)
+    return {name: key for name, key in key_map.items() if not is_text_token_layer(name)}
 
 
 def flux_inputs(batch: int = 2, tokens: int = 256, seed: int = 0) -> dict:
@@ -106,13 +114,16 @@ def state_before(patcher) -> tuple:
 # --- binding
 
 
-def test_membrane_layers_are_txt_in_and_the_double_blocks_text_stream(flux):
-    key_map = flux["key_map"]
+def test_membrane_layers_are_txt_in_the_double_blocks_text_stream_and_the_single_blocks(flux):
+    key_map, _ = pack_module("nodes.architectures").membrane_layers(flux["patcher"])
     expected = {"diffusion_model.txt_in"} | {f"diffusion_model.double_blocks.{i}.{layer}" for i in range(DEPTH)
                                              for layer in ("txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")}
-    assert set(key_map.values()) == expected
+    single = {f"diffusion_model.single_blocks.{i}.{layer}" for i in range(SINGLE_DEPTH) for layer in ("linear1", "linear2")}
+    assert set(key_map.values()) == expected | single
+    assert set(flux["key_map"].values()) == expected
     assert key_map["lora_unet_double_blocks_1_txt_attn_qkv"] == "diffusion_model.double_blocks.1.txt_attn.qkv"
-    assert len(key_map) == len(expected), "one file name per layer: the lora_unet_ (kohya / BFL) names"
+    assert key_map["lora_unet_single_blocks_0_linear2"] == "diffusion_model.single_blocks.0.linear2"
+    assert len(key_map) == len(expected | single), "one file name per layer: the lora_unet_ (kohya / BFL) names"
 
 
 def test_bound_layers_read_text_tokens_only_batch_first(flux):
@@ -580,13 +591,15 @@ def test_a_flux_lora_of_single_blocks_is_refused_with_the_reason(flux, tmp_path)
                "lora_unet_txt_in.lora_down.weight": torch.zeros(1, 32),
                "lora_unet_txt_in.lora_up.weight": torch.zeros(32, 1)}, str(path))
     with pytest.raises(errors.SPMFileError, match="single.safetensors: not an SPM membrane: it adapts Flux layers that "
-                                                  "membranes do not use: single blocks"):
+                                                  "membranes do not use as it does: the image stream, or single blocks "
+                                                  r".* on every token, where a membrane adapts them on the text tokens "
+                                                  r"only \(files made so say it in their metadata, single_blocks=text_tokens\)"):
         pack_module("spm_core.file_format").load_membrane(str(path))
     save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1, 32),
                "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 1),
                "transformer.context_embedder.lora_A.weight": torch.zeros(1, 32),
                "transformer.context_embedder.lora_B.weight": torch.zeros(32, 1)}, str(path))
-    with pytest.raises(errors.SPMFileError, match="it adapts Flux layers that membranes do not use: single blocks"):
+    with pytest.raises(errors.SPMFileError, match="it adapts Flux layers that membranes do not use as it does"):
         pack_module("spm_core.file_format").load_membrane(str(path))
 
 
@@ -627,7 +640,8 @@ def test_a_model_that_takes_no_membranes_is_named(flux, name):
 
 def test_full_size_flux_dev_layout(flux):
     """Flux.1-dev as ComfyUI's model detection configures it (meta device): 77 membrane layers of the
-    expected shapes; a rank-1 membrane on them has 941,056 parameters (3.8 MB in fp32)."""
+    expected shapes where the text enters, 76 in the single blocks; a rank-1 membrane on the first has
+    941,056 parameters (3.8 MB in fp32), on all of them 2,575,360 (10.3 MB)."""
     import types
 
     import comfy.supported_models
@@ -637,15 +651,17 @@ def test_full_size_flux_dev_layout(flux):
               "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True}
     model = comfy.supported_models.Flux(config).get_model({}, device="meta")
     key_map, shapes = pack_module("nodes.architectures").membrane_layers(types.SimpleNamespace(model=model))
-    assert len(key_map) == 1 + 4 * 19
+    assert len(key_map) == 1 + 4 * 19 + 2 * 38
     expected = {"txt_attn.qkv": (9216, 3072), "txt_attn.proj": (3072, 3072), "txt_mlp.0": (12288, 3072),
-                "txt_mlp.2": (3072, 12288)}
+                "txt_mlp.2": (3072, 12288), "linear1": (3072 * 3 + 12288, 3072), "linear2": (3072, 3072 + 12288)}
     for name, key in key_map.items():
         out_features, in_features, conv = shapes[key]
         assert not conv
         wanted = (3072, 4096) if name == "lora_unet_txt_in" else expected[key.split(".", 3)[3]]
         assert (out_features, in_features) == wanted, key
-    assert sum(out_features + in_features for out_features, in_features, _ in shapes.values()) == 941_056
+    sizes = {key: out_features + in_features for key, (out_features, in_features, _) in shapes.items()}
+    assert sum(size for key, size in sizes.items() if ".single_blocks." not in key) == 941_056
+    assert sum(sizes.values()) == 2_575_360
 
 
 # --- Chroma: Flux.1's blocks, T5 text without padding, sampled with CFG
@@ -654,7 +670,7 @@ def test_full_size_flux_dev_layout(flux):
 @pytest.fixture(scope="module")
 def chroma(flux):
     patcher = build_chroma_patcher(seed=6)
-    key_map, _ = pack_module("nodes.architectures").membrane_layers(patcher)
+    key_map = double_stream_layers(patcher)
     return {**flux, "patcher": patcher, "clip": build_chroma_clip(seed=7), "key_map": key_map,
             "modules": modules_of(patcher, key_map)}
 

@@ -43,7 +43,8 @@ def gated_predictions(patcher, membrane, sigmas=(3.0, 3.0, 1.0, 1.0)):
     key_map, shapes = runtime.membrane_layers_of(patcher)
     fused = stack.MembraneStack([stack.MembraneUse(membrane)], key_map, shapes)
     hooks = stack.InstalledHooks(fused)
-    hooks.install({key: patcher.model.get_submodule(key) for key in fused.layers})
+    hooks.install({key: patcher.model.get_submodule(key) for key in fused.layers},
+                  pack_module("nodes.architectures").text_stream_blocks(patcher.model))
     generator = torch.Generator().manual_seed(123)
     channels = patcher.model.latent_format.latent_channels
     x, sigma = torch.randn(len(sigmas), channels, 8, 8, generator=generator), torch.tensor(sigmas)
