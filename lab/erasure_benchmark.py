@@ -23,7 +23,7 @@ from .harness import SAMPLER, Lab
 from .host import REPO
 from .membranes import ERASED, KEPT, VARIANTS, anchor_variant, membrane
 from .paraphrases import paraphrases
-from .setups import Bare, Chain, Official
+from .setups import Bare, Chain, Official, StockLoraLoader
 from .textual_inversion import embedding_prompt, learn_embedding, save_embedding
 
 TARGETS, OTHERS = 3, 4  # prompts per erased concept for erasure and for preservation
@@ -222,15 +222,19 @@ def latent_only(lab, evaluator, singles: bool = True) -> dict:
 
 def dit_rows(lab, evaluator, variant: str = "default") -> dict:
     """The miniature DiT's main rows: the ten concepts one at a time behind the token gate (the gate
-    Flux membranes take) and always open, and all ten at once behind the token gate; membranes of `variant`."""
+    Flux membranes take), always open, and through ComfyUI's own LoRA loading (which applies single-block
+    layers to every token), and all ten at once behind the token gate; membranes of `variant`."""
     files = [membrane(lab, concept, variant, VARIANTS[variant]) for concept in ERASED]
     one_at_a_time = [asdict(measure(evaluator, Chain(lab, label, [file], transport), panel(concept, [concept], TARGETS, OTHERS)))
                      for label, transport in DIT_TRANSPORTS for concept, file in zip(ERASED, files)]
+    one_at_a_time += [asdict(measure(evaluator, StockLoraLoader(lab, STOCK_LOADER, file), panel(concept, [concept], TARGETS, OTHERS)))
+                      for concept, file in zip(ERASED, files)]
     stack = asdict(measure_stack(evaluator, Chain(lab, "token gate", files, "tokens"), ERASED, KEPT, {}))
     return {"singles": one_at_a_time, "stacks": [{**stack, "membranes": len(files)}]}
 
 
-DIT_TRANSPORTS = (("token gate", "tokens"), ("always open (LoRA loader)", "always_open"))
+DIT_TRANSPORTS = (("token gate", "tokens"), ("always open", "always_open"))
+STOCK_LOADER = "stock LoraLoader"
 ROBUST_TRANSPORTS = (("always open", "always_open"), ("latent gate", "latent"))
 # the attack of prompt_attacks() that succeeded most against the default and rank-4 snowman
 # membranes (--attacks; README, Robustness); it also fits in CI's time

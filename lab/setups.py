@@ -2,6 +2,7 @@
 model to sample and a key that says which setups draw the same pictures for it.
 
   Bare      a model (the shipped one unless given), nothing applied.
+  StockLoraLoader  a membrane file through ComfyUI's own LoRA loading (what LoraLoader does with it).
   Chain     membranes through the pack's SPM Load Membrane nodes, one per membrane, with a transport mode:
             exactly what a ComfyUI user's graph does.
   Official  the official inference code's behaviour: the paper gate computed once per prompt and
@@ -37,6 +38,15 @@ class Bare:
 
     def key_for(self, text: str) -> Hashable:
         return "bare" if self.model is self.lab.model else ("bare", id(self.model))
+
+
+class StockLoraLoader(Bare):
+    def __init__(self, lab: Lab, label: str, membrane: str) -> None:
+        import comfy.sd
+        import comfy.utils
+
+        lora = comfy.utils.load_torch_file(os.path.join(lab.membrane_dir, membrane), safe_load=True)
+        super().__init__(lab, comfy.sd.load_lora_for_models(lab.model, None, lora, 1.0, 0.0)[0], label)
 
 
 class Chain:
