@@ -44,8 +44,7 @@ class MembraneSettings:
     adversary_tokens: int = 3
     contexts: int = 2  # SPM Train Membrane's default (spm_core.training.TrainingConfig)
     rollout_cfg: float | None = None  # None: as the model is sampled (SPM Train Membrane's default)
-    # None: SPM Train Membrane's default (on; DiT membranes in a folder from before 2026-12-03 were trained without)
-    single_blocks: bool | None = None
+    single_blocks: bool | None = None  # None: SPM Train Membrane's default (off)
 
 
 WORLDS = {"unet": "miniworld.model", "dit": "miniworld.dit"}  # the shipped UNet, the miniature Flux

@@ -31,8 +31,8 @@ VARIANTS = {
     "rank4": dataclasses.replace(MembraneSettings(), rank=4, contexts=4),
     # rollouts with CFG on the miniature DiT, which is sampled with CFG (on the UNet world 3 is the default)
     "cfg_rollouts": dataclasses.replace(MembraneSettings(), rollout_cfg=3.0),
-    # Flux-class models: txt_in and the double blocks' text stream only (before 2026-12-03, every DiT membrane)
-    "double_only": dataclasses.replace(MembraneSettings(), single_blocks=False),
+    # Flux-class models: the single blocks' text tokens too
+    "single_blocks": dataclasses.replace(MembraneSettings(), single_blocks=True),
 }
 
 

@@ -130,7 +130,7 @@ class TrainSPM(io.ComfyNode):
                                tooltip=TrainingConfig.help("rollout_cfg")),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip=TrainingConfig.help("gradient_checkpointing")),
-                io.Boolean.Input("single_blocks", default=True, optional=True, tooltip=TrainingConfig.help("single_blocks")),
+                io.Boolean.Input("single_blocks", default=False, optional=True, tooltip=TrainingConfig.help("single_blocks")),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the new membrane applied (paper transport; "

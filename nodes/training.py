@@ -117,10 +117,10 @@ class ComfyNoisePredictor:
         return {key: value.to(self.device) if torch.is_tensor(value) else value for key, value in batched.items()}
 
 
-def trained_layers(model, single_blocks: bool = True) -> dict[str, torch.nn.Module]:
+def trained_layers(model, single_blocks: bool) -> dict[str, torch.nn.Module]:
     """The modules a membrane trained on `model` adapts, by the layer names its file gives them (the
-    public SPM names on UNets, kohya / BFL names on Flux; Flux's single blocks unless `single_blocks`
-    is off). Refuses, naming it, a model that takes none."""
+    public SPM names on UNets, kohya / BFL names on Flux; Flux's single blocks too if `single_blocks`).
+    Refuses, naming it, a model that takes none."""
     key_map, _ = membrane_layers_of(model)
     names = FILE_LAYER[model_family(model)]
     return {name: model.model.get_submodule(key) for name, key in key_map.items()

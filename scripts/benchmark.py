@@ -18,13 +18,15 @@ rotates each round). Measures per case:
     python scripts/benchmark.py --flux        # Flux.1-dev instead (below)
 
 Flux.1-dev (--flux; issue 17): the full model (12B parameters) is built on the meta device, for its
-membrane layers only (txt_in and the text stream of its 19 double blocks); one double block and one
-single block are built for real at full width (3072, 24 heads) from the same ComfyUI classes. The
-fused cases run on the real double block, one prompt row (Flux.1-dev samples at CFG 1), its 256 T5
-tokens (ComfyUI pads Flux's prompt to 256) beside the image tokens of a 512 px picture (--quick:
-256 px). The hook ratio of the whole model is projected from the blocks: 1 + 19 x hook time per
-double block / (19 x bare double block + 38 x bare single block); txt_in (256 tokens, one layer)
-and the model's small input and output layers are left out of both.
+membrane layers only (txt_in, the text stream of its 19 double blocks, linear1 and linear2 of its 38
+single blocks); one double block and one single block are built for real at full width (3072, 24
+heads) from the same ComfyUI classes. The fused cases run on the real double block, one prompt row
+(Flux.1-dev samples at CFG 1), its 256 T5 tokens (ComfyUI pads Flux's prompt to 256) beside the image
+tokens of a 512 px picture (--quick: 256 px); the single block's hooks (on its 256 text tokens only)
+are timed on the real single block. The hook ratio of the whole model is projected from the blocks:
+1 + (19 x hook time per double block + 38 x per single block) / (19 x bare double block + 38 x bare
+single block); txt_in (256 tokens, one layer) and the model's small input and output layers are left
+out of both.
 
 COMFYUI_ROOT selects the host tree (default ~/.cache/spm-comfy-host/ComfyUI).
 """
@@ -51,7 +53,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from membrane_helpers import key_map_of, modules_of, random_membrane, shapes_of  # noqa: E402
 
-from spm_core.file_format import FLUX_LAYER  # noqa: E402
+from spm_core.file_format import FLUX_LAYER, is_text_token_layer  # noqa: E402
 from spm_core.membrane import FusedLayer, Membrane  # noqa: E402
 from spm_core.stack import InstalledHooks, MembraneStack, MembraneUse  # noqa: E402
 from spm_core.transport import ConceptEmbedding, Transport, TransportMode  # noqa: E402
@@ -176,9 +178,10 @@ def naive_hooks(membranes: list[Membrane], key_map: dict[str, str], modules: dic
 
 
 @contextlib.contextmanager
-def fused(stack: MembraneStack, modules: dict[str, torch.nn.Module], gates: torch.Tensor, clock: HookClock) -> Iterator[None]:
+def fused(stack: MembraneStack, modules: dict[str, torch.nn.Module], gates: torch.Tensor, clock: HookClock,
+          text_streams: tuple[torch.nn.Module, ...] = ()) -> Iterator[None]:
     hooks = TimedHooks(stack, clock)
-    hooks.install(modules)
+    hooks.install(modules, text_streams)
     try:
         with stack.gates_active(gates):
             yield
@@ -322,7 +325,7 @@ def flux_blocks(seed: int) -> tuple[dict[str, str], torch.nn.Module, torch.nn.Mo
 
     model = comfy.supported_models.Flux(dict(FLUX_DEV)).get_model({}, device="meta")
     key_map = {name: key[: -len(".weight")] for name, key in comfy.lora.model_lora_keys_unet(model, {}).items()
-               if isinstance(key, str) and FLUX_LAYER.match(name)}
+               if isinstance(key, str) and (FLUX_LAYER.match(name) or is_text_token_layer(name))}
     dit = model.diffusion_model
     double, single = (init_weights_(block.to_empty(device="cpu"), seed + i)
                       for i, block in enumerate((dit.double_blocks[0], dit.single_blocks[0])))
@@ -342,6 +345,13 @@ def flux_main(rounds: int, pixels: int) -> None:
     most = max(COUNTS)
     membranes = [random_membrane(block_map, modules, seed=100 + i, target=f"concept{i}", std=0.05) for i in range(most)]
     stacks = {n: MembraneStack([MembraneUse(m) for m in membranes[:n]], block_map, shapes) for n in COUNTS}
+    single_prefix = "diffusion_model.single_blocks.0."
+    single_map = {name: key[len(single_prefix):] for name, key in key_map.items() if key.startswith(single_prefix)}
+    single_modules = {path: single.get_submodule(path) for path in single_map.values()}
+    single_membranes = [random_membrane(single_map, single_modules, seed=200 + i, target=f"concept{i}", std=0.05)
+                        for i in range(most)]
+    single_stacks = {n: MembraneStack([MembraneUse(m) for m in single_membranes[:n]], single_map, shapes_of(single_modules))
+                     for n in COUNTS}
 
     generator = torch.Generator().manual_seed(1)
     side = pixels // 16  # 8x VAE, 2x2 patches
@@ -362,8 +372,9 @@ def flux_main(rounds: int, pixels: int) -> None:
         return single(torch.cat([txt, img], dim=1), vec=vec, pe=pe)
 
     load = os.getloadavg()[0]
-    print(f"SPM membrane benchmark: Flux.1-dev ({len(key_map)} membrane layers on the meta-device model: txt_in and "
-          f"{len(block_map)} per double block x {depth}), one real double block ({sum(p.numel() for p in double.parameters()) / 1e6:.0f}M "
+    print(f"SPM membrane benchmark: Flux.1-dev ({len(key_map)} membrane layers on the meta-device model: txt_in, "
+          f"{len(block_map)} per double block x {depth}, {len(single_map)} per single block x {single_depth}), "
+          f"one real double block ({sum(p.numel() for p in double.parameters()) / 1e6:.0f}M "
           f"parameters, ComfyUI classes) and one real single block, fp32 CPU, {torch.get_num_threads()} threads, "
           f"{pixels} px: {side * side} image + {FLUX_TEXT_TOKENS} text tokens, 1 row, rank 1; set-up "
           f"{time.perf_counter() - started:.0f} s; load average {load:.2f} on {os.cpu_count()} CPUs", flush=True)
@@ -380,17 +391,27 @@ def flux_main(rounds: int, pixels: int) -> None:
         forward_single()
         return since(start)[1]
 
+    def single_hook_seconds(n: int) -> float:
+        """CPU inside the single block's hooks, its text tokens counted by the double block's output."""
+        clock = HookClock()
+        with fused(single_stacks[n], single_modules, gates[:, :n], clock, (double,)):
+            forward()
+            forward_single()
+        return clock.cpu
+
     forward_single()
     single_cpu = statistics.median(single_seconds() for _ in range(max(1, rounds // 2)))
+    single_hooks = {n: statistics.median(single_hook_seconds(n) for _ in range(max(1, rounds // 2))) for n in COUNTS}
     double_cpu = statistics.median(run[1] for run in bare.runs.values())
     by_label = {case.label: case for case in cases}
     print(f"bare single block: median {single_cpu:.2f} s CPU; the double blocks are "
           f"{depth * double_cpu / (depth * double_cpu + single_depth * single_cpu):.0%} of the blocks' time")
-    print(f"{'whole model, projected':30s} hook ratio (19 double blocks' hooks over 19 double + 38 single blocks)")
+    print(f"{'whole model, projected':30s} hook ratio (19 double + 38 single blocks' hooks over their bare time)"
+          f"   single block's hooks")
     for n in COUNTS:
         hook_cpu = statistics.median(cpu for _, cpu in by_label[f"fused, {n} membranes"].hooks)
-        print(f"  fused, {n:2d} membranes {1 + depth * hook_cpu / (depth * double_cpu + single_depth * single_cpu):9.4f}x   "
-              f"{FUSED_TARGET[n]}")
+        ratio = 1 + (depth * hook_cpu + single_depth * single_hooks[n]) / (depth * double_cpu + single_depth * single_cpu)
+        print(f"  fused, {n:2d} membranes {ratio:9.4f}x   {FUSED_TARGET[n]}   {single_hooks[n] * 1e3:.1f} ms")
     print(f"checks: all-zero gates bit-identical to bare: {torch.equal(by_label[ZERO_LABEL].output, bare.output)}; "
           f"open membranes change the output: {not torch.equal(by_label[f'fused, {most} membranes'].output, bare.output)}")
     print(f"total {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.2f}")

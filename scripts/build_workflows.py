@@ -55,7 +55,7 @@ NODES = {
 # SPM Train Membrane's later inputs at their defaults: stop_at_erasure, adversaries, adversary_tokens,
 # adversary_every, adversary_steps, contexts, rollout_cfg (0: as the model is sampled), gradient_checkpointing,
 # single_blocks
-LATER_TRAIN_INPUTS = [0.0, 0, 3, 20, 20, 2, 0.0, False, True]
+LATER_TRAIN_INPUTS = [0.0, 0, 3, 20, 20, 2, 0.0, False, False]
 ROLLOUT_CFG_INPUT = -3  # where rollout_cfg sits in LATER_TRAIN_INPUTS
 
 

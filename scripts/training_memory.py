@@ -70,7 +70,7 @@ def flash_attention():
         comfy.ldm.flux.math.optimized_attention = original
 
 
-def measure(stored, rows: int, pixels: int, checkpointing: bool) -> dict[str, float]:
+def measure(stored, rows: int, pixels: int, checkpointing: bool, single_blocks: bool) -> dict[str, float]:
     """Bytes of weights, bytes kept for backward after the forward, and the most one block kept of it."""
     import comfy.model_patcher
     import comfy.supported_models
@@ -83,7 +83,7 @@ def measure(stored, rows: int, pixels: int, checkpointing: bool) -> dict[str, fl
     config.set_inference_dtype(stored, None if stored == torch.bfloat16 else torch.bfloat16)
     model = config.get_model({}, device="meta")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    modules = training.trained_layers(patcher)
+    modules = training.trained_layers(patcher, single_blocks)
     membrane = core.TrainableMembrane.for_modules(modules, rank=1, alpha=1.0, seed=0).to("meta")
     dit = model.diffusion_model
     weights = {id(p) for p in dit.parameters()} | {id(p) for p in membrane.parameters()}
@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--pixels", type=int, default=512, help="picture side (latent side x 8)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, DEFAULT_ROWS],
                         help="rows with gradients per iteration (default settings: 6)")
+    parser.add_argument("--single-blocks", action="store_true", help="a membrane on the single blocks' text tokens too")
     parser.add_argument("--miniature", type=int, metavar="ITERATIONS",
                         help="instead: time the miniature worlds' training without and with checkpointing")
     options = parser.parse_args()
@@ -160,7 +161,7 @@ def main() -> None:
         miniature_times(options.miniature)
         return
 
-    single_block = measure(torch.bfloat16, 1, options.pixels, checkpointing=False)["block"]
+    single_block = measure(torch.bfloat16, 1, options.pixels, False, options.single_blocks)["block"]
     print(f"Flux.1-dev (ComfyUI's class on the meta device), {options.pixels} px: {(options.pixels // 16) ** 2} image + "
           f"{FLUX_TEXT_TOKENS} text tokens per row; bf16 activations; the largest block keeps "
           f"{single_block / GB:.2f} GB per row")
@@ -169,9 +170,9 @@ def main() -> None:
     print("-" * len(header))
     for label, stored in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
         for rows in options.rows:
-            plain = measure(stored, rows, options.pixels, checkpointing=False)
+            plain = measure(stored, rows, options.pixels, False, options.single_blocks)
             # checkpointed, the largest block's insides (counted in the plain pass) are held while it is recomputed
-            for checkpointing, counted in ((False, plain), (True, measure(stored, rows, options.pixels, checkpointing=True))):
+            for checkpointing, counted in ((False, plain), (True, measure(stored, rows, options.pixels, True, options.single_blocks))):
                 peak = counted["weights"] + counted["kept"] + (plain["block"] if checkpointing else 0)
                 print(f"{label:8s} {rows:4d} {'on' if checkpointing else 'off':>13s} {counted['weights'] / GB:10.1f} "
                       f"{counted['kept'] / GB:8.1f} {peak / GB:8.1f}", flush=True)

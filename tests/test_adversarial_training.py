@@ -72,7 +72,7 @@ def make_trainer(patcher, clip, **overrides):
                   anchor_samples=1, adversaries=2, adversary_every=1, adversary_steps=6, contexts=0)
     values.update(overrides)
     config = core.TrainingConfig(**values)
-    modules = training.trained_layers(patcher)
+    modules = training.trained_layers(patcher, config.single_blocks)
     membrane = core.TrainableMembrane.for_modules(modules, 1, 1.0, 0)
     membrane.attach(modules, pack_module("nodes.architectures").text_stream_blocks(patcher.model))
     target, empty = training.encode(clip, "snoopy"), training.encode(clip, "")

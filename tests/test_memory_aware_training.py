@@ -3,7 +3,7 @@ checkpointing of the transformer blocks (spm_core/recompute.py, wired in nodes/t
 weights used in place instead of copied, an fp8 Flux base under an fp32 membrane, and the rollouts'
 CFG left to the model or set.
 
-What memory a full-size Flux needs is printed by `python scripts/benchmark.py --flux --training`;
+What memory a full-size Flux needs is printed by `python scripts/training_memory.py`;
 no GPU is here to measure it on one.
 """
 
@@ -44,7 +44,7 @@ def membrane_gradients(patcher, clip, checkpointing: bool) -> tuple[list[torch.T
     and for the first row's conditioning, the membrane switched off before backward as the trainer does,
     and the bytes kept for backward."""
     training, core = pack_module("nodes.training"), pack_module("spm_core.training")
-    modules = training.trained_layers(patcher)
+    modules = training.trained_layers(patcher, single_blocks=True)  # the masked single-block layers recomputed too
     membrane = core.TrainableMembrane.for_modules(modules, rank=2, alpha=1.0, seed=0)
     with torch.no_grad():
         for index, up in enumerate(membrane.up):
@@ -205,8 +205,8 @@ def test_on_a_full_size_flux_checkpointing_keeps_a_small_share_of_the_activation
     what backward keeps drops to the blocks' inputs, and its weights count as 12B parameters."""
     from scripts.training_memory import measure
 
-    plain = measure(torch.bfloat16, 1, 512, checkpointing=False)
-    checkpointed = measure(torch.bfloat16, 1, 512, checkpointing=True)
+    plain = measure(torch.bfloat16, 1, 512, checkpointing=False, single_blocks=True)
+    checkpointed = measure(torch.bfloat16, 1, 512, checkpointing=True, single_blocks=True)
     print("full-size Flux, 1 row, 512 px: kept", plain["kept"] / 1e9, "GB ->", checkpointed["kept"] / 1e9, "GB")
     assert 23.5e9 < plain["weights"] < 24.0e9
     assert checkpointed["kept"] < 0.1 * plain["kept"]
