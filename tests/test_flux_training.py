@@ -139,7 +139,7 @@ def test_the_flux_file_loads_as_flux_and_gates_by_tokens_in_spm_load_membrane(ru
     path = runs[1] / "anchored.safetensors"
     saved = pack_module("spm_core.file_format").load_membrane(str(path))
     assert saved.architecture == "flux" and [c.target for c in saved.concepts] == ["snoopy"]
-    assert set(saved.layers) == set(pack_module("nodes.runtime").membrane_layers_of(patcher)[0])
+    assert set(saved.layers) == set(pack_module("nodes.training").trained_layers(patcher, single_blocks=False))
     shutil.copy(path, folder / "trained_flux_snoopy.safetensors")
     model = load_spm(patcher, clip, "trained_flux_snoopy.safetensors", transport="tokens")
     named, unrelated = flux_encode(clip, "a photo of snoopy"), flux_encode(clip, UNRELATED)

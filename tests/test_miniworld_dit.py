@@ -82,9 +82,11 @@ def test_membranes_bind_to_the_text_stream_as_on_flux():
     assert architectures.model_family(patcher) == architectures.FLUX
     key_map, shapes = architectures.membrane_layers(patcher)
     modules = set(key_map.values())
-    # txt_in and, in each of the 2 double blocks, txt_attn.qkv, txt_attn.proj, txt_mlp.0 and txt_mlp.2
+    # txt_in and, in each of the 2 double blocks, txt_attn.qkv, txt_attn.proj, txt_mlp.0 and txt_mlp.2; in each
+    # of the 2 single blocks linear1 and linear2 (on the text tokens, when a membrane adapts them)
     assert modules == {"diffusion_model.txt_in"} | {f"diffusion_model.double_blocks.{b}.{m}" for b in range(2)
-                                                    for m in ("txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")}
+                                                    for m in ("txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")} \
+        | {f"diffusion_model.single_blocks.{b}.{m}" for b in range(2) for m in ("linear1", "linear2")}
     assert shapes["diffusion_model.txt_in"][:2] == (128, 128)
 
 
