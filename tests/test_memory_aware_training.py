@@ -172,6 +172,7 @@ def test_rollouts_follow_the_model_unless_a_cfg_is_set(models, tmp_path):
 @pytest.mark.parametrize("settings, message", [
     (dict(rollout_cfg=0.5), r"rollout CFG 0.5 is outside 1..30"),
     (dict(gradient_checkpointing="yes"), r"gradient checkpointing must be true or false, not 'yes'"),
+    (dict(single_blocks=1), r"single blocks must be true or false, not 1"),
 ])
 def test_bad_memory_settings_are_refused_by_name(settings, message):
     core, errors = pack_module("spm_core.training"), pack_module("spm_core.errors")
