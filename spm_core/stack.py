@@ -31,6 +31,12 @@ class MembraneUse:
     strength: float = 1.0
 
 
+def text_tokens_handed_on(output: tuple) -> int:
+    """How many text tokens lead the single blocks' input, read from the output of a block that returns
+    (image tokens, text tokens) (Flux's double blocks)."""
+    return output[1].shape[1]
+
+
 def module_shape(module: torch.nn.Module) -> tuple[int, int, bool]:
     """(out, in, is_1x1_conv) of a Linear or 1x1 Conv2d, read from its weight."""
     weight = module.weight
@@ -72,9 +78,8 @@ class MembraneStack:
         return any(layer.text_tokens_only for layer in self.layers.values())
 
     def note_text_stream(self, module: torch.nn.Module, inputs: tuple, output: tuple) -> None:
-        """A forward hook for a block that returns (image tokens, text tokens) (Flux's double blocks):
-        how many text tokens the single blocks after it will see first."""
-        self._context.text_tokens = output[1].shape[1]
+        """A forward hook for a text-stream block (text_tokens_handed_on)."""
+        self._context.text_tokens = text_tokens_handed_on(output)
 
     def row_gates(self, gates: torch.Tensor, strengths: torch.Tensor | None = None) -> torch.Tensor:
         """Effective per-row gates: the gate law applied, times each membrane's strength, or times

@@ -45,7 +45,7 @@ from .erasure import erasure_level, make_probes
 from .errors import SPMError
 from .file_format import is_text_token_layer
 from .membrane import LayerWeights, Membrane
-from .stack import module_shape
+from .stack import module_shape, text_tokens_handed_on
 from .surrogates import Prompt
 
 
@@ -271,7 +271,7 @@ class TrainableMembrane(torch.nn.Module):
             self._handles += [block.register_forward_hook(self._note_text_stream) for block in text_streams]
 
     def _note_text_stream(self, module: torch.nn.Module, inputs: tuple, output: tuple) -> None:
-        self.text_tokens = output[1].shape[1]
+        self.text_tokens = text_tokens_handed_on(output)
 
     def detach(self) -> None:
         for handle in self._handles:
