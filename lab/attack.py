@@ -4,8 +4,9 @@ The attacker writes a prompt with a few free token embeddings in it (what a text
 gives a ComfyUI user) and optimises those embeddings so that the model *with the membrane and its
 gate* reproduces pictures of the erased concept: the diffusion loss against the bare model's own
 pictures of "a <concept>", at random noise levels. The gate is computed from the attacker's
-conditioning exactly as SPM Load Membrane computes it (text gates from the embedding; the latent gate from
-the bare model's prediction at the first step), and differentiated through, so the attack adapts
+conditioning exactly as SPM Load Membrane computes it (text gates from the embedding; the latent
+gate from the bare model's look-ahead; the guarded gate's breach from a look-ahead with the
+membrane open, and the prompt it then replaces), and differentiated through, so the attack adapts
 to the gate. The result is then sampled through the real SPM Load Membrane runtime and read by the
 classifier.
 
@@ -85,26 +86,35 @@ def conditioning_of(clip, settings: AttackSettings, vectors: torch.Tensor) -> li
     return [[embedding.detach(), {} if prompt.pooled is None else {"pooled_output": prompt.pooled}]]
 
 
-def _gates(state, conditioning: torch.Tensor, base, generator: torch.Generator, runtime) -> torch.Tensor:
-    """(membranes,) gates for the attacker's conditioning (1, 77, D), differentiable, computed by the
-    runtime's own code (the pack's nodes.runtime module): the text gates and, for latent transport, the
-    latent gate's look-ahead from a fresh noise."""
+def _gated(state, conditioning: torch.Tensor, base, generator: torch.Generator, runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(membranes,) gates for the attacker's conditioning (1, 77, D) and the conditioning the model then
+    reads, differentiable, computed by the runtime's own code (the pack's nodes.gating module): the
+    text gates and, for latent transport, the latent gate's look-ahead from a fresh noise; for guarded
+    transport also the breach's look-ahead with the membranes open, which moves a breached prompt
+    towards the concept's words."""
     gates = state.gates_for(conditioning, None)[0]
     if not state.reads_model:
-        return gates
+        return gates, conditioning
     side = PICTURE_SIDE // 8
     noise = torch.randn(1, 4, side, side, generator=generator)
     sigma = base.model_sampling.sigma_max.reshape(1)
     x = base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
 
-    def run_bare(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None, latents: torch.Tensor,
-                 step_sigma: torch.Tensor) -> torch.Tensor:
+    def run_model(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None, latents: torch.Tensor,
+                  step_sigma: torch.Tensor, gates: torch.Tensor | None = None, strengths: torch.Tensor | None = None) -> torch.Tensor:
         rows_context = conditioning[sources] if contexts is None else contexts
         rows = rows_context.shape[0]
-        return base.apply_model(latents, step_sigma.reshape(1).expand(rows), c_crossattn=rows_context.to(conditioning)).float()
+        closed = gates is None
+        with state.stack.gates_active(torch.zeros(rows, state.stack.membrane_count) if closed else gates,
+                                      None if closed else strengths):
+            return base.apply_model(latents, step_sigma.reshape(1).expand(rows), c_crossattn=rows_context.to(conditioning)).float()
 
     sigmas = runtime.latent_gate_sigmas(base.model_sampling, sigma)
-    return torch.maximum(gates, state.latent_gates(run_bare, None, [0], x, sigmas)[0])
+    gates = torch.maximum(gates, state.latent_gates(run_model, None, [0], x, sigmas)[0])
+    breach, chosen = state.breaches(run_model, None, [0], x, sigmas, gates[None])
+    if not bool(breach.any()):
+        return gates, conditioning
+    return gates, state.guarded_inputs(conditioning, None, breach, chosen)[0]
 
 
 class _Target:
@@ -133,14 +143,13 @@ class _Target:
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conditioning: torch.Tensor,
                 generator: torch.Generator) -> torch.Tensor:
-        context = conditioning.expand(x.shape[0], -1, -1)
         pooled = {} if self.pooled is None else {"y": self.pooled.expand(x.shape[0], -1)}
         with self.saved_copies():
             if self.state is None:
-                return self.base.apply_model(x, sigma, c_crossattn=context, **pooled)
-            gates = _gates(self.state, conditioning, self.base, generator, self.runtime)
+                return self.base.apply_model(x, sigma, c_crossattn=conditioning.expand(x.shape[0], -1, -1), **pooled)
+            gates, read = _gated(self.state, conditioning, self.base, generator, self.runtime)
             with self.state.stack.gates_active(gates.expand(x.shape[0], -1)):
-                return self.base.apply_model(x, sigma, c_crossattn=context, **pooled)
+                return self.base.apply_model(x, sigma, c_crossattn=read.expand(x.shape[0], -1, -1), **pooled)
 
 
 def _vocabulary(clip) -> torch.Tensor:

@@ -208,15 +208,15 @@ def print_stack_gates(result: dict) -> None:
         print(f"  {prompt!r:<26} {label:<9} {gate:.2f}")
 
 
-def latent_only(lab, evaluator, singles: bool = True) -> dict:
+def latent_only(lab, evaluator, singles: bool = True, transport: str = "latent") -> dict:
     """The ten concepts one at a time (unless not `singles`) and all ten at once (the four kept
-    concepts beside them), with the latent gate only: the main tables' latent rows in a fraction of
-    the time."""
+    concepts beside them), behind one gate (`transport`: latent or guarded): the main tables' latent
+    rows in a fraction of the time."""
     files = [membrane(lab, concept, "default", VARIANTS["default"]) for concept in ERASED]
-    one_at_a_time = [asdict(measure(evaluator, Chain(lab, "latent gate", [file], "latent"),
-                                    panel(concept, [concept], TARGETS, OTHERS)))
+    label = f"{transport} gate"
+    one_at_a_time = [asdict(measure(evaluator, Chain(lab, label, [file], transport), panel(concept, [concept], TARGETS, OTHERS)))
                      for concept, file in zip(ERASED, files)] if singles else []
-    stack = asdict(measure_stack(evaluator, Chain(lab, "latent gate", files, "latent"), ERASED, KEPT, {}))
+    stack = asdict(measure_stack(evaluator, Chain(lab, label, files, transport), ERASED, KEPT, {}))
     return {"singles": one_at_a_time, "stacks": [{**stack, "membranes": len(files)}]}
 
 
@@ -358,8 +358,10 @@ def print_attacks(results: list[dict], count: int) -> None:
 SUFFIX_WORDS = "a drawing on a dark background"  # words of the world's captions that name no concept
 TI_VECTORS = (1, 2, 4)
 GATES = ("paper", "latent")
-# --attacks may also attack the membrane with no gate (the LoRA loader's way), and on the DiT world the token gate
-TRANSPORTS = (*GATES, "always_open", "tokens")
+LOOKING_AHEAD = ("latent", "guarded")  # --latent and --stack
+# --attacks may also attack the membrane with no gate (the LoRA loader's way) or behind the guarded gate, and on
+# the DiT world the token gate
+TRANSPORTS = (*GATES, "guarded", "always_open", "tokens")
 
 
 def prompt_attacks() -> dict:
@@ -541,10 +543,13 @@ def run(mode: str | None, count: int, membrane_dir: str, embedding_dir: str, com
     elif mode == "calibrate":
         results["calibration"] = print_calibration(calibrate(lab, ERASED))
     elif mode in ("latent", "stack"):
-        results.update(latent_only(lab, Evaluator(lab, count), singles=mode == "latent"))
+        transport = (gates or ["latent"])[0]
+        if transport not in LOOKING_AHEAD:
+            raise ValueError(f"--{mode} measures the gates that look ahead ({', '.join(LOOKING_AHEAD)}), not {transport!r}")
+        results.update(latent_only(lab, Evaluator(lab, count), singles=mode == "latent", transport=transport))
         if mode == "latent":
             results["singles_summary"] = print_singles(results["singles"], count)
-            print_per_concept(results["singles"], "latent gate")
+            print_per_concept(results["singles"], f"{transport} gate")
         print_stacks(results["stacks"], count)
     elif mode == "rank4":
         results["rank4"] = rank4_membranes(lab, Evaluator(lab, count), ABLATION_CONCEPTS)

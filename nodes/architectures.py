@@ -22,13 +22,13 @@ from ..spm_core.errors import SPMError, SPMModelMismatch
 from ..spm_core.file_format import UNET_ARCHITECTURES, is_membrane_layer, is_text_token_layer
 from ..spm_core.membrane import Membrane
 from ..spm_core.stack import module_shape
-from ..spm_core.transport import Transport, TransportMode
+from ..spm_core.transport import LOOKING_AHEAD, Transport, TransportMode
 
 UNET, FLUX = "Stable Diffusion UNet", "Flux"
 FLUX_TEXT_INPUT = "lora_unet_txt_in"
 SUPPORTED = "Stable Diffusion 1.x / 2.x / XL UNets, Flux.1 and Chroma"
 # gates built on the flattened prompt cosine (the latent gate's text part is the calibrated one)
-FLATTENED_PROMPT_MODES = (TransportMode.PAPER, TransportMode.COSINE, TransportMode.CALIBRATED, TransportMode.LATENT,
+FLATTENED_PROMPT_MODES = (TransportMode.PAPER, TransportMode.COSINE, TransportMode.CALIBRATED, *LOOKING_AHEAD,
                           TransportMode.OFFICIAL)
 
 

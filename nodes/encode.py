@@ -8,7 +8,7 @@ import torch
 from ..spm_core.errors import SPMError
 from ..spm_core.membrane import Membrane
 from ..spm_core.token_gate import case_variants
-from ..spm_core.transport import ConceptEmbedding, Transport, TransportMode, content_tokens
+from ..spm_core.transport import LOOKING_AHEAD, ConceptEmbedding, Transport, TransportMode, content_tokens
 from .architectures import content_span
 
 TOKENS_KEY = "spm_token_ids"
@@ -74,7 +74,7 @@ def encode_with_tokens(clip, text: str) -> list:
             for embedding, options in conditioning]
 
 
-RELATIVE_MODES = (TransportMode.CALIBRATED, TransportMode.LATENT, TransportMode.TOKENS)  # compared with the empty prompt
+RELATIVE_MODES = (TransportMode.CALIBRATED, *LOOKING_AHEAD, TransportMode.TOKENS)  # compared with the empty prompt
 
 
 def transport_for(clip, membrane: Membrane, mode: TransportMode, floor: float = 0.0) -> Transport:

@@ -129,8 +129,11 @@ class MembraneState:
                            for role in (POSITIVE, NEGATIVE)}
         self.schedule = SamplingSchedule([(e.start_percent, e.end_percent, e.ramp) for e in entries])
         self._latent_entries = [i for i, e in enumerate(entries) if e.transport.reads_model]
+        self._guarded_entries = [i for i, e in enumerate(entries) if e.transport.guards]
         # Chunk.cond -> (items, membranes), for the sampling run in progress
         self._latent_gates: dict[tuple, torch.Tensor] = {}
+        # Chunk.cond -> ((items, membranes) breaches, (items, membranes) concept index), guarded membranes only
+        self._breaches: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._official_gate: torch.Tensor | None = None  # official_code: the guider's first positive prompt's
         self.last_gates: dict[str, list[float]] = {}
         self._call = threading.local()  # the chunk table of the calc_cond_batch call in progress (ComfyUI may run batches in threads)
@@ -197,6 +200,7 @@ class MembraneState:
     def begin_sampling(self, named_conds: dict) -> None:
         self.remember_roles(named_conds)
         self._latent_gates.clear()
+        self._breaches.clear()
         self._official_gate = self._first_positive_gate(named_conds) if self.official else None
 
     def _first_positive_gate(self, named_conds: dict) -> torch.Tensor | None:
@@ -209,12 +213,13 @@ class MembraneState:
         tokens = first.get(TOKENS_KEY) if first.get(TOKENS_OF_KEY) == self.fingerprint(embedding) else None
         return self.gates_for(embedding[:1].float().cpu(), tokens)[0]
 
-    def measure_latent_gates(self, run_bare, transformer_options: dict, rows: int, table: dict,
+    def measure_latent_gates(self, run_model, transformer_options: dict, rows: int, table: dict,
                              reference: torch.Tensor, sigmas: Sequence[torch.Tensor]) -> None:
-        """Latent gates for every chunk's cond not yet measured in this sampling run, one per prompt
-        the cond carries; conds of a role no latent membrane acts on (negatives under "positive only")
-        are not measured. `run_bare`, `reference` and `sigmas` as in `latent_gates`, the sources being
-        rows of the sampling call (`rows` of them); `table` the calc_cond_batch call's chunk_table."""
+        """Latent gates (and, for guarded membranes, breaches) for every chunk's cond not yet measured
+        in this sampling run, one per prompt the cond carries; conds of a role no latent membrane acts
+        on (negatives under "positive only") are not measured. `run_model`, `reference` and `sigmas` as
+        in `latent_gates`, the sources being rows of the sampling call (`rows` of them); `table` the
+        calc_cond_batch call's chunk_table."""
         uuids = transformer_options.get("uuids") or []
         indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
         if not self.reads_model or not uuids:
@@ -222,67 +227,161 @@ class MembraneState:
         per_chunk = rows // len(uuids)
         pending = {}
         for chunk, key in enumerate(zip(indices, uuids)):
-            known = table.get(key)
-            cond = key if known is None else known.cond
-            if cond in self._latent_gates or cond in pending:
+            known = table.get(key) or Chunk(POSITIVE, None, key)
+            if known.cond in self._latent_gates or known.cond in pending:
                 continue
-            items = 1 if known is None or known.gates is None else min(known.gates.shape[0], per_chunk)
-            if not self._acting[POSITIVE if known is None else known.role][self._latent_entries].any():
-                self._latent_gates[cond] = torch.zeros(items, len(self.entries))
+            items = 1 if known.gates is None else min(known.gates.shape[0], per_chunk)
+            if not self._acting[known.role][self._latent_entries].any():
+                self._latent_gates[known.cond] = torch.zeros(items, len(self.entries))
                 continue
-            pending[cond] = [chunk * per_chunk + item for item in range(items)]
+            pending[known.cond] = (known, [chunk * per_chunk + item for item in range(items)])
         if not pending:
             return
-        sources = [row for chunk_rows in pending.values() for row in chunk_rows]
-        gates = self.latent_gates(run_bare, None, sources, reference, sigmas)
-        for cond, chunk_rows in pending.items():
+        sources = [row for _, chunk_rows in pending.values() for row in chunk_rows]
+        gates = self.latent_gates(run_model, None, sources, reference, sigmas)
+        opened = []
+        for cond, (known, chunk_rows) in pending.items():
             self._latent_gates[cond], gates = gates[: len(chunk_rows)], gates[len(chunk_rows):]
+            text = torch.zeros_like(self._latent_gates[cond]) if known.gates is None else known.gates[: len(chunk_rows)]
+            # a negative prompt is never replaced: it is not what the picture draws
+            opened.append(torch.maximum(self._latent_gates[cond], text) * self._acting[known.role] * (known.role == POSITIVE))
+        if not self._guarded_entries:
+            return
+        breach, chosen = self.breaches(run_model, None, sources, reference, sigmas, torch.cat(opened))
+        for cond, (_, chunk_rows) in pending.items():
+            self._breaches[cond] = (breach[: len(chunk_rows)], chosen[: len(chunk_rows)])
+            breach, chosen = breach[len(chunk_rows):], chosen[len(chunk_rows):]
 
-    def latent_gates(self, run_bare, contexts: torch.Tensor | None, sources: list[int], reference: torch.Tensor,
+    def call_breaches(self, context: torch.Tensor, transformer_options: dict, sigma: torch.Tensor, model_sampling,
+                      table: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, membranes) breaches of a guider's batch at this step and the concept each breached
+        with (see `breaches`), or None when no row is breached. A membrane the schedule keeps closed
+        at this step breaches nothing: a row moved to the concept's words must meet its membrane."""
+        uuids = transformer_options.get("uuids") or []
+        indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
+        found = [self._breaches.get((table.get(key) or Chunk(POSITIVE, None, key)).cond) for key in zip(indices, uuids)]
+        if not any(entry is not None and bool(entry[0].any()) for entry in found):
+            return None
+        in_range = self.schedule.active(float(sigma.reshape(-1)[0]), model_sampling)
+        per_chunk = context.shape[0] // len(uuids)
+        nothing = (torch.zeros(1, len(self.entries)), torch.zeros(1, len(self.entries), dtype=torch.long))
+        rows = [(_per_row(breach, per_chunk) * in_range, _per_row(chosen, per_chunk)) for breach, chosen in (f or nothing for f in found)]
+        breach = torch.cat([breach for breach, _ in rows])
+        return (breach, torch.cat([chosen for _, chosen in rows])) if bool(breach.any()) else None
+
+    def latent_gates(self, run_model, contexts: torch.Tensor | None, sources: list[int], reference: torch.Tensor,
                      sigmas: Sequence[torch.Tensor]) -> torch.Tensor:
         """(P, membranes) latent gates (Transport.latent_gates) of P prompts; 0 for membranes gated by
         text alone. Each prompt is sampled by the bare model from `reference` (1, ...) over `sigmas`
         (spm_core.transport.look_ahead) and compared with the concepts at its own latent there.
-        `run_bare(contexts, sources, pooled, x, sigma)` returns the model's denoised predictions with
-        every membrane closed for rows at latents `x` (R, ...) and `sigma`, of conditioning `contexts`
-        (R, N, D) (None: the sources' own) whose other inputs are those of the caller's rows
-        `sources`, with `pooled` (R, P) as their pooled text vectors (None: the sources' own). The
-        concepts and the empty prompt take each prompt's other inputs and their own pooled vectors."""
+        `run_model(contexts, sources, pooled, x, sigma, gates=None, strengths=None)` returns the
+        model's denoised predictions for rows at latents `x` (R, ...) and `sigma`, with every membrane
+        closed or at `gates` (R, membranes) and `strengths`, of conditioning `contexts` (R, N, D)
+        (None: the sources' own) whose other inputs are those of the caller's rows `sources`, with
+        `pooled` (R, P) as their pooled text vectors (None: the sources' own). The concepts and the
+        empty prompt take each prompt's other inputs and their own pooled vectors."""
+        x = look_ahead(self._look_ahead_model(run_model, contexts, sources), self._start(reference, sources), sigmas)
+        prompt_shifts, concept_shifts = self._shifts_at(run_model, contexts, sources, x, sigmas[-1], self._latent_entries)
+        columns = [torch.zeros(len(sources)) for _ in self.entries]
+        for index, shifts in concept_shifts.items():
+            columns[index] = torch.cat([self.entries[index].transport.latent_gates(prompt_shifts[p: p + 1], shifts[p])
+                                        for p in range(len(sources))])[:, 0]
+        return torch.stack(columns, dim=1)
+
+    def breaches(self, run_model, contexts: torch.Tensor | None, sources: list[int], reference: torch.Tensor,
+                 sigmas: Sequence[torch.Tensor], gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, membranes) breaches of the guarded membranes (Transport.breaches; 0 for the others) and
+        (P, membranes) the index of the concept that breached each, for P prompts whose membranes open
+        at `gates` (P, membranes): each prompt sampled from `reference` over `sigmas` with its
+        membranes open at its gates and the positive rows' strengths, then compared with the concepts
+        as the bare model draws them there; a breach is at most its membrane's gate. `run_model` as in
+        `latent_gates`. Prompts that open no guarded membrane are not sampled."""
+        breach, chosen = torch.zeros(len(sources), len(self.entries)), torch.zeros(len(sources), len(self.entries), dtype=torch.long)
+        opening = [p for p in range(len(sources)) if bool(gates[p, self._guarded_entries].gt(0).any())]
+        if not opening:
+            return breach, chosen
+        rows = [sources[p] for p in opening]
+        own = None if contexts is None else contexts[opening]
+        open_gates = gates[opening].float()
+        strengths = self._strengths[POSITIVE].expand(len(opening), -1)
+        x = look_ahead(self._look_ahead_model(run_model, own, rows, open_gates, strengths), self._start(reference, rows), sigmas)
+        open_shifts, concept_shifts = self._shifts_at(run_model, own, rows, x, sigmas[-1], self._guarded_entries,
+                                                      open_gates, strengths)
+        for index, shifts in concept_shifts.items():
+            for row, p in enumerate(opening):
+                found, concept = self.entries[index].transport.breaches(open_shifts[row: row + 1], shifts[row])
+                # never further than the membrane opened: a prompt the gates barely open is not replaced
+                breach[p, index], chosen[p, index] = torch.minimum(found[0, 0], gates[p, index].float()), concept[0, 0]
+        return breach, chosen
+
+    def _start(self, reference: torch.Tensor, sources: list[int]) -> torch.Tensor:
+        return reference.float().expand(len(sources), *reference.shape[1:])
+
+    def _empty_rows(self, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         transport = self.entries[self._latent_entries[0]].transport
-        count = len(sources)
-        empty = transport.empty[None].expand(count, -1, -1)
         empty_pooled = None if transport.empty_pooled is None else transport.empty_pooled[None].expand(count, -1)
+        return transport.empty[None].expand(count, -1, -1), empty_pooled
+
+    def _look_ahead_model(self, run_model, contexts: torch.Tensor | None, sources: list[int], gates: torch.Tensor | None = None,
+                          strengths: torch.Tensor | None = None):
+        """`denoise` for spm_core.transport.look_ahead: the prompts with their membranes at `gates`
+        (None: closed) against the bare model's empty prompt."""
+        empty, empty_pooled = self._empty_rows(len(sources))
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor, conditional: bool) -> torch.Tensor:
             if conditional:
-                return run_bare(contexts, sources, None, x, sigma)
-            return run_bare(empty, sources, empty_pooled, x, sigma)
+                return run_model(contexts, sources, None, x, sigma, gates, strengths)
+            return run_model(empty, sources, empty_pooled, x, sigma)
 
-        x = look_ahead(denoise, reference.float().expand(count, *reference.shape[1:]), sigmas)
-        sigma = sigmas[-1]
-        concept_rows = torch.cat([transport.empty[None]] + [self.entries[i].transport.concept_embeddings
-                                                             for i in self._latent_entries])
-        pooled = [transport.empty_pooled] + [self.entries[i].transport.concept_pooled for i in self._latent_entries]
+        return denoise
+
+    def _shifts_at(self, run_model, contexts: torch.Tensor | None, sources: list[int], x: torch.Tensor, sigma: torch.Tensor,
+                   entries: list[int], gates: torch.Tensor | None = None,
+                   strengths: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """At each prompt's latent in `x`: its prediction (membranes at `gates`, or closed) minus the
+        bare model's for the empty prompt (P, ...), and per entry of `entries` the bare model's same
+        shift for each of its concepts (P, concepts, ...)."""
+        transport = self.entries[self._latent_entries[0]].transport
+        count = len(sources)
+        concept_rows = torch.cat([transport.empty[None]] + [self.entries[i].transport.concept_embeddings for i in entries])
+        pooled = [transport.empty_pooled] + [self.entries[i].transport.concept_pooled for i in entries]
         concept_pooled = None if any(p is None for p in pooled) else torch.cat([pooled[0][None], *pooled[1:]])
         per_prompt = concept_rows.shape[0]  # the empty prompt and every concept, at each prompt's latent
-        concept_predictions = run_bare(
+        concept_predictions = run_model(
             concept_rows.repeat(count, 1, 1), [source for source in sources for _ in range(per_prompt)],
             None if concept_pooled is None else concept_pooled.repeat(count, 1), x.repeat_interleave(per_prompt, 0),
             sigma).reshape(count, per_prompt, *x.shape[1:])
-        empty_predictions = concept_predictions[:, 0]
-        prompt_shifts = run_bare(contexts, sources, None, x, sigma) - empty_predictions
-        columns, offset = [], 1
-        for index, entry in enumerate(self.entries):
-            if index not in self._latent_entries:
-                columns.append(torch.zeros(count))
-                continue
-            width = entry.transport.concept_embeddings.shape[0]
-            columns.append(torch.cat([
-                entry.transport.latent_gates(prompt_shifts[p: p + 1],
-                                             concept_predictions[p, offset: offset + width] - empty_predictions[p: p + 1])
-                for p in range(count)])[:, 0])
+        empty_predictions = concept_predictions[:, :1]
+        prompt_shifts = run_model(contexts, sources, None, x, sigma, gates, strengths) - empty_predictions[:, 0]
+        concept_shifts, offset = {}, 1
+        for index in entries:
+            width = self.entries[index].transport.concept_embeddings.shape[0]
+            concept_shifts[index] = concept_predictions[:, offset: offset + width] - empty_predictions
             offset += width
-        return torch.stack(columns, dim=1)
+        return prompt_shifts, concept_shifts
+
+    def guarded_inputs(self, context: torch.Tensor, pooled: torch.Tensor | None, breach: torch.Tensor,
+                       chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`context` (rows, N, D) and `pooled` (rows, P) moved towards the words of the concepts that
+        breached each row, by its largest breach (rows, membranes; `chosen` as `breaches` gives it):
+        a fully breached row reads the concept's own prompt (every N-token chunk of it), which its
+        membrane erases."""
+        amount = breach.amax(dim=1).to(context)
+        share = (breach / breach.sum(dim=1, keepdim=True).clamp(min=1e-12)).to(context)
+        target = torch.zeros_like(context)
+        target_pooled = None if pooled is None else torch.zeros_like(pooled)
+        for index in self._guarded_entries:
+            transport = self.entries[index].transport
+            words = transport.concept_embeddings[chosen[:, index]].to(context)
+            chunks = -(-context.shape[1] // words.shape[1])
+            target = target + share[:, index, None, None] * words.repeat(1, chunks, 1)[:, : context.shape[1]]
+            if target_pooled is not None and transport.concept_pooled is not None:
+                target_pooled = target_pooled + share[:, index, None] * transport.concept_pooled[chosen[:, index]].to(pooled)
+        # lerp is exact at both ends: an unbreached row keeps its own conditioning, a fully breached one reads the words
+        blended = torch.lerp(context, target, amount[:, None, None])
+        if target_pooled is None:
+            return blended, pooled
+        return blended, torch.lerp(pooled, target_pooled, amount[:, None].to(pooled))
 
     def chunk_table(self, cond_lists) -> dict[tuple[int, object], Chunk]:
         """A Chunk per (list index, uuid) for one calc_cond_batch call. ComfyUI's

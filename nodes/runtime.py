@@ -78,23 +78,24 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     transformer_options = transformer_options or {}
     table = state.call_chunks()
     if state.reads_model:
-        run_bare = _bare_runner(executor, state, x, c_concat, c_crossattn, control, transformer_options, kwargs)
+        run_model = _model_runner(executor, state, x, c_concat, c_crossattn, control, transformer_options, kwargs)
         reference, sigmas = _latent_gate_start(base_model.model_sampling, x, t)
-        state.measure_latent_gates(run_bare, transformer_options, x.shape[0], table, reference, sigmas)
+        state.measure_latent_gates(run_model, transformer_options, x.shape[0], table, reference, sigmas)
+        c_crossattn, kwargs = _guarded(executor, state, c_crossattn, transformer_options, t, table, kwargs)
     gates, strengths = state.call_gates(c_crossattn, transformer_options, t, base_model.model_sampling, table)
     with state.stack.gates_active(gates, strengths):
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
-def _bare_runner(executor, state: MembraneState, x, c_concat, c_crossattn, control, transformer_options: dict,
-                 kwargs: dict):
-    """`run_bare` (MembraneState.latent_gates) for the APPLY_MODEL call these are the arguments of."""
+def _model_runner(executor, state: MembraneState, x, c_concat, c_crossattn, control, transformer_options: dict,
+                  kwargs: dict):
+    """`run_model` (MembraneState.latent_gates) for the APPLY_MODEL call these are the arguments of."""
     pooled_first = isinstance(executor.class_obj, POOLED_FIRST_MODELS)
 
-    def run_bare(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None, latents: torch.Tensor,
-                 sigma: torch.Tensor) -> torch.Tensor:
-        """The bare model's denoised predictions, never more rows per call than this call has (ComfyUI
-        sized it to fit in memory)."""
+    def run_model(contexts: torch.Tensor | None, sources: list[int], pooled: torch.Tensor | None, latents: torch.Tensor,
+                  sigma: torch.Tensor, gates: torch.Tensor | None = None, strengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's denoised predictions, membranes closed or at `gates`, never more rows per call
+        than this call has (ComfyUI sized it to fit in memory)."""
         predictions = []
         for start in range(0, len(sources), x.shape[0]):
             index = torch.tensor(sources[start: start + x.shape[0]])
@@ -105,7 +106,9 @@ def _bare_runner(executor, state: MembraneState, x, c_concat, c_crossattn, contr
                     and pooled.shape[1] < extra["y"].shape[1]:
                 own = pooled[start: start + rows].to(extra["y"])
                 extra["y"] = torch.cat([own, extra["y"][:, own.shape[1]:]], dim=1)
-            with state.stack.gates_active(torch.zeros(rows, state.stack.membrane_count)):
+            closed = gates is None
+            row_gates = torch.zeros(rows, state.stack.membrane_count) if closed else gates[start: start + rows]
+            with state.stack.gates_active(row_gates, None if closed else strengths[start: start + rows]):
                 # the model itself (executor.original), past the APPLY_MODEL wrappers below ours: see _pre_pass_options
                 predictions.append(executor.original(
                     latents[start: start + rows].to(x), sigma.reshape(1).to(x).expand(rows), _rows_of(c_concat, index, x.shape[0]),
@@ -113,7 +116,24 @@ def _bare_runner(executor, state: MembraneState, x, c_concat, c_crossattn, contr
                     _pre_pass_options(transformer_options, rows), **extra))
         return torch.cat(predictions)
 
-    return run_bare
+    return run_model
+
+
+def _guarded(executor, state: MembraneState, c_crossattn: torch.Tensor, transformer_options: dict, t: torch.Tensor,
+             table: dict, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """The call's text conditioning (and, where the model reads one first in `y`, the pooled text
+    vector) with every breached row moved towards its concept's words (MembraneState.guarded_inputs)."""
+    found = state.call_breaches(c_crossattn, transformer_options, t, executor.class_obj.model_sampling, table)
+    if found is None:
+        return c_crossattn, kwargs
+    y = kwargs.get("y")
+    width = next((e.transport.concept_pooled.shape[1] for e in state.entries
+                  if e.transport.guards and e.transport.concept_pooled is not None), None)
+    pooled = y[:, :width] if isinstance(executor.class_obj, POOLED_FIRST_MODELS) and torch.is_tensor(y) and width else None
+    context, pooled = state.guarded_inputs(c_crossattn, pooled, *found)
+    if pooled is None:
+        return context, kwargs
+    return context, {**kwargs, "y": torch.cat([pooled, y[:, pooled.shape[1]:]], dim=1)}
 
 
 def _latent_gate_start(model_sampling, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -18,9 +18,10 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
 --bare         the shipped model without any membrane: the classifier's accuracy per concept and
                family, i.e. whether the model draws what it is asked for before anything is erased.
 --calibrate    only the gate calibration (ROC over the world's captions).
---latent       ten concepts one at a time and all ten at once, latent gate only (about 30 minutes).
+--latent       ten concepts one at a time and all ten at once, latent gate only (about 30 minutes); with
+               --gates guarded, behind the guarded gate instead.
 --stack        only the ten at once of --latent, with where each membrane's gate opened on prompts that do not
-               name its concept (about 3 minutes once the membranes exist).
+               name its concept (about 3 minutes once the membranes exist); --gates guarded as for --latent.
 --rank4        only the rank-4 membranes with 4 contexts (the robustness candidate).
 --anchoring    only the sweep of prompt vs Gaussian anchors over anchor strength.
 --transfer     only the transfer of the default membranes to the fine-tuned copy.
@@ -28,7 +29,7 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
                gradient search; textual-inversion embeddings learned on the
                bare model and against the membrane, used as "a embedding:<name>" through ComfyUI's
                tokenizer) on --concepts (default circle red snowman striped) for the membrane --variants
-               (default: default) under --gates (default paper latent), limited to --attack-names if
+               (default: default) under --gates (default paper latent; also guarded, always_open), limited to --attack-names if
                given; the strongest attack per concept beside the bare model's recall. One concept, one
                variant, one gate, one attack: a quick experiment.
 --dit          the miniature DiT world (a tiny Flux, miniworld/dit.py): the ten concepts one at a time behind the
@@ -77,7 +78,8 @@ def main() -> None:
                         help="ComfyUI's embeddings folder for this run: where --attacks writes its textual inversions")
     parser.add_argument("--concepts", nargs="+", default=list(ABLATION_CONCEPTS), help="--attacks: the erased concepts")
     parser.add_argument("--variants", nargs="+", default=["default"], help="--attacks: membrane variants (lab.membranes)")
-    parser.add_argument("--gates", nargs="+", default=list(GATES), choices=list(TRANSPORTS), help="--attacks: transports")
+    parser.add_argument("--gates", nargs="+", choices=list(TRANSPORTS),
+                        help=f"--attacks: transports (default {' '.join(GATES)}); --latent, --stack: latent or guarded")
     parser.add_argument("--attack-names", nargs="+", choices=attack_names(), help="--attacks: only these attacks")
     parser.add_argument("--world", choices=("unet", "dit"), default="unet",
                         help="the miniature model: the shipped UNet, or the miniature Flux (--bare, --attacks, --dit)")

@@ -23,6 +23,12 @@ Modes, selectable by name:
               object and a tree are the same green blob, and the tree membrane opened fully on
               every prompt asking for green. Costs 2 x LATENT_LOOKAHEAD_STEPS + concepts + 2 extra
               model rows per prompt and run.
+  guarded     latent, and a second look-ahead with the membranes open at those gates: where the concept
+              still forms (a prompt optimised to go around the membrane draws it through the open
+              membrane), the prompt's conditioning is replaced, in proportion to the breach
+              (`breach_threshold` to `breach_saturation` on the same cosine), by the concept's own
+              words, which the membrane was trained to erase. Costs as much again as the latent gate
+              for prompts that open a membrane; nothing more for the others.
   tokens      for encoders with no whole-prompt embedding to compare (T5 in Flux): how well the
               prompt's token vectors match each of the concept's content-token vectors, measured
               from the empty prompt's match (spm_core.token_gate), mapped linearly from
@@ -57,6 +63,12 @@ from .token_gate import TokenBank, content_vectors
 # the rule gave 0.44 / 0.70 and 3.6% of captions opened a membrane they do not ask for; after it 1.5%).
 LATENT_THRESHOLD, LATENT_SATURATION = 0.08, 0.65
 LATENT_LOOKAHEAD_STEPS, LATENT_LOOKAHEAD_CFG = 4, 5.0  # of a 20-step schedule: the shapes have formed
+# The guarded gate's breach ramp, by a rule fixed before any attack was measured against it
+# (docs/benchmark.md): the threshold is the 99th percentile of the open membrane's cosine over
+# captions that do not name its concept (a breach replaces the prompt, so almost none of those may
+# trigger it), the saturation the median bare cosine of captions that do (what drawing the concept
+# looks like, LATENT_SATURATION's rule); averaged over the ten default miniature membranes.
+BREACH_THRESHOLD, BREACH_SATURATION = 0.20, 0.65
 # The calibrated text gate's ramp by the same rule on the same captions (it was 0.3 / 0.7, never
 # calibrated, and left four to nine of ten membranes a third to half open on every shape prompt).
 CALIBRATED_THRESHOLD, CALIBRATED_SATURATION = 0.50, 0.67
@@ -74,12 +86,17 @@ class TransportMode(Choice):
     CALIBRATED = "calibrated", "cosine relative to the empty prompt; unrelated prompts get exactly 0"
     LATENT = "latent", ("calibrated, or higher when the model is about to draw the concept, whatever the words "
                         "(the bare model looks 4 steps ahead for each prompt before sampling starts)")
+    GUARDED = "guarded", ("latent, and where the concept still forms with the membrane open (an optimised prompt "
+                          "going around it), the prompt is replaced by the concept's own words, which the membrane "
+                          "erases (a second look-ahead for prompts that open a membrane)")
     TOKENS = "tokens", ("the concept's tokens found in order among the prompt's own token vectors (for T5 text "
                         "encoders: Flux)")
     OFFICIAL = "official_code", ("what the official SPM scripts do (paper gate, squared, one gate for the whole batch, "
                                  "a chain merged into one adapter), to reproduce them; set it on every membrane of a chain")
     ALWAYS_OPEN = "always_open", "gate 1 for every prompt, like a plain LoRA"
 
+
+LOOKING_AHEAD = (TransportMode.LATENT, TransportMode.GUARDED)  # the modes whose gate asks the bare model
 
 
 @dataclass(frozen=True)
@@ -165,7 +182,8 @@ class Transport:
                  saturation: float = CALIBRATED_SATURATION,
                  latent_threshold: float = LATENT_THRESHOLD, latent_saturation: float = LATENT_SATURATION,
                  floor: float = 0.0, empty_pooled: torch.Tensor | None = None,
-                 token_threshold: float = TOKEN_THRESHOLD, token_saturation: float = TOKEN_SATURATION) -> None:
+                 token_threshold: float = TOKEN_THRESHOLD, token_saturation: float = TOKEN_SATURATION,
+                 breach_threshold: float = BREACH_THRESHOLD, breach_saturation: float = BREACH_SATURATION) -> None:
         self.mode = mode
         self.membrane_count = len(membranes)
         if mode is TransportMode.ALWAYS_OPEN:
@@ -176,16 +194,17 @@ class Transport:
         if any(len(concepts) == 0 for concepts in membranes):
             raise SPMError("a membrane has no concepts, so its gate cannot be computed; use transport mode "
                            "'always_open' or give it concepts")
-        if mode in (TransportMode.CALIBRATED, TransportMode.LATENT, TransportMode.TOKENS):
+        if mode in (TransportMode.CALIBRATED, *LOOKING_AHEAD, TransportMode.TOKENS):
             if empty is None:
                 raise SPMError(f"{mode.value} transport needs the empty prompt's embedding")
             for low, high in ((threshold, saturation), (latent_threshold, latent_saturation),
-                              (token_threshold, token_saturation)):
+                              (token_threshold, token_saturation), (breach_threshold, breach_saturation)):
                 if not -1.0 <= low < high <= 1.0:
                     raise SPMError(f"{mode.value} transport needs threshold < saturation within [-1, 1], got {low}, {high}")
         self.threshold, self.saturation = threshold, saturation
         self.latent_threshold, self.latent_saturation = latent_threshold, latent_saturation
         self.token_threshold, self.token_saturation = token_threshold, token_saturation
+        self.breach_threshold, self.breach_saturation = breach_threshold, breach_saturation
         flat = [c for concepts in membranes for c in concepts]
         if mode is TransportMode.TOKENS:  # encoders that do not pad (Chroma's T5) give concepts their own lengths
             flat = _padded_to_longest(flat)
@@ -200,7 +219,7 @@ class Transport:
         self.concept_pooled = None if empty_pooled is None or any(p is None for p in pooled) else torch.stack(
             [p.float().reshape(-1) for p in pooled])
         self.empty_pooled = None if self.concept_pooled is None else empty_pooled.float().reshape(-1)
-        relative = mode in (TransportMode.CALIBRATED, TransportMode.LATENT)
+        relative = mode in (TransportMode.CALIBRATED, *LOOKING_AHEAD)
         concepts = embeddings - self.empty if relative else embeddings
         # flattened and normalised once: per call only the rows are (a 50-concept bank is ~12 MB)
         self.length = concepts.shape[1]
@@ -218,7 +237,7 @@ class Transport:
             if row_tokens is not None:
                 similarity = torch.maximum(similarity, self._overlaps(row_tokens, batch))
             return self._per_membrane(similarity).clamp(min=self.floor)
-        relative = self.mode in (TransportMode.CALIBRATED, TransportMode.LATENT)
+        relative = self.mode in (TransportMode.CALIBRATED, *LOOKING_AHEAD)
         if relative:
             chunks = -(-rows.shape[1] // self.empty.shape[0])
             rows = rows.float() - self.empty.to(rows.device).repeat(chunks, 1)[: rows.shape[1]]
@@ -239,7 +258,12 @@ class Transport:
     @property
     def reads_model(self) -> bool:
         """Whether the gate also needs the model's predictions (see `latent_gates`)."""
-        return self.mode is TransportMode.LATENT
+        return self.mode in LOOKING_AHEAD
+
+    @property
+    def guards(self) -> bool:
+        """Whether a breach (the concept forming with the membrane open) replaces the prompt (see `breaches`)."""
+        return self.mode is TransportMode.GUARDED
 
     def latent_gates(self, prompt_shifts: torch.Tensor, concept_shifts: torch.Tensor) -> torch.Tensor:
         """(P, membranes) latent gates. prompt_shifts: (P, ...) the bare model's prediction for each
@@ -247,6 +271,17 @@ class Transport:
         each concept in `concept_embeddings` order, at the same noisy latent."""
         cosines = latent_cosines(prompt_shifts, concept_shifts)
         return self._per_membrane(_ramp(cosines, self.latent_threshold, self.latent_saturation)).clamp(min=self.floor)
+
+    def breaches(self, open_shifts: torch.Tensor, concept_shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, membranes) breaches and, per membrane, the index (P, membranes) in `concept_embeddings` of
+        the concept that breached most. open_shifts: (P, ...) the model's prediction for each prompt
+        with the membranes open minus the bare model's for the empty prompt, after a look-ahead with
+        the membranes open; concept_shifts: (C, ...) the bare model's shift for each concept there."""
+        breach = _ramp(latent_cosines(open_shifts, concept_shifts), self.breach_threshold, self.breach_saturation).cpu()
+        membranes = self._per_membrane(breach)
+        owned = torch.where(self.concept_owner[None, :, None] == torch.arange(self.membrane_count)[None, None, :],
+                            breach[:, :, None], torch.tensor(-1.0))
+        return membranes, owned.argmax(dim=1)
 
     def _per_membrane(self, per_concept: torch.Tensor) -> torch.Tensor:
         """(B, concepts) -> (B, membranes): a membrane opens as far as its closest concept."""
