@@ -193,6 +193,10 @@ class MembraneState:
         """(items, membranes) latent gates of each cond measured in the current or last sampling run."""
         return list(self._latent_gates.values())
 
+    def measured_breaches(self) -> list[torch.Tensor]:
+        """(items, membranes) breaches of each cond measured in the current or last sampling run."""
+        return [breach for breach, _ in self._breaches.values()]
+
     @property
     def reads_model(self) -> bool:
         return bool(self._latent_entries)

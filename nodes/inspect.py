@@ -13,20 +13,25 @@ from .runtime import state_of
 
 def gate_table(model, conditionings: dict[str, list], latent: dict | None = None,
                seed: int = 0) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per membrane, one column per conditioning entry. Latent transport
-    also shows what the bare model answers at the first step of sampling `latent` with `seed`;
-    without a latent such membranes are marked as showing the text gate alone."""
+    """Header and rows: one row per membrane, one column per conditioning entry. Latent and guarded
+    transport also show what the bare model answers at the first step of sampling `latent` with
+    `seed` (guarded: and the breach, where there is one); without a latent such membranes are
+    marked as showing the text gate alone."""
     state = state_of(model)
-    columns, gates = [], []
+    columns, gates, breaches = [], [], []
     for label, conditioning in conditionings.items():
         for index, (embedding, options) in enumerate(conditioning):
             columns.append(label if len(conditioning) == 1 else f"{label}[{index}]")
             gate = state.gates_for(embedding[:1].float().cpu(), options.get(TOKENS_KEY))[0]
+            breach = torch.zeros_like(gate)
             if state.reads_model and latent is not None:
-                gate = torch.maximum(gate, first_step_latent_gates(model, [embedding, options], latent, seed))
+                latent_gate, breach = first_step_latent_gates(model, [embedding, options], latent, seed)
+                gate = torch.maximum(gate, latent_gate)
             gates.append(gate)
+            breaches.append(breach)
     header = ["membrane", "transport", *columns]
-    rows = [[entry.label, _transport_label(entry, latent), *(f"{g[i].item():.3f}" for g in gates)]
+    rows = [[entry.label, _transport_label(entry, latent),
+             *(f"{g[i].item():.3f}" + (f" (breach {b[i].item():.2f})" if b[i] > 0 else "") for g, b in zip(gates, breaches))]
             for i, entry in enumerate(state.entries)]
     return header, rows
 
@@ -37,9 +42,10 @@ def _transport_label(entry, latent: dict | None) -> str:
     return entry.transport.mode.value
 
 
-def first_step_latent_gates(model, entry: list, latent: dict, seed: int) -> torch.Tensor:
-    """(membranes,) the latent gates a full-denoise run from `latent` with `seed` measures for this
-    conditioning entry: its first step, run through ComfyUI's own guider (cfg 1: the entry alone)."""
+def first_step_latent_gates(model, entry: list, latent: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(membranes,) the latent gates and the guarded membranes' breaches (0 for the others) a
+    full-denoise run from `latent` with `seed` measures for this conditioning entry: its first step,
+    run through ComfyUI's own guider (cfg 1: the entry alone)."""
     import comfy.sample
     import comfy.samplers
 
@@ -50,7 +56,9 @@ def first_step_latent_gates(model, entry: list, latent: dict, seed: int) -> torc
     guider.set_conds([entry], [])
     guider.set_cfg(1.0)
     guider.sample(noise, samples, comfy.samplers.sampler_object("euler"), sigmas, seed=seed, disable_pbar=True)
-    return state_of(model).measured_latent_gates()[0][0]
+    state = state_of(model)
+    breaches = state.measured_breaches()
+    return state.measured_latent_gates()[0][0], breaches[0][0] if breaches else torch.zeros(len(state.entries))
 
 
 def as_text(header: list[str], rows: list[list[str]]) -> str:
@@ -92,8 +100,9 @@ class SPMTransportInspector(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True, tooltip="Negative prompt conditioning (optional)."),
                 io.Latent.Input("latent", optional=True,
                                 tooltip="The latent your sampler starts from (with its seed below): membranes with "
-                                        "transport latent then show the gate sampling measures at its first step, "
-                                        "not only the text gate. Costs one model step per prompt."),
+                                        "transport latent or guarded then show the gate sampling measures at its first "
+                                        "step (guarded: and the breach), not only the text gate. Costs one model step "
+                                        "per prompt, and the look-aheads."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True, control_after_generate=True,
                              tooltip="The sampler's noise seed, used with the latent input."),
             ],

@@ -116,3 +116,16 @@ def test_a_breach_ramp_out_of_order_is_refused():
     concept = ConceptEmbedding(torch.randn(77, 8))
     with pytest.raises(SPMError, match="guarded transport needs threshold < saturation"):
         Transport([[concept]], TransportMode.GUARDED, empty=torch.zeros(77, 8), breach_threshold=0.7, breach_saturation=0.6)
+
+
+def test_the_inspector_shows_the_breach_that_sampling_measures(spm_world):
+    from pack import node
+
+    patcher, clip, _ = spm_world
+    (latent,) = nodes.EmptyLatentImage().generate(64, 64, 1)
+    inspector = node("SPMTransportInspector")
+    for ramp, shown in ((ALWAYS, "1.000 (breach 1.00)"), (NEVER, "1.000")):
+        model = guarded(patcher, clip, "snoopy.safetensors", ramp)
+        table = inspector.execute(model, encode(clip, "a photo of snoopy"), encode(clip, "a bowl of fruit"), latent, 3).result[0]
+        cells = table.splitlines()[-1].split("  ")
+        assert [cell.strip() for cell in cells if cell.strip()][-2:] == [shown, "0.000"], table
