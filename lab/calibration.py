@@ -10,6 +10,12 @@ over captions that do not name the concept, saturation = the median over caption
 averaged over the concepts (spm_core.transport.LATENT_THRESHOLD / LATENT_SATURATION), measured where
 the runtime measures it: after the look-ahead. The calibrated text gate's ramp comes from the same
 rule on its relative cosine (CALIBRATED_THRESHOLD / CALIBRATED_SATURATION).
+
+The guarded gate's breach ramp (BREACH_THRESHOLD / BREACH_SATURATION) comes from the same captions
+with each concept's default membrane fully open: threshold = the 99th percentile of the cosine,
+measured after a look-ahead with the membrane open, over captions that do not name the concept (a
+breach replaces the prompt, so almost none of those may trigger it); saturation = the median bare
+cosine over captions that do, as for the latent gate; both averaged over the concepts.
 """
 
 from __future__ import annotations
@@ -134,6 +140,71 @@ def calibrate(lab, concepts: Sequence[str]) -> dict:
                 "saturation": float(np.median(raw[asks])),
             }
         result["concepts"][name] = {"captions_naming": int(asks.sum()), "gates": per_gate}
+    return result
+
+
+@torch.no_grad()
+def open_membrane_cosines(lab, membrane_file: str, name: str, rows: torch.Tensor, seed: int, opened: bool) -> np.ndarray:
+    """Per caption (rows: their conditioning), the latent gate's cosine with concept `name` after a
+    look-ahead from one noisy latent with the membrane fully open on the caption (the empty prompt
+    bare), where the guarded gate measures a breach; with `opened` False, the bare model's throughout."""
+    import comfy.model_management
+
+    from .harness import PICTURE_SIDE
+    from .setups import Chain
+
+    transport, runtime = lab.pack("spm_core.transport"), lab.pack("nodes.runtime")
+    chain = Chain(lab, "open", [membrane_file], "always_open")
+    comfy.model_management.load_models_gpu([chain.model])
+    base = chain.model.model
+    chain.state.install_hooks(base)
+    encode = lab.pack("nodes.encode")
+    empty = encode.encode_empty(lab.clip)[None]
+    concept = encode.encode_concept(lab.clip, name).embedding[None]
+
+    def run(contexts: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, membrane_open: bool) -> torch.Tensor:
+        count = x.shape[0]
+        with chain.state.stack.gates_active(torch.full((count, 1), float(membrane_open))):
+            return base.apply_model(x, sigma.reshape(1).expand(count), c_crossattn=contexts.expand(count, -1, -1)).float()
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, conditional: bool) -> torch.Tensor:
+        return run(rows, x, sigma, opened) if conditional else run(empty, x, sigma, False)
+
+    noise = torch.randn(1, 4, PICTURE_SIDE // 8, PICTURE_SIDE // 8, generator=torch.Generator().manual_seed(seed))
+    sigma = base.model_sampling.sigma_max.reshape(1)
+    start = base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+    sigmas = runtime.latent_gate_sigmas(base.model_sampling, sigma)
+    x = transport.look_ahead(denoise, start.expand(rows.shape[0], -1, -1, -1), sigmas)
+    empty_predictions = run(empty, x, sigmas[-1], False)
+    prompt_shifts = run(rows, x, sigmas[-1], opened) - empty_predictions
+    concept_shifts = run(concept, x, sigmas[-1], False) - empty_predictions
+    return torch.cat([transport.latent_cosines(prompt_shifts[i: i + 1], concept_shifts[i: i + 1])
+                      for i in range(rows.shape[0])])[:, 0].numpy()
+
+
+def calibrate_breach(lab, membranes: dict[str, str]) -> dict:
+    """The breach ramp's rule (module docstring) for each concept's membrane file in `membranes`."""
+    texts = captions()
+    rows = torch.cat([lab.encode(t)[0][0] for t in texts]).float()
+    result: dict = {"captions": len(texts), "concepts": {}}
+    for name, file in membranes.items():
+        asks = np.array([names(t, name) for t in texts])
+        cosines = {opened: np.mean([open_membrane_cosines(lab, file, name, rows, seed, opened) for seed in NOISE_SEEDS], axis=0)
+                   for opened in (False, True)}
+        result["concepts"][name] = {"threshold": float(np.percentile(cosines[True][~asks], 99)),
+                                    "saturation": float(np.median(cosines[False][asks])),
+                                    "open_median_asked": float(np.median(cosines[True][asks]))}
+    return result
+
+
+def print_breach_calibration(result: dict) -> dict:
+    concepts = result["concepts"]
+    print(f"\nBreach ramp (guarded gate) on {result['captions']} captions, each concept's membrane open")
+    print(f"{'concept':<9} {'p99 other, open':>16} {'median asked, bare':>19} {'median asked, open':>19}")
+    for name, values in concepts.items():
+        print(f"{name:<9} {values['threshold']:>16.3f} {values['saturation']:>19.3f} {values['open_median_asked']:>19.3f}")
+    result["summary"] = {key: float(np.mean([c[key] for c in concepts.values()])) for key in ("threshold", "saturation")}
+    print(f"{'average':<9} {result['summary']['threshold']:>16.3f} {result['summary']['saturation']:>19.3f}")
     return result
 
 

@@ -17,7 +17,7 @@ from miniworld.world import CONCEPTS, evaluation_prompts
 
 from .attack import AttackSettings, conditioning_of, optimise, typed
 from .benchmark import Evaluator, found_share, measure, measure_stack, panel
-from .calibration import calibrate, print_calibration
+from .calibration import calibrate, calibrate_breach, print_breach_calibration, print_calibration
 from .evaluate import concept_accuracy, family_accuracy, generate_and_read, request_accuracy, wilson_interval
 from .harness import SAMPLER, Lab
 from .host import REPO
@@ -542,6 +542,8 @@ def run(mode: str | None, count: int, membrane_dir: str, embedding_dir: str, com
         print_stacks(results["stacks"], count)
     elif mode == "calibrate":
         results["calibration"] = print_calibration(calibrate(lab, ERASED))
+        defaults = {concept: membrane(lab, concept, "default", VARIANTS["default"]) for concept in ERASED}
+        results["breach_calibration"] = print_breach_calibration(calibrate_breach(lab, defaults))
     elif mode in ("latent", "stack"):
         transport = (gates or ["latent"])[0]
         if transport not in LOOKING_AHEAD:

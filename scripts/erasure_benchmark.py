@@ -17,7 +17,8 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
                (tests/test_erasure_benchmark.py).
 --bare         the shipped model without any membrane: the classifier's accuracy per concept and
                family, i.e. whether the model draws what it is asked for before anything is erased.
---calibrate    only the gate calibration (ROC over the world's captions).
+--calibrate    only the gate calibration (ROC over the world's captions), and the guarded gate's breach ramp
+               from the ten default membranes (trained if --membranes lacks them).
 --latent       ten concepts one at a time and all ten at once, latent gate only (about 30 minutes); with
                --gates guarded, behind the guarded gate instead.
 --stack        only the ten at once of --latent, with where each membrane's gate opened on prompts that do not
