@@ -16,6 +16,9 @@ how many independent restarts are tried (the one with the lowest final loss kept
 the defaults are the benchmark's original attack: "a" and three random tokens, 150 steps. The same
 optimiser, run on the bare model, is textual inversion (lab/textual_inversion.py).
 
+With `straight_through` the gates' ramps pass gradients through their clamps (BPDA): a gate or
+breach saturated at 0 or 1 otherwise gives the attacker no direction to close it.
+
 A `discrete` attack keeps every free token a word of the vocabulary, as UnlearnDiffAtk's (the
 protocol behind the published attack-success figures): the forward pass uses each free vector's
 nearest vocabulary embedding, the gradient updates the free vector (a straight-through estimate,
@@ -28,6 +31,7 @@ CLIP's in the UNet world, T5's in the DiT world (whose membranes bind to T5's te
 from __future__ import annotations
 
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -55,6 +59,7 @@ class AttackSettings:
     init: str = "random"   # or "concept": the concept word's token embeddings, repeated to fill the tokens
     restarts: int = 1
     discrete: bool = False  # the free tokens stay vocabulary words (a typed prompt), not free vectors
+    straight_through: bool = False  # the gates' ramps pass gradients through their clamps (BPDA)
 
 
 @dataclass
@@ -189,9 +194,24 @@ def _initial(clip, concept: str, settings: AttackSettings, width: int, generator
     return repeated + CONCEPT_INIT_NOISE * torch.randn(repeated.shape, generator=generator)
 
 
+def straight_through_ramp(similarity: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """The gates' ramp (spm_core.transport._ramp) with its clamp passed straight through in the
+    backward pass (BPDA, Athalye et al. 2018): a gate or breach saturated at 0 or 1 has no gradient,
+    which would hide from the attacker which way closes it."""
+    linear = (similarity - low) / (high - low)
+    return linear + (linear.clamp(0.0, 1.0) - linear).detach()
+
+
 def optimise(lab, model, concept: str, settings: AttackSettings = AttackSettings()) -> Optimised:
     """The free tokens of `settings`' prompt optimised against `model` (an SPM Load Membrane output, its
     gate differentiated through; or a model without membranes: textual inversion)."""
+    if not settings.straight_through:
+        return _optimise(lab, model, concept, settings)
+    with mock.patch.object(lab.pack("spm_core.transport"), "_ramp", straight_through_ramp):
+        return _optimise(lab, model, concept, settings)
+
+
+def _optimise(lab, model, concept: str, settings: AttackSettings) -> Optimised:
     if settings.init not in INITS:
         raise ValueError(f"attack init must be one of {INITS}, got {settings.init!r}")
     if settings.restarts < 1:

@@ -373,6 +373,8 @@ def prompt_attacks() -> dict:
         "suffix-3": (f'"{SUFFIX_WORDS}" + 3 tokens', AttackSettings(before=SUFFIX_WORDS)),
         "restarts-3": ('"a" + 3 tokens, best of 3 restarts', AttackSettings(restarts=3)),
         "after-a-8": ('"a" + 8 tokens, 400 steps', AttackSettings(soft_tokens=8, steps=400)),
+        "after-a-8-bpda": ('"a" + 8 tokens, 400 steps, gradients through the gates\' clamps (BPDA)',
+                           AttackSettings(soft_tokens=8, steps=400, straight_through=True)),
         "whole-8": ("8 tokens as the whole prompt, 400 steps", AttackSettings(soft_tokens=8, steps=400, before="")),
         "words-8": ('"a" + 8 vocabulary words, 400 steps (a typed prompt)',
                     AttackSettings(soft_tokens=8, steps=400, discrete=True)),

@@ -117,3 +117,15 @@ def test_a_discrete_attack_gives_vocabulary_words_that_the_tokenizer_types(lab):
     if "<|" not in words:  # a special token typed as text is not read as that token
         typed_prompt = lab.encode(f"a {words}")[0][0]
         assert torch.allclose(typed_prompt, conditioning_of(lab.clip, settings, result.vectors)[0][0], atol=1e-4)
+
+
+def test_the_straight_through_ramp_gives_a_saturated_gate_a_gradient(lab):
+    """BPDA: the forward value is the pack's ramp, clamp included; the backward pass is the line's."""
+    from lab.attack import straight_through_ramp
+
+    similarity = torch.tensor([-0.5, 0.3, 0.9], requires_grad=True)
+    with torch.enable_grad():
+        ramp = straight_through_ramp(similarity, 0.1, 0.6)
+        ramp.sum().backward()
+    assert torch.equal(ramp.detach(), lab.pack("spm_core.transport")._ramp(similarity.detach(), 0.1, 0.6))
+    assert torch.allclose(similarity.grad, torch.full((3,), 2.0))
