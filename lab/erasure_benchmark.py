@@ -241,10 +241,10 @@ ROBUST_TRANSPORTS = (("always open", "always_open"), ("latent gate", "latent"))
 STRONGEST_QUICK_ATTACK = "after-a-8"
 
 
-def rank4_membranes(lab, evaluator, concepts) -> dict:
-    """The robustness candidate (lab.membranes "rank4": rank 4, 4 contexts), measured like the
-    default membranes (the same panels) and attacked with the strongest attack, open and behind the
-    latent gate."""
+def rank4_membranes(lab, evaluator, concepts, attacked: bool = True) -> dict:
+    """The robustness candidate of training (lab.membranes "rank4": rank 4, 4 contexts), measured like
+    the default membranes (the same panels) and, when `attacked`, attacked with the strongest attack,
+    open and behind the latent gate."""
     measures = []
     for concept in concepts:
         candidate = [membrane(lab, concept, "rank4", VARIANTS["rank4"])]
@@ -253,9 +253,18 @@ def rank4_membranes(lab, evaluator, concepts) -> dict:
             measures.append(asdict(measure(evaluator, setup, panel(concept, [concept], TARGETS, OTHERS))))
             print(f"  {concept:<9} {setup.label:<34} erased {measures[-1]['erased']:6.1%}  "
                   f"accuracy {measures[-1]['accuracy']:6.1%}  attack {measures[-1]['attack']:6.1%}", flush=True)
+    if not attacked:
+        return {"singles": measures, "attacks": []}
     strongest = prompt_attacks()[STRONGEST_QUICK_ATTACK][1]
     return {"singles": measures, "attacks": gradient_attacks(lab, evaluator, concepts, variant="rank4",
                                                              transports=ROBUST_TRANSPORTS, settings=strongest)}
+
+
+def guarded_attacks(lab, evaluator, concepts) -> list[dict]:
+    """The default membranes behind the guarded gate against the strongest attack, differentiated
+    through both look-aheads and the replacement."""
+    return gradient_attacks(lab, evaluator, concepts, transports=(("guarded gate", "guarded"),),
+                            settings=prompt_attacks()[STRONGEST_QUICK_ATTACK][1])
 
 
 def finetuned_copy(membrane_dir: str) -> str:
@@ -507,9 +516,11 @@ def erasure_experiments(lab, quick: bool, count: int) -> dict:
     print("\ngradient attacks", flush=True)
     results["attacks"] = gradient_attacks(lab, evaluator, ablations)
     print("\nrank-4 membranes with 4 contexts", flush=True)
-    rank4 = rank4_membranes(lab, evaluator, ablations)
+    rank4 = rank4_membranes(lab, evaluator, ablations, attacked=not quick)  # CI's time goes to the guarded gate's attack
     results["singles"] += rank4["singles"]
     results["attacks"] += rank4["attacks"]
+    print("\nthe strongest attack behind the guarded gate", flush=True)
+    results["attacks"] += guarded_attacks(lab, evaluator, ablations)
     if not quick:
         print("\nanchoring sweep", flush=True)
         results["anchoring"] = anchoring_sweep(lab, evaluator)

@@ -9,12 +9,13 @@ usage: python scripts/erasure_benchmark.py [--quick | --bare | --calibrate | --l
 (default)      the full benchmark: the gate calibration; ten concepts erased one at a time with the
                paper and latent gates; on one concept per family every other transport, the official
                code's behaviour and no latent anchoring; ten and three membranes at once against the
-               official merge; paraphrase and gradient attacks; rank-4 membranes with 4 contexts (open and gated); prompt
+               official merge; paraphrase and gradient attacks; rank-4 membranes with 4 contexts (open and gated); the
+               strongest attack behind the guarded gate; prompt
                vs Gaussian anchors over anchor strength; transfer to a fine-tuned copy of the model
                (trained by lab.train_model). Membranes are trained with the pack's own
                SPM Train Membrane code and kept in --membranes, so a second run only samples.
---quick        one concept (snowman), the main setups, the rank-4 membrane and the gradient attacks: what CI runs
-               (tests/test_erasure_benchmark.py).
+--quick        one concept (snowman), the main setups, the rank-4 membrane, the original gradient attack and the
+               strongest attack behind the guarded gate: what CI runs (tests/test_erasure_benchmark.py).
 --bare         the shipped model without any membrane: the classifier's accuracy per concept and
                family, i.e. whether the model draws what it is asked for before anything is erased.
 --calibrate    only the gate calibration (ROC over the world's captions), and the guarded gate's breach ramp

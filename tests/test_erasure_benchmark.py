@@ -67,6 +67,15 @@ def test_the_rank4_membrane_erases_into_clean_pictures_and_keeps_the_rest(quick)
         assert row["accuracy"] >= row["bare_accuracy"] - 0.01, (setup, row)
 
 
+def test_the_guarded_gate_holds_against_the_strongest_quick_attack(quick):
+    """Issue 15's floor (at most 25% of generations bring the concept back) against "a" + 8 free
+    tokens optimised for 400 steps through the guarded gate's look-aheads and replacement; every
+    membrane without it lets this attack through (README, Robustness)."""
+    (row,) = [a for a in quick["attacks"] if a["setup"] == "guarded gate"]
+    assert row["tokens"] == 8 and row["steps"] == 400, row
+    assert row["found_under_membrane"] <= 0.25, row
+
+
 def controlled(lab, name: str, weights) -> str:
     """A copy of the trained snowman membrane with every down/up tensor replaced by weights(tensor)."""
     trained = next(f for f in sorted(os.listdir(lab.membrane_dir)) if f.startswith("snowman-default-"))
