@@ -12,7 +12,9 @@ and three keyed wrappers:
                    look a few steps ahead on it, then asks it about the cond and about each concept
                    there (extra calls, membranes closed, no more rows per call
                    than the sampling call has, with the sampling call's patches, control and per-row
-                   inputs but past the wrappers below ours: _pre_pass_options);
+                   inputs but past the wrappers below ours: _pre_pass_options); for guarded transport,
+                   a second look-ahead with the membranes open, and every breached row's text
+                   conditioning (and SDXL's pooled vector) moved to the concept's words;
   OUTER_SAMPLE     learns each cond's role from the guider's named conds before sampling (by uuid:
                    ComfyUI's "cond_or_uncond" is a chunk's index in the guider's list, not a role)
                    and sends the gates that were used to the frontend when sampling ends.
