@@ -119,7 +119,7 @@ def _gated(state, conditioning: torch.Tensor, base, generator: torch.Generator, 
     breach, chosen = state.breaches(run_model, None, [0], x, sigmas, gates[None])
     if not bool(breach.any()):
         return gates, conditioning
-    return gates, state.guarded_inputs(conditioning, None, breach, chosen)[0]
+    return torch.maximum(gates, breach[0].gt(0).float()), state.guarded_inputs(conditioning, None, breach, chosen)[0]
 
 
 class _Target:

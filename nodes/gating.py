@@ -297,16 +297,20 @@ class MembraneState:
         """(P, membranes) breaches of the guarded membranes (Transport.breaches; 0 for the others) and
         (P, membranes) the index of the concept that breached each, for P prompts whose membranes open
         at `gates` (P, membranes): each prompt sampled from `reference` over `sigmas` with its
-        membranes open at its gates and the positive rows' strengths, then compared with the concepts
-        as the bare model draws them there; a breach is at most its membrane's gate. `run_model` as in
-        `latent_gates`. Prompts that open no guarded membrane are not sampled."""
+        membranes open at its gates (a guarded membrane that opens at all: fully) and the positive
+        rows' strengths, then compared with the concepts as the bare model draws them there; a
+        breach is at most its membrane's gate. `run_model` as in `latent_gates`. Prompts that open
+        no guarded membrane are not sampled."""
         breach, chosen = torch.zeros(len(sources), len(self.entries)), torch.zeros(len(sources), len(self.entries), dtype=torch.long)
         opening = [p for p in range(len(sources)) if bool(gates[p, self._guarded_entries].gt(0).any())]
         if not opening:
             return breach, chosen
         rows = [sources[p] for p in opening]
         own = None if contexts is None else contexts[opening]
-        open_gates = gates[opening].float()
+        # a guarded membrane that opens at all is looked at fully open, as its breach ramp was calibrated
+        # and as a breached row meets it (`call_gates`)
+        open_gates = gates[opening].float().clone()
+        open_gates[:, self._guarded_entries] = open_gates[:, self._guarded_entries].gt(0).float()
         strengths = self._strengths[POSITIVE].expand(len(opening), -1)
         x = look_ahead(self._look_ahead_model(run_model, own, rows, open_gates, strengths), self._start(reference, rows), sigmas)
         open_shifts, concept_shifts = self._shifts_at(run_model, own, rows, x, sigmas[-1], self._guarded_entries,
@@ -453,6 +457,8 @@ class MembraneState:
             gate = _per_row(item_gates, per_chunk)
             if cond in self._latent_gates:
                 gate = torch.maximum(gate, _per_row(self._latent_gates[cond], per_chunk))
+            if cond in self._breaches:  # a breached row's concept words meet their membrane fully open
+                gate = torch.maximum(gate, _per_row(self._breaches[cond][0], per_chunk).gt(0).float())
             gate = gate * in_range * self._acting[role]
             self.last_gates[role] = gate[0].tolist()
             gates.append(gate)

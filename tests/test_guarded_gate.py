@@ -129,3 +129,25 @@ def test_the_inspector_shows_the_breach_that_sampling_measures(spm_world):
         table = inspector.execute(model, encode(clip, "a photo of snoopy"), encode(clip, "a bowl of fruit"), latent, 3).result[0]
         cells = table.splitlines()[-1].split("  ")
         assert [cell.strip() for cell in cells if cell.strip()][-2:] == [shown, "0.000"], table
+
+
+def test_a_partly_open_membrane_moves_its_prompt_partly_and_meets_it_fully_open(spm_world):
+    """A prompt that opens the membrane halfway (its text gate; the latent gate kept shut) and breaches
+    fully is moved halfway to the concept's words, never further than the gate, and that row meets
+    the membrane fully open: the words in it must be erased, not half erased."""
+    patcher, clip, _ = spm_world
+    (prompt,) = nodes.CLIPTextEncode().encode(clip, "a photo of snoopy")  # no token ids: the cosine alone
+    negative = encode(clip, "blurry")
+    model = guarded(patcher, clip, "snoopy.safetensors", ALWAYS)
+    transport = state_of(model).entries[0].transport
+    transport.latent_threshold, transport.latent_saturation = 0.999, 1.0
+    transport.threshold, transport.saturation = -1.0, 1.0
+    cosine = 2 * float(transport.gates(prompt[0][0].float())[0, 0]) - 1
+    transport.threshold, transport.saturation = cosine - 0.1, cosine + 0.1  # the text gate at 0.5
+    assert float(transport.gates(prompt[0][0].float())[0, 0]) == pytest.approx(0.5, abs=1e-4)
+    moved = sample(model, prompt, negative)
+    (breach,) = state_of(model).measured_breaches()
+    assert float(breach[0, 0]) == pytest.approx(0.5, abs=1e-4)
+    halfway = [[torch.lerp(prompt[0][0], concept_words(model)[0][0].to(prompt[0][0]), breach[0, 0].to(prompt[0][0])), {}]]
+    open_model = load_spm(patcher, clip, "snoopy.safetensors", transport="always_open")
+    assert torch.equal(moved, sample(open_model, halfway, negative))
