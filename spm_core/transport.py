@@ -23,12 +23,13 @@ Modes, selectable by name:
               object and a tree are the same green blob, and the tree membrane opened fully on
               every prompt asking for green. Costs 2 x LATENT_LOOKAHEAD_STEPS + concepts + 2 extra
               model rows per prompt and run.
-  guarded     latent, and a second look-ahead with the membranes open at those gates: where the concept
-              still forms (a prompt optimised to go around the membrane draws it through the open
-              membrane), the prompt's conditioning is replaced, in proportion to the breach
-              (`breach_threshold` to `breach_saturation` on the same cosine), by the concept's own
-              words, which the membrane was trained to erase. Costs as much again as the latent gate
-              for prompts that open a membrane; nothing more for the others.
+  guarded     latent, and a second look-ahead with the membranes that open at all fully open: where
+              the concept still forms (a prompt optimised to go around the membrane draws it through
+              the open membrane), the prompt's conditioning is moved, by the breach
+              (`breach_threshold` to `breach_saturation` on the same cosine, at most the gate),
+              towards the concept's own words, and the row meets its membrane fully open, which
+              erases those words. Costs as much again as the latent gate for prompts that open a
+              membrane; nothing more for the others.
   tokens      for encoders with no whole-prompt embedding to compare (T5 in Flux): how well the
               prompt's token vectors match each of the concept's content-token vectors, measured
               from the empty prompt's match (spm_core.token_gate), mapped linearly from
