@@ -261,6 +261,8 @@ class MembraneState:
         """(rows, membranes) breaches of a guider's batch at this step and the concept each breached
         with (see `breaches`), or None when no row is breached. A membrane the schedule keeps closed
         at this step breaches nothing: a row moved to the concept's words must meet its membrane."""
+        if not self._breaches:  # every call of every latent-gated run passes here
+            return None
         uuids = transformer_options.get("uuids") or []
         indices = transformer_options.get("cond_or_uncond") or [None] * len(uuids)
         found = [self._breaches.get((table.get(key) or Chunk(POSITIVE, None, key)).cond) for key in zip(indices, uuids)]
